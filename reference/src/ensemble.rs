@@ -1,0 +1,204 @@
+//! Forward passes of many small MLPs on one shared batch with a fused per-model loss.
+
+/// Parameters of E MLPs with widths [d0, ..., dL]. For layer l, `weights[l]` is
+/// [E, d_{l+1}, d_l] (PyTorch Linear layout, out x in) and `biases[l]` is [E, d_{l+1}].
+#[derive(Clone, Debug)]
+pub struct EnsembleParams<'a> {
+    pub widths: &'a [usize],
+    pub models: usize,
+    pub weights: Vec<&'a [f64]>,
+    pub biases: Vec<&'a [f64]>,
+}
+
+/// The batch fed to every model.
+#[derive(Clone, Copy, Debug)]
+pub enum EnsembleInput<'a> {
+    /// X [B, d0] shared by all models.
+    Shared(&'a [f64]),
+    /// X [E, B, d0], one batch per model.
+    PerModel(&'a [f64]),
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct EnsembleOutput {
+    /// Logits [E, B, C] (C = dL).
+    pub logits: Vec<f64>,
+    /// Mean cross-entropy over the batch per model [E].
+    pub loss: Vec<f64>,
+    /// Fraction of rows whose argmax (first max) equals the label, per model [E].
+    pub accuracy: Vec<f64>,
+}
+
+/// Runs E MLPs (ReLU between layers, none after the last) on a batch of B rows with labels y [B].
+///
+/// The loss of a row is log sum_c exp(z_c) - z_y, with the log-sum-exp shifted by the
+/// row max; a NaN or +inf logit makes that model's loss NaN.
+pub fn forward(
+    params: &EnsembleParams<'_>,
+    input: EnsembleInput<'_>,
+    batch: usize,
+    labels: &[i64],
+) -> EnsembleOutput {
+    let widths = params.widths;
+    let layers = widths.len() - 1;
+    let d0 = widths[0];
+    let classes = widths[layers];
+    let models = params.models;
+
+    let mut logits = vec![0.0; models * batch * classes];
+    let mut loss = vec![0.0; models];
+    let mut accuracy = vec![0.0; models];
+    for e in 0..models {
+        let mut loss_sum = 0.0;
+        let mut correct = 0usize;
+        for r in 0..batch {
+            let (x, start) = match input {
+                EnsembleInput::Shared(x) => (x, r * d0),
+                EnsembleInput::PerModel(x) => (x, (e * batch + r) * d0),
+            };
+
+            let mut h = x[start..start + d0].to_vec();
+            for l in 0..layers {
+                let (d_in, d_out) = (widths[l], widths[l + 1]);
+                let w = &params.weights[l][e * d_out * d_in..(e + 1) * d_out * d_in];
+                let b = &params.biases[l][e * d_out..(e + 1) * d_out];
+                let mut next = vec![0.0; d_out];
+                for (j, out) in next.iter_mut().enumerate() {
+                    let mut acc = b[j];
+                    for (i, &hi) in h.iter().enumerate() {
+                        acc += w[j * d_in + i] * hi;
+                    }
+                    // ReLU between layers only: the last layer gives the logits.
+                    *out = if l + 1 < layers && acc < 0.0 { 0.0 } else { acc };
+                }
+                h = next;
+            }
+
+            let y = labels[r] as usize;
+            loss_sum += row_cross_entropy(&h, y);
+            if first_argmax(&h) == y {
+                correct += 1;
+            }
+            logits[(e * batch + r) * classes..(e * batch + r + 1) * classes].copy_from_slice(&h);
+        }
+        loss[e] = loss_sum / batch as f64;
+        accuracy[e] = correct as f64 / batch as f64;
+    }
+
+    EnsembleOutput {
+        logits,
+        loss,
+        accuracy,
+    }
+}
+
+fn row_cross_entropy(z: &[f64], y: usize) -> f64 {
+    let mut max = z[0];
+    for &v in z {
+        if v > max {
+            max = v;
+        }
+    }
+    let mut s = 0.0;
+    for &v in z {
+        s += (v - max).exp();
+    }
+    max + s.ln() - z[y]
+}
+
+fn first_argmax(z: &[f64]) -> usize {
+    let mut best = 0;
+    for (k, &v) in z.iter().enumerate() {
+        if v > z[best] {
+            best = k;
+        }
+    }
+    best
+}
+
+/// A loss-landscape scan: model e has parameters theta_0 + t_e * D_{k_e}.
+/// `center_weights[l]` is [d_{l+1}, d_l] and `center_biases[l]` is [d_{l+1}];
+/// `direction_weights[l]` is [K, d_{l+1}, d_l] and `direction_biases[l]` is [K, d_{l+1}].
+#[derive(Clone, Debug)]
+pub struct Landscape<'a> {
+    pub widths: &'a [usize],
+    pub center_weights: Vec<&'a [f64]>,
+    pub center_biases: Vec<&'a [f64]>,
+    pub directions: usize,
+    pub direction_weights: Vec<&'a [f64]>,
+    pub direction_biases: Vec<&'a [f64]>,
+    /// k_e for each of the E models, in [0, K).
+    pub direction_of: &'a [usize],
+    /// t_e for each of the E models.
+    pub distance: &'a [f64],
+}
+
+/// Runs the landscape scan on a shared batch X [B, d0] with labels y [B]; same outputs as `forward`.
+///
+/// Defined as `forward` on the E materialised parameter sets theta_0 + t_e * D_{k_e}.
+pub fn landscape(scan: &Landscape<'_>, x: &[f64], batch: usize, labels: &[i64]) -> EnsembleOutput {
+    let widths = scan.widths;
+    let layers = widths.len() - 1;
+    let models = scan.direction_of.len();
+
+    let mut weights: Vec<Vec<f64>> = Vec::with_capacity(layers);
+    let mut biases: Vec<Vec<f64>> = Vec::with_capacity(layers);
+    for l in 0..layers {
+        let w_len = widths[l + 1] * widths[l];
+        let b_len = widths[l + 1];
+        let mut w = vec![0.0; models * w_len];
+        let mut b = vec![0.0; models * b_len];
+        for e in 0..models {
+            let k = scan.direction_of[e];
+            let t = scan.distance[e];
+            for p in 0..w_len {
+                w[e * w_len + p] =
+                    scan.center_weights[l][p] + t * scan.direction_weights[l][k * w_len + p];
+            }
+            for p in 0..b_len {
+                b[e * b_len + p] =
+                    scan.center_biases[l][p] + t * scan.direction_biases[l][k * b_len + p];
+            }
+        }
+        weights.push(w);
+        biases.push(b);
+    }
+
+    let params = EnsembleParams {
+        widths,
+        models,
+        weights: weights.iter().map(|w| w.as_slice()).collect(),
+        biases: biases.iter().map(|b| b.as_slice()).collect(),
+    };
+    forward(&params, EnsembleInput::Shared(x), batch, labels)
+}
+
+/// Roughness and grit along one direction (Loss-Cartography notebook).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Roughness {
+    /// For each h with both l(h) and l(2h): (AB + BC) / AC - 1, where A = (0, l0),
+    /// B = (h, l(h)), C = (2h, l(2h)) and lengths are Euclidean in (distance, loss).
+    pub roughness: Vec<f64>,
+    /// (l0 - 2 l(h) + l(2h)) / h for the same h.
+    pub grit: Vec<f64>,
+}
+
+/// `center_loss` is l(0); `losses[i]` is l(h_i) on geometrically doubling distances
+/// h_{i+1} = 2 h_i. Gives len - 1 values (none for fewer than 2 distances).
+pub fn roughness(center_loss: f64, distances: &[f64], losses: &[f64]) -> Roughness {
+    let mut out = Roughness {
+        roughness: Vec::new(),
+        grit: Vec::new(),
+    };
+    for i in 0..distances.len().saturating_sub(1) {
+        let h = distances[i];
+        let (l_a, l_b, l_c) = (center_loss, losses[i], losses[i + 1]);
+        // C sits at 2h because the distances double (checked upstream).
+        let ab = ((l_b - l_a) * (l_b - l_a) + h * h).sqrt();
+        let bc = ((l_c - l_b) * (l_c - l_b) + h * h).sqrt();
+        let ac = ((l_c - l_a) * (l_c - l_a) + 4.0 * h * h).sqrt();
+        out.roughness.push((ab + bc) / ac - 1.0);
+        out.grit.push((l_a - 2.0 * l_b + l_c) / h);
+    }
+    out
+}

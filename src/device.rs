@@ -1,0 +1,268 @@
+//! Where data lives: `Device` (CPU, CUDA or wgpu) and `Tensor` (a shaped, typed buffer on a device).
+
+use std::sync::Arc;
+
+use crate::cuda::CudaBackend;
+use crate::dtype::{DType, Element};
+use crate::error::{Error, Result};
+use crate::wgpu::WgpuBackend;
+
+/// The kind of backend a device belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Backend {
+    Cpu,
+    Cuda,
+    Wgpu,
+}
+
+impl Backend {
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::Cpu => "cpu",
+            Backend::Cuda => "cuda",
+            Backend::Wgpu => "wgpu",
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A device that tensors live on and ops run on. Cheap to clone; GPU devices are
+/// shared process-wide, so two `Device::cuda(0)` calls give the same context.
+#[derive(Clone)]
+pub enum Device {
+    Cpu,
+    Cuda(Arc<CudaBackend>),
+    Wgpu(Arc<WgpuBackend>),
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Device({})", self.name())
+    }
+}
+
+impl PartialEq for Device {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Device::Cpu, Device::Cpu) => true,
+            (Device::Cuda(a), Device::Cuda(b)) => Arc::ptr_eq(a, b),
+            (Device::Wgpu(a), Device::Wgpu(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+}
+
+impl Device {
+    /// The CUDA device with this ordinal; `Error::CudaUnavailable` when libcuda,
+    /// libnvrtc or the device cannot be had.
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        Ok(Device::Cuda(crate::cuda::backend(ordinal)?))
+    }
+
+    /// The first WebGPU adapter (high performance preferred); `Error::WgpuUnavailable` when none.
+    pub fn wgpu() -> Result<Device> {
+        Ok(Device::Wgpu(crate::wgpu::backend()?))
+    }
+
+    /// CUDA device 0 if present, else a wgpu adapter, else the CPU.
+    pub fn best() -> Device {
+        Device::cuda(0)
+            .or_else(|_| Device::wgpu())
+            .unwrap_or(Device::Cpu)
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self {
+            Device::Cpu => Backend::Cpu,
+            Device::Cuda(_) => Backend::Cuda,
+            Device::Wgpu(_) => Backend::Wgpu,
+        }
+    }
+
+    /// A human-readable name: "cpu", "cuda:NVIDIA H200 (sm_90)", "wgpu:llvmpipe (Vulkan)".
+    pub fn name(&self) -> String {
+        match self {
+            Device::Cpu => "cpu".to_string(),
+            Device::Cuda(b) => format!("cuda:{}", b.describe()),
+            Device::Wgpu(b) => format!("wgpu:{}", b.describe()),
+        }
+    }
+
+    /// Waits until all work queued on the device has finished.
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(b) => b.synchronize(),
+            Device::Wgpu(b) => b.synchronize(),
+        }
+    }
+
+    pub(crate) fn upload_bytes(&self, bytes: &[u8]) -> Result<Storage> {
+        Ok(match self {
+            Device::Cpu => Storage::Cpu(bytes.to_vec()),
+            Device::Cuda(b) => Storage::Cuda(b.upload(bytes)?),
+            Device::Wgpu(b) => Storage::Wgpu(b.upload(bytes)?),
+        })
+    }
+}
+
+/// The bytes of a tensor, on its device.
+pub(crate) enum Storage {
+    Cpu(Vec<u8>),
+    Cuda(cudarc::driver::CudaSlice<u8>),
+    /// A storage buffer whose size is the tensor's byte length rounded up to 4.
+    Wgpu(::wgpu::Buffer),
+}
+
+/// A dense, row-major, shaped buffer of one dtype on one device.
+pub struct Tensor {
+    shape: Vec<usize>,
+    dtype: DType,
+    device: Device,
+    pub(crate) storage: Storage,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Tensor({:?}, {}, {})",
+            self.shape,
+            self.dtype,
+            self.device.name()
+        )
+    }
+}
+
+fn element_count(shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| Error::Shape(format!("{shape:?} has more elements than fit in usize")))
+}
+
+impl Tensor {
+    /// Copies `data` to `device` as a tensor of `shape`.
+    pub fn from_slice<T: Element>(device: &Device, data: &[T], shape: &[usize]) -> Result<Tensor> {
+        let count = element_count(shape)?;
+        if count != data.len() {
+            return Err(Error::Shape(format!(
+                "shape {shape:?} holds {count} elements but the slice has {}",
+                data.len()
+            )));
+        }
+        let storage = device.upload_bytes(bytemuck::cast_slice(data))?;
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype: T::DTYPE,
+            device: device.clone(),
+            storage,
+        })
+    }
+
+    /// Builds a tensor of `dtype` from f64 values rounded to nearest (test and CLI helper).
+    pub fn from_f64(
+        device: &Device,
+        data: &[f64],
+        shape: &[usize],
+        dtype: DType,
+    ) -> Result<Tensor> {
+        fn convert<T: Element>(device: &Device, data: &[f64], shape: &[usize]) -> Result<Tensor> {
+            let values: Vec<T> = data.iter().map(|&v| T::from_f64(v)).collect();
+            Tensor::from_slice(device, &values, shape)
+        }
+        match dtype {
+            DType::F32 => convert::<f32>(device, data, shape),
+            DType::F16 => convert::<half::f16>(device, data, shape),
+            DType::BF16 => convert::<half::bf16>(device, data, shape),
+            DType::I64 => convert::<i64>(device, data, shape),
+        }
+    }
+
+    /// Copies the tensor back to the host as `T`, which must be the tensor's dtype.
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        if T::DTYPE != self.dtype {
+            return Err(Error::DType(format!(
+                "tensor holds {} but {} was asked for",
+                self.dtype,
+                T::DTYPE
+            )));
+        }
+        let bytes = self.to_bytes()?;
+        Ok(bytemuck::pod_collect_to_vec(&bytes))
+    }
+
+    /// Copies the tensor back to the host widened to f64, whatever its dtype.
+    pub fn to_f64_vec(&self) -> Result<Vec<f64>> {
+        fn widen<T: Element>(bytes: &[u8]) -> Vec<f64> {
+            bytemuck::pod_collect_to_vec::<u8, T>(bytes)
+                .into_iter()
+                .map(Element::to_f64)
+                .collect()
+        }
+        let bytes = self.to_bytes()?;
+        Ok(match self.dtype {
+            DType::F32 => widen::<f32>(&bytes),
+            DType::F16 => widen::<half::f16>(&bytes),
+            DType::BF16 => widen::<half::bf16>(&bytes),
+            DType::I64 => widen::<i64>(&bytes),
+        })
+    }
+
+    fn to_bytes(&self) -> Result<Vec<u8>> {
+        let len = self.byte_len();
+        match (&self.storage, &self.device) {
+            (Storage::Cpu(bytes), _) => Ok(bytes.clone()),
+            (Storage::Cuda(slice), Device::Cuda(b)) => b.download(slice, len),
+            (Storage::Wgpu(buffer), Device::Wgpu(b)) => b.download(buffer, len),
+            _ => Err(Error::DeviceMismatch(
+                "tensor storage does not match its device".into(),
+            )),
+        }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Bytes of data (without the padding a backend may add).
+    pub fn byte_len(&self) -> usize {
+        self.len() * self.dtype.size()
+    }
+
+    pub(crate) fn from_storage(
+        device: &Device,
+        storage: Storage,
+        shape: Vec<usize>,
+        dtype: DType,
+    ) -> Tensor {
+        Tensor {
+            shape,
+            dtype,
+            device: device.clone(),
+            storage,
+        }
+    }
+}
