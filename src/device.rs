@@ -180,6 +180,7 @@ impl Tensor {
             DType::F32 => convert::<f32>(device, data, shape),
             DType::F16 => convert::<half::f16>(device, data, shape),
             DType::BF16 => convert::<half::bf16>(device, data, shape),
+            DType::F64 => convert::<f64>(device, data, shape),
             DType::I64 => convert::<i64>(device, data, shape),
         }
     }
@@ -210,6 +211,7 @@ impl Tensor {
             DType::F32 => widen::<f32>(&bytes),
             DType::F16 => widen::<half::f16>(&bytes),
             DType::BF16 => widen::<half::bf16>(&bytes),
+            DType::F64 => widen::<f64>(&bytes),
             DType::I64 => widen::<i64>(&bytes),
         })
     }

@@ -8,6 +8,8 @@ pub enum DType {
     F32,
     F16,
     BF16,
+    /// Outputs that must keep f64 resolution (ensemble losses).
+    F64,
     /// Class indices (targets, labels).
     I64,
 }
@@ -18,7 +20,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::BF16 => 2,
-            DType::I64 => 8,
+            DType::F64 | DType::I64 => 8,
         }
     }
 
@@ -28,13 +30,14 @@ impl DType {
             DType::F32 => "f32",
             DType::F16 => "f16",
             DType::BF16 => "bf16",
+            DType::F64 => "f64",
             DType::I64 => "i64",
         }
     }
 
-    /// True for the floating-point dtypes that carry data (f32, f16, bf16).
-    pub fn is_float(self) -> bool {
-        !matches!(self, DType::I64)
+    /// True for the float dtypes kernels take as input (f32, f16, bf16).
+    pub fn is_kernel_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16 | DType::BF16)
     }
 
     /// Unit roundoff of the dtype (half the distance from 1 to the next value); 0 for i64.
@@ -43,6 +46,7 @@ impl DType {
             DType::F32 => f64::from(f32::EPSILON) / 2.0,
             DType::F16 => f64::from(f16::EPSILON) / 2.0,
             DType::BF16 => f64::from(bf16::EPSILON) / 2.0,
+            DType::F64 => f64::EPSILON / 2.0,
             DType::I64 => 0.0,
         }
     }
@@ -90,6 +94,16 @@ impl Element for bf16 {
     }
     fn from_f64(value: f64) -> Self {
         bf16::from_f64(value)
+    }
+}
+
+impl Element for f64 {
+    const DTYPE: DType = DType::F64;
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn from_f64(value: f64) -> Self {
+        value
     }
 }
 

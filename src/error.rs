@@ -22,6 +22,13 @@ pub enum Error {
         classes: usize,
         ignore_index: i64,
     },
+    /// A label is outside [0, C).
+    #[error("label {label} at row {row} is outside [0, {classes})")]
+    LabelOutOfRange {
+        row: usize,
+        label: i64,
+        classes: usize,
+    },
     /// A tensor has a dtype the op does not take there.
     #[error("dtype: {0}")]
     DType(String),

@@ -24,6 +24,7 @@ pub struct EnergyScoreOutput {
     pub grad: Option<Vec<f64>>,
 }
 
+/// Engression / energy-score loss and, when asked, its gradient w.r.t. preds.
 ///
 /// term2 sums over all ordered pairs (j, k), j = k included (those are 0), so each
 /// unordered pair counts twice; this is the engression paper's estimator.
@@ -135,6 +136,7 @@ pub struct EnergyDistanceOutput {
     pub within_y: f64,
 }
 
+/// Two-sample energy distance with its three terms.
 ///
 /// Weights are normalised to sum 1 per set; no weights means uniform weights.
 /// cross = sum_ij wx_i wy_j ||x_i - y_j||^beta. V: within_x = sum_{i,i'} wx_i wx_i'
@@ -180,7 +182,12 @@ fn normalized_weights(weights: Option<&[f64]>, len: usize) -> Vec<f64> {
     }
 }
 
-fn within<'a>(w: &[f64], point: impl Fn(usize) -> &'a [f64], beta: f64, statistic: Statistic) -> f64 {
+fn within<'a>(
+    w: &[f64],
+    point: impl Fn(usize) -> &'a [f64],
+    beta: f64,
+    statistic: Statistic,
+) -> f64 {
     let mut sum = 0.0;
     // Weight of the off-diagonal pairs, summed directly so that it is exactly 0 when
     // there is no pair, where 1 - sum w^2 could round to a tiny non-zero value.
@@ -200,5 +207,158 @@ fn within<'a>(w: &[f64], point: impl Fn(usize) -> &'a [f64], beta: f64, statisti
         Statistic::V => sum,
         Statistic::U if pair_weight == 0.0 => 0.0,
         Statistic::U => sum / pair_weight,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64, tol: f64) -> bool {
+        (a - b).abs() <= tol
+    }
+
+    fn score(
+        y: &[f64],
+        preds: &[f64],
+        n: usize,
+        m: usize,
+        d: usize,
+        beta: f64,
+    ) -> EnergyScoreOutput {
+        energy_score(&EnergyScoreProblem {
+            y,
+            preds,
+            n,
+            m,
+            d,
+            beta,
+            grad: true,
+        })
+    }
+
+    #[test]
+    fn engression_hand_example() {
+        // y = 0, preds 1 and 3: term1 = (1 + 3) / 2; term2 = -0.5 * 2 * (0 + 2 + 2 + 0) / 4.
+        let out = score(&[0.0], &[1.0, 3.0], 1, 2, 1, 1.0);
+        assert_eq!(out.term1, 2.0);
+        assert_eq!(out.term2, -1.0);
+        assert_eq!(out.loss, 1.0);
+        // loss = (|p1| + |p2|) / 2 - |p1 - p2| / 2.
+        assert_eq!(out.grad.unwrap(), vec![1.0, 0.0]);
+    }
+
+    #[test]
+    fn engression_single_sample_has_no_term2() {
+        let out = score(&[0.0, 0.0], &[3.0, 4.0], 1, 1, 2, 1.0);
+        assert_eq!(out.term2, 0.0);
+        assert_eq!(out.loss, 5.0);
+        let grad = out.grad.unwrap();
+        assert!(close(grad[0], 0.6, 1e-15) && close(grad[1], 0.8, 1e-15));
+    }
+
+    fn check_grad_against_finite_differences(beta: f64) {
+        let (n, m, d) = (2, 3, 2);
+        let y = [0.1, -0.3, 1.2, 0.4];
+        let preds = [
+            0.5, 0.2, -0.7, 0.9, 1.1, -0.4, //
+            1.0, 1.3, 0.2, 0.6, 2.1, -0.5,
+        ];
+        let grad = score(&y, &preds, n, m, d, beta).grad.unwrap();
+        let h = 1e-6;
+        for p in 0..preds.len() {
+            let mut plus = preds;
+            let mut minus = preds;
+            plus[p] += h;
+            minus[p] -= h;
+            let numeric = (score(&y, &plus, n, m, d, beta).loss
+                - score(&y, &minus, n, m, d, beta).loss)
+                / (2.0 * h);
+            assert!(
+                close(grad[p], numeric, 1e-8),
+                "beta {beta} at {p}: {} vs {numeric}",
+                grad[p]
+            );
+        }
+    }
+
+    #[test]
+    fn engression_grad_matches_finite_differences() {
+        check_grad_against_finite_differences(1.0);
+        check_grad_against_finite_differences(1.5);
+    }
+
+    #[test]
+    fn engression_grad_finite_where_points_coincide() {
+        for beta in [0.5, 1.0, 1.5, 2.0] {
+            let out = score(&[1.0, 2.0], &[1.0, 2.0, 1.0, 2.0], 1, 2, 2, beta);
+            assert_eq!(out.loss, 0.0);
+            assert_eq!(out.grad.unwrap(), vec![0.0; 4]);
+        }
+    }
+
+    fn distance_of(
+        x: &[f64],
+        y: &[f64],
+        d: usize,
+        weights: (Option<&[f64]>, Option<&[f64]>),
+        statistic: Statistic,
+    ) -> EnergyDistanceOutput {
+        energy_distance(&EnergyDistanceProblem {
+            x,
+            y,
+            n: x.len() / d,
+            m: y.len() / d,
+            d,
+            weights_x: weights.0,
+            weights_y: weights.1,
+            beta: 1.0,
+            statistic,
+        })
+    }
+
+    #[test]
+    fn energy_distance_of_a_set_with_itself_is_zero() {
+        let x = [0.0, 1.0, 2.5, -1.0, 3.0, 0.5];
+        let out = distance_of(&x, &x, 2, (None, None), Statistic::V);
+        assert!(close(out.distance, 0.0, 1e-14));
+        let w = [1.0, 2.0, 3.0];
+        let out = distance_of(&x, &x, 2, (Some(&w), Some(&w)), Statistic::V);
+        assert!(close(out.distance, 0.0, 1e-14));
+    }
+
+    #[test]
+    fn energy_distance_is_symmetric() {
+        let x = [0.0, 1.0, 2.5, -1.0, 3.0, 0.5];
+        let y = [1.0, 1.0, -2.0, 0.5];
+        let (wx, wy) = ([1.0, 2.0, 3.0], [0.5, 4.0]);
+        for statistic in [Statistic::V, Statistic::U] {
+            let a = distance_of(&x, &y, 2, (Some(&wx), Some(&wy)), statistic);
+            let b = distance_of(&y, &x, 2, (Some(&wy), Some(&wx)), statistic);
+            assert!(close(a.distance, b.distance, 1e-14));
+            assert!(a.distance > 0.0);
+        }
+    }
+
+    #[test]
+    fn energy_distance_by_hand() {
+        // X = {0, 1, 3}: pair distances 1, 3, 2, each twice among ordered pairs.
+        let x = [0.0, 1.0, 3.0];
+        let y = [0.0];
+        let v = distance_of(&x, &y, 1, (None, None), Statistic::V);
+        assert!(close(v.within_x, 12.0 / 9.0, 1e-15));
+        assert!(close(v.cross, 4.0 / 3.0, 1e-15));
+        assert_eq!(v.within_y, 0.0);
+        assert!(close(v.distance, 8.0 / 3.0 - 4.0 / 3.0, 1e-15));
+
+        let u = distance_of(&x, &y, 1, (None, None), Statistic::U);
+        assert!(close(u.within_x, 2.0, 1e-15));
+        // A single point has no pair: its U within-set term is 0.
+        assert_eq!(u.within_y, 0.0);
+
+        // Equal weights equal no weights; weights are normalised.
+        let w = [2.0, 2.0, 2.0];
+        let weighted = distance_of(&x, &y, 1, (Some(&w), None), Statistic::U);
+        assert!(close(weighted.distance, u.distance, 1e-15));
     }
 }

@@ -69,7 +69,11 @@ pub fn forward(
                         acc += w[j * d_in + i] * hi;
                     }
                     // ReLU between layers only: the last layer gives the logits.
-                    *out = if l + 1 < layers && acc < 0.0 { 0.0 } else { acc };
+                    *out = if l + 1 < layers && acc < 0.0 {
+                        0.0
+                    } else {
+                        acc
+                    };
                 }
                 h = next;
             }
@@ -201,4 +205,116 @@ pub fn roughness(center_loss: f64, distances: &[f64], losses: &[f64]) -> Roughne
         out.grit.push((l_a - 2.0 * l_b + l_c) / h);
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64, tol: f64) -> bool {
+        (a - b).abs() <= tol
+    }
+
+    const WIDTHS: [usize; 3] = [2, 2, 2];
+    // Model 0: identity then identity with bias (0, 1).
+    // Model 1: [[0, 1], [1, 1]] + (1, -1), then [[2, 0], [0, -1]].
+    const W1: [f64; 8] = [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 1.0];
+    const B1: [f64; 4] = [0.0, 0.0, 1.0, -1.0];
+    const W2: [f64; 8] = [1.0, 0.0, 0.0, 1.0, 2.0, 0.0, 0.0, -1.0];
+    const B2: [f64; 4] = [0.0, 1.0, 0.0, 0.0];
+    const X: [f64; 4] = [1.0, -1.0, 2.0, 3.0];
+    const LABELS: [i64; 2] = [0, 1];
+
+    fn params() -> EnsembleParams<'static> {
+        EnsembleParams {
+            widths: &WIDTHS,
+            models: 2,
+            weights: vec![&W1, &W2],
+            biases: vec![&B1, &B2],
+        }
+    }
+
+    #[test]
+    fn two_layer_mlp_by_hand() {
+        let out = forward(&params(), EnsembleInput::Shared(&X), 2, &LABELS);
+        // Model 0: hidden relu(1, -1) = (1, 0), relu(2, 3) = (2, 3); logits (1, 1), (2, 4).
+        // Model 1: hidden relu(0, -1) = (0, 0), relu(4, 4); logits (0, 0), (8, -4).
+        assert_eq!(out.logits, vec![1.0, 1.0, 2.0, 4.0, 0.0, 0.0, 8.0, -4.0]);
+        let ln2 = std::f64::consts::LN_2;
+        let loss0 = (ln2 + (1.0 + (-2.0f64).exp()).ln()) / 2.0;
+        let loss1 = (ln2 + 12.0 + (1.0 + (-12.0f64).exp()).ln()) / 2.0;
+        assert!(close(out.loss[0], loss0, 1e-15));
+        assert!(close(out.loss[1], loss1, 1e-14));
+        // A tie (0, 0) picks class 0, the first max.
+        assert_eq!(out.accuracy, vec![1.0, 0.5]);
+    }
+
+    #[test]
+    fn per_model_input() {
+        let x1 = [0.5, 0.5, -1.0, 2.0];
+        let per_model: Vec<f64> = X.iter().chain(x1.iter()).copied().collect();
+        let out = forward(&params(), EnsembleInput::PerModel(&per_model), 2, &LABELS);
+        let shared0 = forward(&params(), EnsembleInput::Shared(&X), 2, &LABELS);
+        let shared1 = forward(&params(), EnsembleInput::Shared(&x1), 2, &LABELS);
+        assert_eq!(&out.logits[..4], &shared0.logits[..4]);
+        assert_eq!(&out.logits[4..], &shared1.logits[4..]);
+        assert_eq!(out.loss, vec![shared0.loss[0], shared1.loss[1]]);
+        // Model 1 on x1: hidden relu(1.5, -0) = (1.5, 0), relu(3, 0) = (3, 0); logits (3, 0), (6, 0).
+        assert_eq!(&out.logits[4..], &[3.0, 0.0, 6.0, 0.0]);
+    }
+
+    #[test]
+    fn landscape_endpoints_are_plain_forwards() {
+        // Centre = model 0; direction 0 = model 1 - model 0; direction 1 is arbitrary.
+        let (cw1, cw2, cb1, cb2) = (&W1[..4], &W2[..4], &B1[..2], &B2[..2]);
+        let diff = |a: &[f64], n: usize| -> Vec<f64> { (0..n).map(|p| a[n + p] - a[p]).collect() };
+        let mut dw1 = diff(&W1, 4);
+        let mut dw2 = diff(&W2, 4);
+        let mut db1 = diff(&B1, 2);
+        let mut db2 = diff(&B2, 2);
+        dw1.extend([0.3, -0.2, 0.1, 0.4]);
+        dw2.extend([1.0, 1.0, -1.0, 0.5]);
+        db1.extend([0.1, 0.1]);
+        db2.extend([-0.5, 0.0]);
+        let scan = Landscape {
+            widths: &WIDTHS,
+            center_weights: vec![cw1, cw2],
+            center_biases: vec![cb1, cb2],
+            directions: 2,
+            direction_weights: vec![&dw1, &dw2],
+            direction_biases: vec![&db1, &db2],
+            direction_of: &[1, 0, 0],
+            distance: &[0.0, 1.0, 0.5],
+        };
+        let out = landscape(&scan, &X, 2, &LABELS);
+        let plain = forward(&params(), EnsembleInput::Shared(&X), 2, &LABELS);
+        assert_eq!(&out.logits[..4], &plain.logits[..4]);
+        assert_eq!(&out.logits[4..8], &plain.logits[4..]);
+        assert_eq!(out.loss[..2], plain.loss[..]);
+        assert_eq!(out.accuracy[..2], plain.accuracy[..]);
+        // Halfway: W1 = [[0.5, 0.5], [0.5, 1]], b1 = (0.5, -0.5), W2 = [[1.5, 0], [0, 0]], b2 = (0, 0.5).
+        // Row 0: hidden relu(0.5 - 0.5 + 0.5, 0.5 - 1 - 0.5) = (0.5, 0); logits (0.75, 0.5).
+        assert_eq!(&out.logits[8..10], &[0.75, 0.5]);
+    }
+
+    #[test]
+    fn roughness_and_grit() {
+        let h = [0.5, 1.0, 2.0, 4.0];
+        let line: Vec<f64> = h.iter().map(|x| 1.0 + 2.0 * x).collect();
+        let straight = roughness(1.0, &h, &line);
+        assert_eq!(straight.roughness.len(), 3);
+        assert!(straight.roughness.iter().all(|r| r.abs() < 1e-15));
+        assert!(straight.grit.iter().all(|g| g.abs() < 1e-15));
+
+        // l(h) = h^2: grit = (0 - 2 h^2 + 4 h^2) / h = 2h.
+        let parabola: Vec<f64> = h.iter().map(|x| x * x).collect();
+        let curved = roughness(0.0, &h, &parabola);
+        assert_eq!(curved.grit, vec![1.0, 2.0, 4.0]);
+        // h = 1: A = (0, 0), B = (1, 1), C = (2, 4).
+        let expected = (2f64.sqrt() + 10f64.sqrt()) / 20f64.sqrt() - 1.0;
+        assert!(close(curved.roughness[1], expected, 1e-15));
+        assert!(curved.roughness.iter().all(|&r| r > 0.0));
+
+        assert!(roughness(0.0, &[1.0], &[2.0]).roughness.is_empty());
+    }
 }

@@ -8,6 +8,10 @@
 //! The functions assume validated input (shapes consistent, options in range):
 //! `losskern::ops` validates once before anything reaches a backend or this crate.
 
+// Index loops mirror the formulas (x[i * v + k], w[j * d_in + i]) so they can be checked
+// against the math by eye; iterator chains would hide the indices.
+#![allow(clippy::needless_range_loop)]
+
 pub mod bnstats;
 pub mod energy;
 pub mod ensemble;

@@ -503,7 +503,8 @@ pub fn directional(problem: &DirectionalProblem<'_>) -> DirectionalOutput {
         for (i, r) in radius.iter_mut().enumerate() {
             let delta = problem.logits[2 * i + 1] - problem.logits[2 * i];
             let delta_a = problem.derivatives[2 * i + 1] - problem.derivatives[2 * i];
-            *r = (delta * delta + std::f64::consts::PI * std::f64::consts::PI).sqrt() / delta_a.abs();
+            *r = (delta * delta + std::f64::consts::PI * std::f64::consts::PI).sqrt()
+                / delta_a.abs();
         }
         Some(radius)
     } else {
@@ -515,5 +516,432 @@ pub fn directional(problem: &DirectionalProblem<'_>) -> DirectionalOutput {
         rho_a,
         binary_radius,
         normalized_step: problem.step / rho_a,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::f64::consts::{LN_2, PI};
+
+    fn class_problem<'a>(
+        logits: &'a [f64],
+        batch: usize,
+        classes: usize,
+        labels: &'a [i64],
+        options: XentOptions,
+    ) -> XentProblem<'a> {
+        XentProblem {
+            logits,
+            batch,
+            classes,
+            row_stride: classes,
+            targets: Targets::Classes(labels),
+            class_weights: None,
+            options,
+        }
+    }
+
+    fn close(a: f64, b: f64, tol: f64) -> bool {
+        (a - b).abs() <= tol
+    }
+
+    #[test]
+    fn rho_of_equal_logits_is_pi_over_eps() {
+        let out = xent(&class_problem(
+            &[0.0, 0.0],
+            1,
+            2,
+            &[0],
+            XentOptions::default(),
+        ));
+        assert_eq!(out.rho.len(), 1);
+        assert_eq!((out.rho[0] * 100.0).round() / 100.0, 3141592.65);
+    }
+
+    #[test]
+    fn rho_of_gap_ten() {
+        let out = xent(&class_problem(
+            &[0.0, 10.0],
+            1,
+            2,
+            &[0],
+            XentOptions::default(),
+        ));
+        assert_eq!((out.rho[0] * 1e4).round() / 1e4, 0.3142);
+    }
+
+    #[test]
+    #[allow(clippy::approx_constant)] // 3.1416 is the expected rounded value, not a stand-in for pi.
+    fn rho_per_sample() {
+        let mut options = XentOptions::default();
+        options.radius.reduce = RhoReduce::PerSample;
+        let logits = [0.0, 1.0, 0.0, 5.0, 0.0, 10.0];
+        let out = xent(&class_problem(&logits, 3, 2, &[0, 0, 0], options));
+        let rounded: Vec<f64> = out.rho.iter().map(|r| (r * 1e4).round() / 1e4).collect();
+        assert_eq!(rounded, vec![3.1416, 0.6283, 0.3142]);
+    }
+
+    #[test]
+    fn rho_mean_and_max_reduce_delta_first() {
+        let logits = [0.0, 1.0, 0.0, 5.0];
+        let mut options = XentOptions::default();
+        options.radius.eps = 0.0;
+        let mean = xent(&class_problem(&logits, 2, 2, &[0, 0], options));
+        assert!(close(mean.rho[0], PI / 3.0, 1e-15));
+        options.radius.reduce = RhoReduce::Max;
+        let max = xent(&class_problem(&logits, 2, 2, &[0, 0], options));
+        assert!(close(max.rho[0], PI / 5.0, 1e-15));
+    }
+
+    #[test]
+    fn rho_cap_floor_and_inf_if_small() {
+        let plain = RadiusOptions::default();
+        assert!(close(rho_from_delta(1.0, &plain), PI / (1.0 + 1e-6), 1e-15));
+
+        let capped = RadiusOptions {
+            cap: Some(2.0),
+            ..plain
+        };
+        assert_eq!(rho_from_delta(0.5, &capped), 2.0);
+        assert!(close(
+            rho_from_delta(4.0, &capped),
+            PI / (4.0 + 1e-6),
+            1e-15
+        ));
+
+        let floored = RadiusOptions {
+            floor: Some(1.0),
+            ..plain
+        };
+        assert_eq!(rho_from_delta(10.0, &floored), 1.0);
+
+        let small = RadiusOptions {
+            inf_if_small: true,
+            ..plain
+        };
+        assert_eq!(rho_from_delta(1e-7, &small), f64::INFINITY);
+        assert!(close(rho_from_delta(1e-6, &small), PI / 2e-6, 1e-6));
+        // The cap applies after inf_if_small.
+        let both = RadiusOptions {
+            cap: Some(5.0),
+            ..small
+        };
+        assert_eq!(rho_from_delta(0.0, &both), 5.0);
+
+        assert!(rho_from_delta(f64::NAN, &both).is_nan());
+        assert_eq!(rho_from_delta(f64::INFINITY, &plain), 0.0);
+    }
+
+    #[test]
+    fn top2_gap_with_ties_is_zero() {
+        let mut options = XentOptions::default();
+        options.radius.gap = Gap::Top2;
+        options.radius.reduce = RhoReduce::PerSample;
+        let logits = [3.0, 1.0, 3.0, 2.0, 0.5, 1.5];
+        let out = xent(&class_problem(&logits, 2, 3, &[0, 0], options));
+        assert_eq!(out.argmax, vec![0, 0]);
+        assert_eq!(out.top2_gap, vec![0.0, 0.5]);
+        assert_eq!(out.delta, vec![0.0, 0.5]);
+        assert_eq!(out.max, vec![3.0, 2.0]);
+        assert_eq!(out.min, vec![1.0, 0.5]);
+        assert!(close(out.rho[0], PI / 1e-6, 1e-6));
+
+        let single = xent(&class_problem(&[7.0], 1, 1, &[0], options));
+        assert_eq!(single.top2_gap, vec![0.0]);
+        assert_eq!(single.loss, 0.0);
+    }
+
+    #[test]
+    fn equal_logits_give_ln_v() {
+        let out = xent(&class_problem(
+            &[2.5; 4],
+            1,
+            4,
+            &[3],
+            XentOptions::default(),
+        ));
+        assert!(close(out.loss, 4f64.ln(), 1e-15));
+        assert!(close(out.entropy[0], 4f64.ln(), 1e-15));
+        assert!(close(out.lse[0], 2.5 + 4f64.ln(), 1e-15));
+    }
+
+    #[test]
+    fn hand_two_class_loss_and_grad() {
+        // p = softmax(0, ln 3) = (1/4, 3/4).
+        let l3 = 3f64.ln();
+        let logits = [0.0, l3, 0.0, l3];
+        let options = XentOptions {
+            grad: true,
+            ..XentOptions::default()
+        };
+        let out = xent(&class_problem(&logits, 2, 2, &[1, 0], options));
+        assert!(close(out.loss_per_row[0], (4.0f64 / 3.0).ln(), 1e-15));
+        assert!(close(out.loss_per_row[1], 4f64.ln(), 1e-15));
+        assert!(close(
+            out.loss,
+            ((4.0f64 / 3.0).ln() + 4f64.ln()) / 2.0,
+            1e-15
+        ));
+        let expected = [0.125, -0.125, -0.375, 0.375];
+        let grad = out.grad.unwrap();
+        for k in 0..4 {
+            assert!(close(grad[k], expected[k], 1e-15), "{grad:?}");
+        }
+        // entropy of (1/4, 3/4)
+        let h = -(0.25 * 0.25f64.ln() + 0.75 * 0.75f64.ln());
+        assert!(close(out.entropy[0], h, 1e-15));
+    }
+
+    /// The reduced loss for the finite-difference check.
+    fn reduced(problem: &XentProblem<'_>, logits: &[f64]) -> f64 {
+        let p = XentProblem { logits, ..*problem };
+        xent(&p).loss
+    }
+
+    #[test]
+    fn grad_matches_finite_differences() {
+        let (b, v, stride) = (4, 3, 5);
+        // Row stride 5 with NaN padding, which must never be read.
+        let nan = f64::NAN;
+        let logits = [
+            0.3, -1.2, 2.0, nan, nan, //
+            1.5, 0.1, -0.4, nan, nan, //
+            -0.7, 0.9, 0.2, nan, nan, //
+            9.0, 9.0, 9.0, nan, nan,
+        ];
+        let labels = [2, 0, -100, 1];
+        let weights = [0.5, 2.0, 1.5];
+        let problem = XentProblem {
+            logits: &logits,
+            batch: b,
+            classes: v,
+            row_stride: stride,
+            targets: Targets::Classes(&labels),
+            class_weights: Some(&weights),
+            options: XentOptions {
+                temperature: 1.7,
+                label_smoothing: 0.2,
+                z_loss: 0.05,
+                grad: true,
+                ..XentOptions::default()
+            },
+        };
+        let out = xent(&problem);
+        let grad = out.grad.unwrap();
+        assert_eq!(grad.len(), b * v);
+        // Ignored row (and its padding) gives a zero grad row.
+        assert_eq!(&grad[2 * v..3 * v], &[0.0, 0.0, 0.0]);
+        assert_eq!(out.loss_per_row[2], 0.0);
+
+        let h = 1e-6;
+        for i in 0..b {
+            for k in 0..v {
+                let mut plus = logits;
+                let mut minus = logits;
+                plus[i * stride + k] += h;
+                minus[i * stride + k] -= h;
+                let numeric = (reduced(&problem, &plus) - reduced(&problem, &minus)) / (2.0 * h);
+                assert!(
+                    close(grad[i * v + k], numeric, 1e-8),
+                    "row {i} class {k}: {} vs {numeric}",
+                    grad[i * v + k]
+                );
+            }
+        }
+
+        // The mean divides by w_{y_i} over the non-ignored rows: 1.5 + 0.5 + 2.0.
+        let sum = XentOptions {
+            reduction: Reduction::Sum,
+            ..problem.options
+        };
+        let summed = xent(&XentProblem {
+            options: sum,
+            ..problem
+        });
+        assert!(close(out.loss, summed.loss / 4.0, 1e-14));
+    }
+
+    #[test]
+    fn weighted_smoothed_loss_by_hand() {
+        // PyTorch: (1 - eps) w_y (-log p_y) + eps / V sum_k w_k (-log p_k); p = (1/2, 1/2).
+        let weights = [1.0, 3.0];
+        let problem = XentProblem {
+            class_weights: Some(&weights),
+            ..class_problem(
+                &[0.0, 0.0],
+                1,
+                2,
+                &[1],
+                XentOptions {
+                    label_smoothing: 0.1,
+                    ..XentOptions::default()
+                },
+            )
+        };
+        let out = xent(&problem);
+        let per_row = 0.9 * 3.0 * LN_2 + 0.05 * (1.0 + 3.0) * LN_2;
+        assert!(close(out.loss_per_row[0], per_row, 1e-15));
+        assert!(close(out.loss, per_row / 3.0, 1e-15));
+    }
+
+    #[test]
+    fn soft_one_hot_targets_equal_class_targets() {
+        let logits = [0.3, -1.2, 2.0, 1.5, 0.1, -0.4];
+        let options = XentOptions {
+            label_smoothing: 0.1,
+            z_loss: 0.01,
+            temperature: 0.8,
+            grad: true,
+            ..XentOptions::default()
+        };
+        let classes = xent(&class_problem(&logits, 2, 3, &[2, 0], options));
+        let q = [0.0, 0.0, 1.0, 1.0, 0.0, 0.0];
+        let soft = xent(&XentProblem {
+            targets: Targets::Soft(&q),
+            ..class_problem(&logits, 2, 3, &[], options)
+        });
+        assert!(close(classes.loss, soft.loss, 1e-14));
+        let (a, b) = (classes.grad.unwrap(), soft.grad.unwrap());
+        for k in 0..6 {
+            assert!(close(a[k], b[k], 1e-15));
+        }
+    }
+
+    #[test]
+    fn soft_weighted_mean_divides_by_batch() {
+        let weights = [2.0, 1.0];
+        let q = [0.25, 0.75];
+        let out = xent(&XentProblem {
+            targets: Targets::Soft(&q),
+            class_weights: Some(&weights),
+            ..class_problem(&[0.0, 0.0], 1, 2, &[], XentOptions::default())
+        });
+        assert!(close(out.loss, (2.0 * 0.25 + 0.75) * LN_2, 1e-15));
+    }
+
+    #[test]
+    fn negative_infinity_logit_is_masked_class() {
+        let logits = [0.0, 0.0, f64::NEG_INFINITY];
+        let options = XentOptions {
+            grad: true,
+            ..XentOptions::default()
+        };
+        let out = xent(&class_problem(&logits, 1, 3, &[0], options));
+        assert!(close(out.loss, LN_2, 1e-15));
+        assert!(close(out.entropy[0], LN_2, 1e-15));
+        assert_eq!(out.delta[0], f64::INFINITY);
+        assert_eq!(out.rho[0], 0.0);
+        assert_eq!(out.min[0], f64::NEG_INFINITY);
+        assert_eq!(out.grad.unwrap(), vec![-0.5, 0.5, 0.0]);
+
+        // Smoothing puts weight on the masked class, so the loss is +inf (as PyTorch).
+        let smoothed = XentOptions {
+            label_smoothing: 0.1,
+            ..options
+        };
+        let out = xent(&class_problem(&logits, 1, 3, &[0], smoothed));
+        assert_eq!(out.loss, f64::INFINITY);
+
+        // A row of only -inf has lse -inf and NaN loss.
+        let all = [f64::NEG_INFINITY; 2];
+        let out = xent(&class_problem(&all, 1, 2, &[0], options));
+        assert_eq!(out.lse[0], f64::NEG_INFINITY);
+        assert!(out.loss.is_nan() && out.entropy[0].is_nan() && out.delta[0].is_nan());
+        assert!(out.grad.unwrap().iter().all(|g| g.is_nan()));
+    }
+
+    #[test]
+    fn nan_row_only_affects_itself() {
+        let logits = [1.0, f64::NAN, 5.0, 0.0, 0.0, 0.0, 2.0, f64::INFINITY, 1.0];
+        let options = XentOptions {
+            grad: true,
+            reduction: Reduction::None,
+            radius: RadiusOptions {
+                reduce: RhoReduce::PerSample,
+                ..RadiusOptions::default()
+            },
+            ..XentOptions::default()
+        };
+        let out = xent(&class_problem(&logits, 3, 3, &[0, 1, 2], options));
+        let grad = out.grad.unwrap();
+        for i in [0, 2] {
+            assert!(out.loss_per_row[i].is_nan());
+            assert!(out.lse[i].is_nan() && out.entropy[i].is_nan());
+            assert!(out.max[i].is_nan() && out.min[i].is_nan() && out.top2_gap[i].is_nan());
+            assert!(out.delta[i].is_nan() && out.rho[i].is_nan());
+            assert!(grad[i * 3..i * 3 + 3].iter().all(|g| g.is_nan()));
+        }
+        assert_eq!(out.argmax, vec![1, 0, 1]);
+        assert!(close(out.loss_per_row[1], 3f64.ln(), 1e-15));
+        assert!(close(out.entropy[1], 3f64.ln(), 1e-15));
+        let third = 1.0 / 3.0;
+        let expected = [third, third - 1.0, third];
+        for k in 0..3 {
+            assert!(close(grad[3 + k], expected[k], 1e-15));
+        }
+        assert!(out.loss.is_nan());
+
+        // The mean radius sees the NaN Delta, the max one too.
+        let mean = xent(&class_problem(
+            &logits,
+            3,
+            3,
+            &[0, 1, 2],
+            XentOptions::default(),
+        ));
+        assert!(mean.rho[0].is_nan());
+        let mut max_options = XentOptions::default();
+        max_options.radius.reduce = RhoReduce::Max;
+        let max = xent(&class_problem(&logits, 3, 3, &[0, 1, 2], max_options));
+        assert!(max.rho[0].is_nan());
+    }
+
+    #[test]
+    fn ignored_rows() {
+        let logits = [f64::NAN, 1.0, 0.0, 0.0];
+        let options = XentOptions {
+            grad: true,
+            ..XentOptions::default()
+        };
+        // An ignored NaN row contributes nothing; the mean is over the other row only.
+        let out = xent(&class_problem(&logits, 2, 2, &[-100, 1], options));
+        assert_eq!(out.loss_per_row[0], 0.0);
+        assert!(close(out.loss, LN_2, 1e-15));
+        assert_eq!(out.grad.unwrap(), vec![0.0, 0.0, 0.5, -0.5]);
+
+        // Every row ignored: the mean is 0 / 0 = NaN (PyTorch), the grad stays 0.
+        let out = xent(&class_problem(&logits, 2, 2, &[-100, -100], options));
+        assert!(out.loss.is_nan());
+        assert_eq!(out.grad.unwrap(), vec![0.0; 4]);
+    }
+
+    #[test]
+    fn exact_binary_radius() {
+        let logits = [1.0, 4.0, 2.0, 2.0];
+        let derivatives = [0.5, -1.5, 1.0, 1.25];
+        let out = directional(&DirectionalProblem {
+            logits: &logits,
+            derivatives: &derivatives,
+            batch: 2,
+            classes: 2,
+            step: 0.5,
+        });
+        assert_eq!(out.delta_a, vec![2.0, 0.25]);
+        assert!(close(out.rho_a, PI / 2.0, 1e-15));
+        assert!(close(out.normalized_step, 1.0 / PI, 1e-15));
+        let radius = out.binary_radius.unwrap();
+        assert!(close(radius[0], (9.0 + PI * PI).sqrt() / 2.0, 1e-15));
+        assert!(close(radius[1], PI / 0.25, 1e-14));
+
+        let three = directional(&DirectionalProblem {
+            logits: &[0.0; 3],
+            derivatives: &[1.0, -2.0, 0.5],
+            batch: 1,
+            classes: 3,
+            step: 1.0,
+        });
+        assert_eq!(three.delta_a, vec![3.0]);
+        assert!(three.binary_radius.is_none());
     }
 }

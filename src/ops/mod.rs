@@ -1,6 +1,9 @@
 //! One module per family: options, validation (done once, here), output types and
 //! dispatch to the backend of the inputs' device. Backends never re-validate.
 
+pub mod bnstats;
+pub mod energy;
+pub mod ensemble;
 pub mod xent;
 
 use crate::device::Tensor;
@@ -9,7 +12,7 @@ use crate::error::{Error, Result};
 
 /// The tensor's dtype when it is a float dtype (f32, f16, bf16).
 fn float_dtype(what: &str, tensor: &Tensor) -> Result<DType> {
-    if tensor.dtype().is_float() {
+    if tensor.dtype().is_kernel_float() {
         Ok(tensor.dtype())
     } else {
         Err(Error::DType(format!(
@@ -36,5 +39,13 @@ fn check_same_device(anchor: &Tensor, other: &Tensor, what: &str) -> Result<()> 
             other.device().name(),
             anchor.device().name()
         )))
+    }
+}
+
+/// The error for an op that has no kernel on this device's backend yet.
+fn unsupported(op: &'static str, device: &crate::device::Device) -> Error {
+    Error::Unsupported {
+        op,
+        backend: device.backend().name(),
     }
 }

@@ -6,7 +6,7 @@ pub use losskern_reference::xent::{Gap, RadiusOptions, Reduction, RhoReduce, Xen
 use crate::device::{Device, Tensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::ops::{check_finite, check_same_device, float_dtype};
+use crate::ops::{check_finite, check_same_device, float_dtype, unsupported};
 
 /// The targets of a cross-entropy call.
 #[derive(Clone, Copy, Debug)]
@@ -301,9 +301,6 @@ pub fn directional(call: &Directional<'_>) -> Result<DirectionalOutput> {
     let spec = validate_directional(call)?;
     match call.logits.device() {
         Device::Cpu => crate::cpu::xent::directional(&spec, call),
-        Device::Cuda(_) | Device::Wgpu(_) => Err(Error::Unsupported {
-            op: "xent::directional",
-            backend: call.logits.device().backend().name(),
-        }),
+        device => Err(unsupported("xent::directional", device)),
     }
 }
