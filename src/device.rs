@@ -216,6 +216,17 @@ impl Tensor {
         })
     }
 
+    /// Copies the tensor to `device` (through the host when it crosses devices).
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        let storage = device.upload_bytes(&self.to_bytes()?)?;
+        Ok(Tensor {
+            shape: self.shape.clone(),
+            dtype: self.dtype,
+            device: device.clone(),
+            storage,
+        })
+    }
+
     fn to_bytes(&self) -> Result<Vec<u8>> {
         let len = self.byte_len();
         match (&self.storage, &self.device) {

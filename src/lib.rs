@@ -1,5 +1,6 @@
 //! losskern: hand-written CUDA and WGSL kernels for training diagnostics.
 
+pub mod check;
 pub mod cpu;
 pub mod cuda;
 pub mod device;

@@ -1,0 +1,32 @@
+//! The devices a test runs on. An absent GPU backend is skipped with a printed reason,
+//! unless LOSSKERN_REQUIRE_CUDA=1 / LOSSKERN_REQUIRE_WGPU=1 turns the skip into a failure.
+
+use losskern::{Device, Error};
+
+fn required(var: &str) -> bool {
+    std::env::var(var).is_ok_and(|v| v == "1")
+}
+
+fn optional(name: &str, var: &str, device: Result<Device, Error>) -> Option<Device> {
+    match device {
+        Ok(device) => Some(device),
+        Err(e) if required(var) => panic!("{var}=1 but the {name} backend is unavailable: {e}"),
+        Err(e) => {
+            eprintln!("skipping the {name} backend: {e}");
+            None
+        }
+    }
+}
+
+/// The CPU, then CUDA device 0 and the first wgpu adapter where present.
+pub fn all() -> Vec<Device> {
+    let mut devices = vec![Device::Cpu];
+    devices.extend(optional("CUDA", "LOSSKERN_REQUIRE_CUDA", Device::cuda(0)));
+    devices.extend(optional("wgpu", "LOSSKERN_REQUIRE_WGPU", Device::wgpu()));
+    devices
+}
+
+/// The GPU devices present (none on a machine without a GPU or Vulkan).
+pub fn gpus() -> Vec<Device> {
+    all().into_iter().filter(|d| *d != Device::Cpu).collect()
+}

@@ -1,0 +1,8 @@
+//! The one integration-test crate: every module runs on every present backend.
+
+mod backends;
+mod bad_input;
+mod compile;
+mod families;
+mod roundtrip;
+mod xent;
