@@ -40,6 +40,18 @@ impl DType {
         matches!(self, DType::F32 | DType::F16 | DType::BF16)
     }
 
+    /// The smallest positive (subnormal) value: rounding to the dtype may lose up to this much
+    /// absolutely where values underflow.
+    pub fn smallest_subnormal(self) -> f64 {
+        match self {
+            DType::F32 => f64::from(f32::from_bits(1)),
+            DType::F16 => f16::from_bits(1).to_f64(),
+            DType::BF16 => bf16::from_bits(1).to_f64(),
+            DType::F64 => f64::from_bits(1),
+            DType::I64 => 0.0,
+        }
+    }
+
     /// Unit roundoff of the dtype (half the distance from 1 to the next value); 0 for i64.
     pub fn unit_roundoff(self) -> f64 {
         match self {

@@ -13,7 +13,7 @@
 //! - rho = pi / (Delta + eps): relative error (allowed Delta error) / (Delta + eps) + 4u.
 //! - grad = (C p - c) / T * scale: p = exp(x - lse) has relative error 2a + 2k, so each
 //!   element is within (scale / T) W (4a + 4k) (1 + 2 z_loss |lse|), plus the rounding to the
-//!   output dtype, 2 u_out |grad|.
+//!   output dtype, 2 u_out |grad| plus its smallest subnormal where the gradient underflows.
 //! - Batch reductions add k over B terms.
 
 use losskern_reference::xent as reference;
@@ -333,14 +333,14 @@ fn compare(case: &XentCase, device: &Device) -> Result<Verdict> {
         loss_error(w)
     });
     if let (Some(got), Some(want_grad)) = (&out.grad, &want.grad) {
-        let u_out = got.dtype().unit_roundoff();
+        let (u_out, tiny) = (got.dtype().unit_roundoff(), got.dtype().smallest_subnormal());
         let scale = grad_scale(case, &inputs);
         let t = case.options.temperature;
         v.add("grad", &got.to_f64_vec()?, want_grad, |i, w| {
             let row = i / case.classes;
             let lse = want.lse[row].abs();
             let a = tol.rounding[row];
-            2.0 * u_out * w.abs()
+            2.0 * u_out * w.abs() + tiny
                 + scale / t
                     * tol.weight
                     * (4.0 * a + 4.0 * tol.row_sum)
