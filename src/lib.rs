@@ -1,4 +1,30 @@
-//! losskern: hand-written CUDA and WGSL kernels for training diagnostics.
+//! losskern: hand-written CUDA and WGSL kernels for training diagnostics, each done in one
+//! pass over the data, behind one safe API, with the same numbers on CUDA, on any WebGPU
+//! adapter and in the f64 CPU reference (`losskern_reference`).
+//!
+//! Data flows one way: a host slice becomes a [`Tensor`] on a [`Device`]; an op in [`ops`]
+//! validates its inputs once into a spec; the device's backend launches its kernels; the
+//! op returns an output struct of tensors on the same device.
+//!
+//! ```
+//! use losskern::ops::xent::{self, RhoReduce, Targets, Xent, XentOptions};
+//! use losskern::{Device, Tensor};
+//!
+//! # fn main() -> losskern::Result<()> {
+//! let device = Device::Cpu; // or Device::best(): CUDA, then wgpu, then the CPU
+//! let logits = Tensor::from_slice(&device, &[0.0f32, 1.0, 0.0, 5.0, 0.0, 10.0], &[3, 2])?;
+//! let targets = Tensor::from_slice(&device, &[1i64, 1, 0], &[3])?;
+//! let mut options = XentOptions { grad: true, ..XentOptions::default() };
+//! options.radius.reduce = RhoReduce::PerSample;
+//! let out = xent::xent(&Xent { options, ..Xent::new(&logits, Targets::Classes(&targets)) })?;
+//! // rho = pi / (max - min + 1e-6) per row: the ghosts-of-softmax tutorial's values.
+//! let rho = out.rho.to_vec::<f32>()?;
+//! assert!((rho[0] - 3.1416).abs() < 1e-4 && (rho[1] - 0.6283).abs() < 1e-4 && (rho[2] - 0.3142).abs() < 1e-4);
+//! assert_eq!(out.argmax.to_vec::<i64>()?, vec![1, 1, 1]);
+//! assert_eq!(out.grad.expect("asked for").shape(), [3, 2]);
+//! # Ok(())
+//! # }
+//! ```
 
 pub mod check;
 pub mod cpu;
@@ -6,6 +32,7 @@ pub mod cuda;
 pub mod device;
 pub mod dtype;
 pub mod error;
+pub mod npy;
 pub mod ops;
 pub mod wgpu;
 

@@ -333,14 +333,18 @@ fn compare(case: &XentCase, device: &Device) -> Result<Verdict> {
         loss_error(w)
     });
     if let (Some(got), Some(want_grad)) = (&out.grad, &want.grad) {
-        let (u_out, tiny) = (got.dtype().unit_roundoff(), got.dtype().smallest_subnormal());
+        let (u_out, tiny) = (
+            got.dtype().unit_roundoff(),
+            got.dtype().smallest_subnormal(),
+        );
         let scale = grad_scale(case, &inputs);
         let t = case.options.temperature;
         v.add("grad", &got.to_f64_vec()?, want_grad, |i, w| {
             let row = i / case.classes;
             let lse = want.lse[row].abs();
             let a = tol.rounding[row];
-            2.0 * u_out * w.abs() + tiny
+            2.0 * u_out * w.abs()
+                + tiny
                 + scale / t
                     * tol.weight
                     * (4.0 * a + 4.0 * tol.row_sum)

@@ -1,28 +1,718 @@
-//! wgpu backend (placeholder interface; being written).
+//! wgpu backend: adapter and device, shader modules and a pipeline cache, buffer
+//! upload / download, and a dispatch helper that checks launches against the device's
+//! limits. One file per family holds its kernels' host side (`xent.rs`).
+//!
+//! Errors: wgpu reports validation, out-of-memory and internal errors through error
+//! scopes (or panics, when none is open and no handler is installed). Every call here
+//! that can fail runs inside [`WgpuBackend::scoped`], which turns what the scopes
+//! caught into [`Error::Wgpu`]; a device this module creates also gets an
+//! uncaptured-error handler that records instead of panicking, as a backstop.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::error::{Error, Result};
 
 pub mod xent;
 
-pub struct WgpuBackend {}
+pub use xent::{xent_raw, XentBuffers, XentTargets};
 
+/// Invocations per workgroup of every kernel (`@workgroup_size` in the shaders).
+pub(crate) const WORKGROUP_SIZE: u32 = 256;
+
+/// Largest byte range bound to one binding. Shaders index bindings with u32 element
+/// indices; 2 GiB keeps every 16-bit element index below 2^30, so index arithmetic
+/// (`base + row * stride + k`) cannot wrap. Larger tensors are processed in chunks
+/// of rows, each bound at its own offset.
+pub(crate) const MAX_BINDING_BYTES: u64 = 1 << 31;
+
+/// The WGSL source files, one per op family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ShaderSource {
+    Xent,
+}
+
+impl ShaderSource {
+    /// Every shader, so that tests can compile them all.
+    pub const ALL: [ShaderSource; 1] = [ShaderSource::Xent];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ShaderSource::Xent => "xent.wgsl",
+        }
+    }
+
+    fn code(self) -> &'static str {
+        match self {
+            ShaderSource::Xent => include_str!("../../shaders/xent.wgsl"),
+        }
+    }
+
+    /// The bindings of group 0 that every entry point of the shader shares.
+    fn bindings(self) -> &'static [BindingKind] {
+        match self {
+            ShaderSource::Xent => xent::BINDINGS,
+        }
+    }
+
+    /// Every pipeline the family uses (entry point x specialisation).
+    fn pipelines(self) -> Vec<PipelineKey> {
+        match self {
+            ShaderSource::Xent => xent::all_pipelines(),
+        }
+    }
+}
+
+/// How a shader declares one binding of group 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BindingKind {
+    Uniform,
+    /// `var<storage, read>`.
+    Read,
+    /// `var<storage, read_write>`.
+    ReadWrite,
+}
+
+/// One compiled pipeline: shader, entry point and the values of its `override` constants.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct PipelineKey {
+    pub shader: ShaderSource,
+    pub entry: &'static str,
+    pub constants: Vec<(&'static str, u32)>,
+}
+
+/// A shader module with the bind-group layout and pipeline layout all its entry points use.
+struct Module {
+    module: wgpu::ShaderModule,
+    bind_group_layout: wgpu::BindGroupLayout,
+    pipeline_layout: wgpu::PipelineLayout,
+}
+
+/// What `info` reports about the adapter behind a backend.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WgpuInfo {
+    pub name: String,
+    /// "Vulkan", "Metal", "Dx12", "Gl".
+    pub backend: String,
+    pub driver: String,
+    pub driver_info: String,
+    pub device_type: String,
+    /// Whether the adapter has `shader-f16` (the device requests it when present; the
+    /// kernels decode and encode f16 with integer operations and do not need it).
+    pub shader_f16: bool,
+    pub max_storage_buffer_binding_size: u64,
+    pub max_buffer_size: u64,
+    pub max_compute_workgroups_per_dimension: u32,
+}
+
+/// A wgpu device and queue with the pipelines compiled on it.
+pub struct WgpuBackend {
+    device: wgpu::Device,
+    queue: wgpu::Queue,
+    adapter: wgpu::AdapterInfo,
+    shader_f16: bool,
+    limits: wgpu::Limits,
+    modules: Mutex<HashMap<ShaderSource, Arc<Module>>>,
+    pipelines: Mutex<HashMap<PipelineKey, Arc<wgpu::ComputePipeline>>>,
+    /// Errors no scope caught (only possible for work submitted outside this module on
+    /// a device it created); reported by the next call that checks.
+    uncaptured: Arc<Mutex<Vec<String>>>,
+}
+
+static BACKEND: OnceLock<std::result::Result<Arc<WgpuBackend>, String>> = OnceLock::new();
+
+/// The process-wide wgpu backend on the first adapter (high performance preferred),
+/// created on first use. A failure is remembered: adapters do not appear later in a process.
 pub fn backend() -> Result<Arc<WgpuBackend>> {
-    Err(Error::WgpuUnavailable("not yet".into()))
+    BACKEND
+        .get_or_init(|| create().map_err(|e| e.to_string()))
+        .clone()
+        .map_err(Error::WgpuUnavailable)
+}
+
+/// Every adapter wgpu can see, as "name (backend, device type)", for the `info` command.
+pub fn adapters() -> Vec<String> {
+    let Some(instance) = instance() else {
+        return Vec::new();
+    };
+    pollster::block_on(instance.enumerate_adapters(wgpu::Backends::all()))
+        .iter()
+        .map(|adapter| {
+            let info = adapter.get_info();
+            format!("{} ({:?}, {:?})", info.name, info.backend, info.device_type)
+        })
+        .collect()
+}
+
+/// An instance on the primary backends (Vulkan, Metal, DX12; `WGPU_BACKEND` overrides),
+/// or None when wgpu was built with no backend for this platform (`Instance::new` would
+/// panic). GL is left out by default: its compute support is partial and probing it
+/// without a display prints errors.
+fn instance() -> Option<wgpu::Instance> {
+    if wgpu::Instance::enabled_backend_features().is_empty() {
+        return None;
+    }
+    Some(wgpu::Instance::new(
+        wgpu::InstanceDescriptor {
+            backends: wgpu::Backends::PRIMARY,
+            ..wgpu::InstanceDescriptor::new_without_display_handle()
+        }
+        .with_env(),
+    ))
+}
+
+fn create() -> Result<Arc<WgpuBackend>> {
+    let instance = instance().ok_or_else(|| {
+        Error::WgpuUnavailable("wgpu was built without a backend for this platform".into())
+    })?;
+    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+        power_preference: wgpu::PowerPreference::HighPerformance,
+        ..Default::default()
+    }))
+    .map_err(|e| {
+        Error::WgpuUnavailable(format!(
+            "no adapter ({e}); install a Vulkan driver, e.g. mesa-vulkan-drivers for lavapipe"
+        ))
+    })?;
+    let info = adapter.get_info();
+    let shader_f16 = adapter.features().contains(wgpu::Features::SHADER_F16);
+    let required_features = if shader_f16 {
+        wgpu::Features::SHADER_F16
+    } else {
+        wgpu::Features::empty()
+    };
+    let required_limits = requested_limits(&adapter.limits());
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: Some("losskern"),
+        required_features,
+        required_limits,
+        ..Default::default()
+    }))
+    .map_err(|e| {
+        Error::WgpuUnavailable(format!(
+            "adapter {} ({:?}) gave no device: {e}",
+            info.name, info.backend
+        ))
+    })?;
+    let uncaptured = Arc::new(Mutex::new(Vec::new()));
+    let sink = Arc::clone(&uncaptured);
+    device.on_uncaptured_error(Arc::new(move |error: wgpu::Error| {
+        // A poisoned lock only means another thread panicked while pushing; keep recording.
+        let mut errors = sink.lock().unwrap_or_else(|p| p.into_inner());
+        errors.push(error_text(&error));
+    }));
+    Ok(Arc::new(WgpuBackend::new(
+        device, queue, info, shader_f16, uncaptured,
+    )))
+}
+
+/// The limits requested from an adapter: the WebGPU defaults where the adapter meets
+/// them (else the downlevel defaults), raised to the adapter's own values for what
+/// large problems need (buffer and binding sizes, workgroups per dimension, storage
+/// buffers per stage).
+fn requested_limits(adapter: &wgpu::Limits) -> wgpu::Limits {
+    let base = if wgpu::Limits::default().check_limits(adapter) {
+        wgpu::Limits::default()
+    } else {
+        wgpu::Limits::downlevel_defaults()
+    };
+    wgpu::Limits {
+        max_storage_buffer_binding_size: adapter.max_storage_buffer_binding_size,
+        max_buffer_size: adapter.max_buffer_size,
+        max_compute_workgroups_per_dimension: adapter.max_compute_workgroups_per_dimension,
+        max_storage_buffers_per_shader_stage: adapter.max_storage_buffers_per_shader_stage,
+        max_compute_workgroup_storage_size: adapter.max_compute_workgroup_storage_size,
+        max_compute_invocations_per_workgroup: adapter.max_compute_invocations_per_workgroup,
+        max_compute_workgroup_size_x: adapter.max_compute_workgroup_size_x,
+        ..base
+    }
+}
+
+/// The message of a wgpu error with its chain of sources (shader errors keep the
+/// naga diagnostic there).
+fn error_text(error: &wgpu::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// `bytes` rounded up to a multiple of 4 (wgpu's copy and binding granularity), at least 4.
+pub(crate) fn padded_size(bytes: u64) -> u64 {
+    bytes.div_ceil(4).max(1) * 4
 }
 
 impl WgpuBackend {
-    pub fn describe(&self) -> String {
-        String::new()
+    fn new(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        adapter: wgpu::AdapterInfo,
+        shader_f16: bool,
+        uncaptured: Arc<Mutex<Vec<String>>>,
+    ) -> Self {
+        let limits = device.limits();
+        WgpuBackend {
+            device,
+            queue,
+            adapter,
+            shader_f16,
+            limits,
+            modules: Mutex::new(HashMap::new()),
+            pipelines: Mutex::new(HashMap::new()),
+            uncaptured,
+        }
     }
+
+    /// A backend on a device the caller created (e.g. a framework's own), so that its
+    /// buffers can be passed to the `*_raw` entry points without a copy. No
+    /// uncaptured-error handler is installed (the device's owner may have its own);
+    /// every call here captures its errors in error scopes.
+    pub fn from_device(device: wgpu::Device, queue: wgpu::Queue) -> Arc<WgpuBackend> {
+        let adapter = device.adapter_info();
+        let shader_f16 = device.features().contains(wgpu::Features::SHADER_F16);
+        Arc::new(WgpuBackend::new(
+            device,
+            queue,
+            adapter,
+            shader_f16,
+            Arc::new(Mutex::new(Vec::new())),
+        ))
+    }
+
+    /// "adapter name (backend)", e.g. "llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan)".
+    pub fn describe(&self) -> String {
+        format!("{} ({:?})", self.adapter.name, self.adapter.backend)
+    }
+
+    pub fn info(&self) -> WgpuInfo {
+        WgpuInfo {
+            name: self.adapter.name.clone(),
+            backend: format!("{:?}", self.adapter.backend),
+            driver: self.adapter.driver.clone(),
+            driver_info: self.adapter.driver_info.clone(),
+            device_type: format!("{:?}", self.adapter.device_type),
+            shader_f16: self.shader_f16,
+            max_storage_buffer_binding_size: self.limits.max_storage_buffer_binding_size,
+            max_buffer_size: self.limits.max_buffer_size,
+            max_compute_workgroups_per_dimension: self.limits.max_compute_workgroups_per_dimension,
+        }
+    }
+
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    pub fn limits(&self) -> &wgpu::Limits {
+        &self.limits
+    }
+
+    /// Runs `f` inside out-of-memory, validation and internal error scopes and returns
+    /// the first error they caught as `Error::Wgpu("{what}: ...")`.
+    pub(crate) fn scoped<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let out_of_memory = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let internal = self.device.push_error_scope(wgpu::ErrorFilter::Internal);
+        let value = f();
+        // Scopes pop in reverse order of their pushes; every one is popped even after an error.
+        let caught = [
+            pollster::block_on(internal.pop()),
+            pollster::block_on(validation.pop()),
+            pollster::block_on(out_of_memory.pop()),
+        ];
+        if let Some(error) = caught.iter().flatten().next() {
+            return Err(Error::Wgpu(format!("{what}: {}", error_text(error))));
+        }
+        self.check_uncaptured()?;
+        value
+    }
+
+    fn check_uncaptured(&self) -> Result<()> {
+        let mut errors = self.uncaptured.lock().unwrap_or_else(|p| p.into_inner());
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            let text = errors.join("; ");
+            errors.clear();
+            Err(Error::Wgpu(text))
+        }
+    }
+
+    /// Waits until all submitted work has finished.
     pub fn synchronize(&self) -> Result<()> {
+        self.scoped("synchronize", || {
+            // Flushes pending `write_buffer`s, which are only scheduled with the next submit.
+            self.queue.submit([]);
+            self.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| Error::Wgpu(format!("waiting for the queue: {e}")))?;
+            Ok(())
+        })
+    }
+
+    /// A new buffer of `size` bytes (rounded up to 4, at least 4).
+    pub(crate) fn create_buffer(
+        &self,
+        label: &str,
+        size: u64,
+        usage: wgpu::BufferUsages,
+    ) -> Result<wgpu::Buffer> {
+        let size = padded_size(size);
+        if size > self.limits.max_buffer_size {
+            return Err(Error::Wgpu(format!(
+                "{label}: a buffer of {size} bytes exceeds the device's max_buffer_size {}",
+                self.limits.max_buffer_size
+            )));
+        }
+        self.scoped(label, || {
+            Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size,
+                usage,
+                mapped_at_creation: false,
+            }))
+        })
+    }
+
+    /// A buffer holding `bytes`, zero-padded to a multiple of 4.
+    pub(crate) fn buffer_with(
+        &self,
+        label: &str,
+        bytes: &[u8],
+        usage: wgpu::BufferUsages,
+    ) -> Result<wgpu::Buffer> {
+        let buffer = self.create_buffer(
+            label,
+            bytes.len() as u64,
+            usage | wgpu::BufferUsages::COPY_DST,
+        )?;
+        self.scoped(label, || {
+            let aligned = bytes.len() - bytes.len() % 4;
+            self.queue.write_buffer(&buffer, 0, &bytes[..aligned]);
+            if aligned < bytes.len() {
+                let mut tail = [0u8; 4];
+                tail[..bytes.len() - aligned].copy_from_slice(&bytes[aligned..]);
+                self.queue.write_buffer(&buffer, aligned as u64, &tail);
+            }
+            Ok(())
+        })?;
+        Ok(buffer)
+    }
+
+    /// Copies `bytes` into a new storage buffer (STORAGE | COPY_SRC | COPY_DST) whose size
+    /// is `bytes.len()` rounded up to 4 (4 for an empty slice); the padding is zero.
+    pub fn upload(&self, bytes: &[u8]) -> Result<wgpu::Buffer> {
+        self.buffer_with(
+            "upload",
+            bytes,
+            wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+        )
+    }
+
+    /// Reads the first `len` bytes of `buffer` (which needs COPY_SRC) back to the host.
+    pub fn download(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<u8>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let size = padded_size(len as u64);
+        if size > buffer.size() {
+            return Err(Error::Wgpu(format!(
+                "download of {len} bytes from a buffer of {} bytes",
+                buffer.size()
+            )));
+        }
+        if !buffer.usage().contains(wgpu::BufferUsages::COPY_SRC) {
+            return Err(Error::Wgpu(
+                "download from a buffer without COPY_SRC usage".into(),
+            ));
+        }
+        let staging = self.create_buffer(
+            "download staging",
+            size,
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        )?;
+        let (sender, receiver) = std::sync::mpsc::channel();
+        self.scoped("download", || {
+            let mut encoder = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("download"),
+                });
+            encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
+            self.queue.submit([encoder.finish()]);
+            staging.map_async(wgpu::MapMode::Read, .., move |result| {
+                // The receiver lives until the poll below returns; a failed send only
+                // means it is gone, and then nobody waits for the result.
+                let _ = sender.send(result);
+            });
+            self.device
+                .poll(wgpu::PollType::wait_indefinitely())
+                .map_err(|e| Error::Wgpu(format!("waiting for a download: {e}")))?;
+            Ok(())
+        })?;
+        match receiver.try_recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Error::Wgpu(format!("mapping a download buffer: {e}"))),
+            Err(_) => {
+                return Err(Error::Wgpu(
+                    "a download buffer was not mapped after waiting for the queue".into(),
+                ))
+            }
+        }
+        let bytes = {
+            let view = staging
+                .get_mapped_range(..)
+                .map_err(|e| Error::Wgpu(format!("reading a mapped download buffer: {e}")))?;
+            view[..len].to_vec()
+        };
+        staging.unmap();
+        Ok(bytes)
+    }
+
+    /// The shader module of `shader` (compiled once per device) with its layouts.
+    fn module(&self, shader: ShaderSource) -> Result<Arc<Module>> {
+        let mut modules = self.modules.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(module) = modules.get(&shader) {
+            return Ok(Arc::clone(module));
+        }
+        let module = self.scoped(&format!("compiling {}", shader.name()), || {
+            let module = self
+                .device
+                .create_shader_module(wgpu::ShaderModuleDescriptor {
+                    label: Some(shader.name()),
+                    source: wgpu::ShaderSource::Wgsl(shader.code().into()),
+                });
+            let entries: Vec<wgpu::BindGroupLayoutEntry> = shader
+                .bindings()
+                .iter()
+                .enumerate()
+                .map(|(binding, kind)| wgpu::BindGroupLayoutEntry {
+                    binding: binding as u32,
+                    visibility: wgpu::ShaderStages::COMPUTE,
+                    ty: wgpu::BindingType::Buffer {
+                        ty: match kind {
+                            BindingKind::Uniform => wgpu::BufferBindingType::Uniform,
+                            BindingKind::Read => {
+                                wgpu::BufferBindingType::Storage { read_only: true }
+                            }
+                            BindingKind::ReadWrite => {
+                                wgpu::BufferBindingType::Storage { read_only: false }
+                            }
+                        },
+                        has_dynamic_offset: false,
+                        min_binding_size: None,
+                    },
+                    count: None,
+                })
+                .collect();
+            let bind_group_layout =
+                self.device
+                    .create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+                        label: Some(shader.name()),
+                        entries: &entries,
+                    });
+            let pipeline_layout =
+                self.device
+                    .create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+                        label: Some(shader.name()),
+                        bind_group_layouts: &[Some(&bind_group_layout)],
+                        immediate_size: 0,
+                    });
+            Ok(Module {
+                module,
+                bind_group_layout,
+                pipeline_layout,
+            })
+        })?;
+        let module = Arc::new(module);
+        modules.insert(shader, Arc::clone(&module));
+        Ok(module)
+    }
+
+    /// The pipeline of `key`, compiled on first use and cached for the device's lifetime.
+    pub(crate) fn pipeline(&self, key: &PipelineKey) -> Result<Arc<wgpu::ComputePipeline>> {
+        if let Some(pipeline) = self
+            .pipelines
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+        {
+            return Ok(Arc::clone(pipeline));
+        }
+        let module = self.module(key.shader)?;
+        let constants: Vec<(&str, f64)> = key
+            .constants
+            .iter()
+            .map(|&(name, value)| (name, f64::from(value)))
+            .collect();
+        let label = format!("{}:{} {:?}", key.shader.name(), key.entry, key.constants);
+        let pipeline = self.scoped(&format!("compiling {label}"), || {
+            Ok(self
+                .device
+                .create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+                    label: Some(&label),
+                    layout: Some(&module.pipeline_layout),
+                    module: &module.module,
+                    entry_point: Some(key.entry),
+                    compilation_options: wgpu::PipelineCompilationOptions {
+                        constants: &constants,
+                        // Every kernel writes its workgroup memory before reading it.
+                        zero_initialize_workgroup_memory: false,
+                    },
+                    cache: None,
+                }))
+        })?;
+        let pipeline = Arc::new(pipeline);
+        // Two threads may compile the same key at once; both results are equivalent and
+        // the first one stored wins, so that every caller uses the same object afterwards.
+        let mut pipelines = self.pipelines.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(Arc::clone(pipelines.entry(key.clone()).or_insert(pipeline)))
+    }
+
+    /// Compiles every pipeline of every shader; returns how many. CI calls this so that
+    /// every WGSL shader is proven to compile on lavapipe.
+    pub fn compile_all(&self) -> Result<usize> {
+        let mut count = 0;
+        for shader in ShaderSource::ALL {
+            for key in shader.pipelines() {
+                self.pipeline(&key)?;
+                count += 1;
+            }
+        }
+        Ok(count)
+    }
+
+    /// A bind group of `shader`'s layout from `(buffer, offset, size)` per binding, in order.
+    pub(crate) fn bind_group(
+        &self,
+        shader: ShaderSource,
+        buffers: &[(&wgpu::Buffer, u64, u64)],
+    ) -> Result<wgpu::BindGroup> {
+        let module = self.module(shader)?;
+        let mut entries = Vec::with_capacity(buffers.len());
+        for (binding, &(buffer, offset, size)) in buffers.iter().enumerate() {
+            let size = wgpu::BufferSize::new(size).ok_or_else(|| {
+                Error::Wgpu(format!(
+                    "{}: binding {binding} would be empty",
+                    shader.name()
+                ))
+            })?;
+            entries.push(wgpu::BindGroupEntry {
+                binding: binding as u32,
+                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                    buffer,
+                    offset,
+                    size: Some(size),
+                }),
+            });
+        }
+        self.scoped(&format!("binding {}", shader.name()), || {
+            Ok(self.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some(shader.name()),
+                layout: &module.bind_group_layout,
+                entries: &entries,
+            }))
+        })
+    }
+
+    /// Checks that a binding of `bytes` fits the device and the shaders' u32 indexing.
+    pub(crate) fn check_binding(&self, kernel: &str, what: &str, bytes: u64) -> Result<()> {
+        let limit = self.binding_limit();
+        if bytes > limit {
+            return Err(Error::Launch {
+                kernel: kernel.to_string(),
+                reason: format!(
+                    "{what} needs a binding of {bytes} bytes; the device allows {limit} \
+                     (max_storage_buffer_binding_size, capped at 2 GiB for u32 indexing)"
+                ),
+            });
+        }
         Ok(())
     }
-    pub fn upload(&self, _bytes: &[u8]) -> Result<::wgpu::Buffer> {
-        Err(Error::WgpuUnavailable("not yet".into()))
+
+    /// The largest binding the kernels use: the device's limit, capped for u32 indexing,
+    /// rounded down to a multiple of 4.
+    pub(crate) fn binding_limit(&self) -> u64 {
+        self.limits
+            .max_storage_buffer_binding_size
+            .min(MAX_BINDING_BYTES)
+            / 4
+            * 4
     }
-    pub fn download(&self, _slice: &::wgpu::Buffer, _len: usize) -> Result<Vec<u8>> {
-        Err(Error::WgpuUnavailable("not yet".into()))
+
+    /// The offset alignment of storage bindings.
+    pub(crate) fn storage_alignment(&self) -> u64 {
+        u64::from(self.limits.min_storage_buffer_offset_alignment)
+    }
+
+    /// A grid of `workgroups` workgroups as (x, y), split over two dimensions when it
+    /// exceeds the per-dimension limit. Kernels recover the linear index as
+    /// `wg.y * num_workgroups.x + wg.x` and return when it is past their count.
+    pub(crate) fn grid(&self, kernel: &str, workgroups: u64) -> Result<(u32, u32)> {
+        let max = u64::from(self.limits.max_compute_workgroups_per_dimension);
+        if workgroups == 0 || max == 0 {
+            return Ok((0, 0));
+        }
+        let x = workgroups.min(max);
+        let y = workgroups.div_ceil(x);
+        if y > max {
+            return Err(Error::Launch {
+                kernel: kernel.to_string(),
+                reason: format!(
+                    "{workgroups} workgroups exceed {max} x {max} \
+                     (max_compute_workgroups_per_dimension)"
+                ),
+            });
+        }
+        // Both fit in u32: x <= max and y <= max, and max came from a u32.
+        Ok((x as u32, y as u32))
+    }
+
+    /// Checks that the device offers what the kernels of `shader` need.
+    pub(crate) fn check_kernel_limits(&self, shader: ShaderSource) -> Result<()> {
+        let storage = shader
+            .bindings()
+            .iter()
+            .filter(|kind| **kind != BindingKind::Uniform)
+            .count() as u32;
+        let l = &self.limits;
+        let problems: Vec<String> = [
+            (
+                l.max_storage_buffers_per_shader_stage < storage,
+                format!(
+                    "{storage} storage buffers per stage (device: {})",
+                    l.max_storage_buffers_per_shader_stage
+                ),
+            ),
+            (
+                l.max_compute_invocations_per_workgroup < WORKGROUP_SIZE
+                    || l.max_compute_workgroup_size_x < WORKGROUP_SIZE,
+                format!(
+                    "{WORKGROUP_SIZE} invocations per workgroup (device: {})",
+                    l.max_compute_invocations_per_workgroup
+                ),
+            ),
+        ]
+        .into_iter()
+        .filter_map(|(bad, text)| bad.then_some(text))
+        .collect();
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::Launch {
+                kernel: shader.name().to_string(),
+                reason: format!("the device lacks {}", problems.join(" and ")),
+            })
+        }
     }
 }

@@ -1,10 +1,684 @@
-use crate::error::{Error, Result};
-use crate::ops::xent::{Xent, XentOutput, XentSpec};
-use crate::wgpu::WgpuBackend;
+//! xent on wgpu: the host side of `shaders/xent.wgsl`.
+//!
+//! One submission runs `xent_forward` (one workgroup per row, per chunk of rows),
+//! `xent_reduce` (one workgroup), `xent_grad` (one invocation per gradient word, per
+//! chunk) and copies the per-row results from a scratch buffer into the outputs.
+//! Tensors larger than one binding (2 GiB, or the device's limit) are processed in
+//! chunks of rows, each bound at its own offset; every index inside a shader is u32.
 
-pub fn xent(_backend: &WgpuBackend, _spec: &XentSpec, _call: &Xent<'_>) -> Result<XentOutput> {
-    Err(Error::Unsupported {
-        op: "xent",
-        backend: "wgpu",
+use bytemuck::{Pod, Zeroable};
+
+use crate::device::{Storage, Tensor};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::ops::xent::{
+    Gap, Reduction, RhoReduce, TargetKind, Targets, Xent, XentOutput, XentSpec,
+};
+use crate::wgpu::{
+    padded_size, BindingKind, PipelineKey, ShaderSource, WgpuBackend, WORKGROUP_SIZE,
+};
+
+/// Group 0 of `xent.wgsl`: params, logits, labels, soft targets, weights, rows, red, grad.
+pub(crate) const BINDINGS: &[BindingKind] = &[
+    BindingKind::Uniform,
+    BindingKind::Read,
+    BindingKind::Read,
+    BindingKind::Read,
+    BindingKind::Read,
+    BindingKind::ReadWrite,
+    BindingKind::ReadWrite,
+    BindingKind::ReadWrite,
+];
+
+const FORWARD: &str = "xent_forward";
+const REDUCE: &str = "xent_reduce";
+const GRAD: &str = "xent_grad";
+
+// Params.flags, as in the shader.
+const F_SOFT: u32 = 1;
+const F_WEIGHTED: u32 = 2;
+const F_GAP_TOP2: u32 = 4;
+const F_RHO_MAX: u32 = 8;
+const F_RED_MEAN: u32 = 16;
+const F_INF_IF_SMALL: u32 = 32;
+const F_HAS_CAP: u32 = 64;
+const F_HAS_FLOOR: u32 = 128;
+const F_FLOOR_INF: u32 = 256;
+
+// Fields of the scratch `rows` buffer (field f of row i is word f * B + i), as in the shader.
+const ROW_LOSS: u64 = 0;
+const ROW_LSE: u64 = 1;
+const ROW_ENTROPY: u64 = 2;
+const ROW_MAX: u64 = 3;
+const ROW_MIN: u64 = 4;
+const ROW_GAP: u64 = 5;
+const ROW_DELTA: u64 = 6;
+const ROW_RHO: u64 = 7;
+const ROW_ARGMAX: u64 = 11;
+/// Words per row of `rows` (argmax takes two).
+const ROW_WORDS: u64 = 13;
+/// Bytes of the scratch `red` buffer: loss, rho, grad scale, padding.
+const RED_BYTES: u64 = 16;
+const RED_LOSS_OFFSET: u64 = 0;
+const RED_RHO_OFFSET: u64 = 4;
+
+/// The shader's `Params` uniform (std140-compatible: 24 words).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Pod, Zeroable)]
+struct Params {
+    batch: u32,
+    classes: u32,
+    stride: u32,
+    row0: u32,
+    rows: u32,
+    logits_base: u32,
+    soft_base: u32,
+    grad_base: u32,
+    grad_words: u32,
+    flags: u32,
+    ignore_lo: u32,
+    ignore_hi: u32,
+    inv_t: f32,
+    on_target: f32,
+    eps_over_v: f32,
+    z_loss: f32,
+    rho_eps: f32,
+    cap: f32,
+    floor: f32,
+    nan_bits: u32,
+    inf_bits: u32,
+    row_threads: u32,
+    pad: [u32; 2],
+}
+
+/// The targets of a raw call, on the backend's device.
+#[derive(Clone, Copy, Debug)]
+pub enum XentTargets<'a> {
+    /// y [B] i64 (8 bytes per row, little endian).
+    Classes(&'a wgpu::Buffer),
+    /// q [B, V] dense, in the dtype `spec.targets` names.
+    Soft(&'a wgpu::Buffer),
+}
+
+/// Output buffers of a raw call (each needs COPY_DST; `grad` needs STORAGE). Sizes in
+/// bytes, each rounded up to a multiple of 4: `loss` 4; `loss_per_row`, `lse`,
+/// `entropy`, `max`, `min`, `top2_gap`, `delta` 4 B; `argmax` 8 B (i64); `rho` 4 B
+/// for `RhoReduce::PerSample`, else 4; `grad` B V times the size of `spec.grad_dtype`.
+#[derive(Clone, Copy, Debug)]
+pub struct XentBuffers<'a> {
+    pub loss: &'a wgpu::Buffer,
+    pub loss_per_row: &'a wgpu::Buffer,
+    pub lse: &'a wgpu::Buffer,
+    pub entropy: &'a wgpu::Buffer,
+    pub argmax: &'a wgpu::Buffer,
+    pub max: &'a wgpu::Buffer,
+    pub min: &'a wgpu::Buffer,
+    pub top2_gap: &'a wgpu::Buffer,
+    pub delta: &'a wgpu::Buffer,
+    pub rho: &'a wgpu::Buffer,
+    /// Present exactly when `spec.options.grad`.
+    pub grad: Option<&'a wgpu::Buffer>,
+}
+
+/// The shader's code for a float dtype.
+fn dtype_code(dtype: DType) -> Result<u32> {
+    match dtype {
+        DType::F32 => Ok(0),
+        DType::F16 => Ok(1),
+        DType::BF16 => Ok(2),
+        DType::F64 | DType::I64 => Err(Error::DType(format!(
+            "xent takes f32, f16 or bf16 data, not {dtype}"
+        ))),
+    }
+}
+
+fn key(entry: &'static str, constants: Vec<(&'static str, u32)>) -> PipelineKey {
+    PipelineKey {
+        shader: ShaderSource::Xent,
+        entry,
+        constants,
+    }
+}
+
+fn forward_key(logits: DType, soft: DType) -> Result<PipelineKey> {
+    Ok(key(
+        FORWARD,
+        vec![
+            ("LOGITS_DT", dtype_code(logits)?),
+            ("SOFT_DT", dtype_code(soft)?),
+        ],
+    ))
+}
+
+fn reduce_key() -> PipelineKey {
+    key(REDUCE, Vec::new())
+}
+
+fn grad_key(logits: DType, soft: DType, grad: DType) -> Result<PipelineKey> {
+    Ok(key(
+        GRAD,
+        vec![
+            ("LOGITS_DT", dtype_code(logits)?),
+            ("SOFT_DT", dtype_code(soft)?),
+            ("GRAD_DT", dtype_code(grad)?),
+        ],
+    ))
+}
+
+/// Every pipeline xent can use: per logits dtype, soft targets in that dtype or f32 and
+/// a gradient in that dtype or f32.
+pub(crate) fn all_pipelines() -> Vec<PipelineKey> {
+    let mut keys = vec![reduce_key()];
+    for logits in [DType::F32, DType::F16, DType::BF16] {
+        let others = if logits == DType::F32 {
+            vec![DType::F32]
+        } else {
+            vec![logits, DType::F32]
+        };
+        for &soft in &others {
+            keys.extend(forward_key(logits, soft));
+            for &grad in &others {
+                keys.extend(grad_key(logits, soft, grad));
+            }
+        }
+    }
+    keys
+}
+
+/// The dtype the shader reads soft targets in (irrelevant for class targets).
+fn soft_dtype(spec: &XentSpec) -> DType {
+    match spec.targets {
+        TargetKind::Soft(dtype) => dtype,
+        TargetKind::Classes => spec.dtype,
+    }
+}
+
+fn wgpu_buffer<'t>(tensor: &'t Tensor, what: &str) -> Result<&'t wgpu::Buffer> {
+    match &tensor.storage {
+        Storage::Wgpu(buffer) => Ok(buffer),
+        _ => Err(Error::DeviceMismatch(format!(
+            "{what} are not stored on a wgpu device"
+        ))),
+    }
+}
+
+/// Runs xent on wgpu tensors: allocates the outputs and calls [`xent_raw`].
+pub fn xent(backend: &WgpuBackend, spec: &XentSpec, call: &Xent<'_>) -> Result<XentOutput> {
+    let device = call.logits.device();
+    let logits = wgpu_buffer(call.logits, "logits")?;
+    let targets = match call.targets {
+        Targets::Classes(y) => XentTargets::Classes(wgpu_buffer(y, "class targets")?),
+        Targets::Soft(q) => XentTargets::Soft(wgpu_buffer(q, "soft targets")?),
+    };
+    let weights = call
+        .class_weights
+        .map(|w| wgpu_buffer(w, "class weights"))
+        .transpose()?;
+
+    let b = spec.batch;
+    let usage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let output = |label: &str, elements: usize, dtype: DType| -> Result<wgpu::Buffer> {
+        let bytes = (elements as u64).saturating_mul(dtype.size() as u64);
+        backend.create_buffer(label, bytes, usage)
+    };
+    let rho_len = if spec.options.radius.reduce == RhoReduce::PerSample {
+        b
+    } else {
+        1
+    };
+    let grad_len = b
+        .checked_mul(spec.classes)
+        .ok_or_else(|| Error::Shape(format!("grad [{b}, {}] overflows usize", spec.classes)))?;
+    let loss = output("xent loss", 1, DType::F32)?;
+    let loss_per_row = output("xent loss_per_row", b, DType::F32)?;
+    let lse = output("xent lse", b, DType::F32)?;
+    let entropy = output("xent entropy", b, DType::F32)?;
+    let argmax = output("xent argmax", b, DType::I64)?;
+    let max = output("xent max", b, DType::F32)?;
+    let min = output("xent min", b, DType::F32)?;
+    let top2_gap = output("xent top2_gap", b, DType::F32)?;
+    let delta = output("xent delta", b, DType::F32)?;
+    let rho = output("xent rho", rho_len, DType::F32)?;
+    let grad = if spec.options.grad {
+        Some(output("xent grad", grad_len, spec.grad_dtype)?)
+    } else {
+        None
+    };
+    xent_raw(
+        backend,
+        spec,
+        logits,
+        targets,
+        weights,
+        &XentBuffers {
+            loss: &loss,
+            loss_per_row: &loss_per_row,
+            lse: &lse,
+            entropy: &entropy,
+            argmax: &argmax,
+            max: &max,
+            min: &min,
+            top2_gap: &top2_gap,
+            delta: &delta,
+            rho: &rho,
+            grad: grad.as_ref(),
+        },
+    )?;
+    let tensor = |buffer: wgpu::Buffer, shape: Vec<usize>, dtype: DType| {
+        Tensor::from_storage(device, Storage::Wgpu(buffer), shape, dtype)
+    };
+    Ok(XentOutput {
+        loss: tensor(loss, vec![1], DType::F32),
+        loss_per_row: tensor(loss_per_row, vec![b], DType::F32),
+        lse: tensor(lse, vec![b], DType::F32),
+        entropy: tensor(entropy, vec![b], DType::F32),
+        argmax: tensor(argmax, vec![b], DType::I64),
+        max: tensor(max, vec![b], DType::F32),
+        min: tensor(min, vec![b], DType::F32),
+        top2_gap: tensor(top2_gap, vec![b], DType::F32),
+        delta: tensor(delta, vec![b], DType::F32),
+        rho: tensor(rho, vec![rho_len], DType::F32),
+        grad: grad.map(|g| tensor(g, vec![b, spec.classes], spec.grad_dtype)),
+    })
+}
+
+/// Checks that a caller's buffer holds `bytes` and has `usage`.
+fn require(buffer: &wgpu::Buffer, what: &str, bytes: u64, usage: wgpu::BufferUsages) -> Result<()> {
+    if buffer.size() < bytes {
+        return Err(Error::Shape(format!(
+            "xent: {what} needs {bytes} bytes but its buffer has {}",
+            buffer.size()
+        )));
+    }
+    if !buffer.usage().contains(usage) {
+        return Err(Error::Wgpu(format!(
+            "xent: the {what} buffer lacks usage {usage:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// A byte range of a buffer bound at an aligned offset.
+struct Window {
+    offset: u64,
+    size: u64,
+    /// Bytes from `offset` to the range's start.
+    skip: u64,
+}
+
+/// Binds `[start, end)` of a buffer: the offset is `start` aligned down, the size the rest
+/// rounded up to 4 (buffers are padded to 4, so the rounded end stays inside).
+fn window(start: u64, end: u64, align: u64) -> Window {
+    let offset = start / align * align;
+    Window {
+        offset,
+        size: padded_size(end - offset),
+        skip: start - offset,
+    }
+}
+
+/// Converts a host-computed index to the shader's u32; the chunk plan keeps them small.
+fn index(value: u64, what: &str) -> Result<u32> {
+    u32::try_from(value).map_err(|_| Error::Launch {
+        kernel: "xent".into(),
+        reason: format!("{what} = {value} does not fit the shader's u32 indices"),
+    })
+}
+
+/// Runs xent on buffers of `backend`'s device with no copy of the inputs (for
+/// frameworks linking the kernel; see [`WgpuBackend::from_device`]). `spec` describes
+/// the buffers and is trusted as validated: class targets outside [0, V) that are not
+/// `ignore_index` are not checked here and give NaN rows. Work is queued, not waited for.
+pub fn xent_raw(
+    backend: &WgpuBackend,
+    spec: &XentSpec,
+    logits: &wgpu::Buffer,
+    targets: XentTargets<'_>,
+    weights: Option<&wgpu::Buffer>,
+    out: &XentBuffers<'_>,
+) -> Result<()> {
+    backend.check_kernel_limits(ShaderSource::Xent)?;
+    let storage = wgpu::BufferUsages::STORAGE;
+    let copy_dst = wgpu::BufferUsages::COPY_DST;
+    let b = spec.batch as u64;
+    let v = spec.classes as u64;
+    let stride = spec.row_stride as u64;
+    if b == 0 || v == 0 || v > stride {
+        return Err(Error::Shape(format!(
+            "xent: B = {b}, V = {v}, row stride = {stride} (need B, V >= 1 and V <= stride)"
+        )));
+    }
+    let logits_size = spec.dtype.size() as u64;
+    let soft_dtype = soft_dtype(spec);
+    let soft_size = soft_dtype.size() as u64;
+    let grad_size = spec.grad_dtype.size() as u64;
+
+    // Sizes are checked before any arithmetic in u32, against overflow in u64 too.
+    let elements = b
+        .checked_mul(stride)
+        .ok_or_else(|| Error::Shape(format!("xent: [{b}, {stride}] overflows u64")))?;
+    require(
+        logits,
+        "logits",
+        elements.saturating_mul(logits_size),
+        storage,
+    )?;
+    let (is_soft, targets_buffer) = match (targets, spec.targets) {
+        (XentTargets::Classes(y), TargetKind::Classes) => {
+            require(y, "class targets", b * 8, storage)?;
+            (false, y)
+        }
+        (XentTargets::Soft(q), TargetKind::Soft(_)) => {
+            require(
+                q,
+                "soft targets",
+                (b * v).saturating_mul(soft_size),
+                storage,
+            )?;
+            (true, q)
+        }
+        _ => {
+            return Err(Error::Shape(
+                "xent: the target buffer's kind differs from spec.targets".into(),
+            ))
+        }
+    };
+    if weights.is_some() != spec.weighted {
+        return Err(Error::Shape(
+            "xent: class weights given iff spec.weighted".into(),
+        ));
+    }
+    if let Some(w) = weights {
+        require(w, "class weights", v * 4, storage)?;
+    }
+    let per_sample = spec.options.radius.reduce == RhoReduce::PerSample;
+    for (buffer, what, bytes) in [
+        (out.loss, "loss", 4),
+        (out.loss_per_row, "loss_per_row", 4 * b),
+        (out.lse, "lse", 4 * b),
+        (out.entropy, "entropy", 4 * b),
+        (out.argmax, "argmax", 8 * b),
+        (out.max, "max", 4 * b),
+        (out.min, "min", 4 * b),
+        (out.top2_gap, "top2_gap", 4 * b),
+        (out.delta, "delta", 4 * b),
+        (out.rho, "rho", if per_sample { 4 * b } else { 4 }),
+    ] {
+        require(buffer, what, bytes, copy_dst)?;
+    }
+    if out.grad.is_some() != spec.options.grad {
+        return Err(Error::Shape(
+            "xent: a grad buffer is given iff spec.options.grad".into(),
+        ));
+    }
+    if let Some(g) = out.grad {
+        require(g, "grad", (b * v).saturating_mul(grad_size), storage)?;
+    }
+
+    // Whole-buffer bindings: the per-row scratch, labels and weights.
+    let rows_bytes = ROW_WORDS * 4 * b;
+    backend.check_binding(
+        FORWARD,
+        "the per-row scratch (52 bytes per row)",
+        rows_bytes,
+    )?;
+    backend.check_binding(FORWARD, "the class targets", 8 * b)?;
+    backend.check_binding(FORWARD, "the class weights", 4 * v)?;
+
+    // Chunks of rows whose logits, soft targets and gradient each fit one binding.
+    let limit = backend.binding_limit();
+    let align = backend.storage_alignment();
+    let mut row_bytes = stride * logits_size;
+    if is_soft {
+        row_bytes = row_bytes.max(v * soft_size);
+    }
+    if spec.options.grad {
+        row_bytes = row_bytes.max(v * grad_size);
+    }
+    let slack = align + 4;
+    if row_bytes + slack > limit {
+        return Err(Error::Launch {
+            kernel: FORWARD.into(),
+            reason: format!("one row takes {row_bytes} bytes; a binding holds at most {limit}"),
+        });
+    }
+    let mut chunk_rows = ((limit - slack) / row_bytes).min(b);
+    // A 16-bit gradient packs two elements per word: chunks must start on an even
+    // element, so with odd V they hold an even number of rows.
+    if spec.options.grad && grad_size == 2 && v % 2 == 1 && chunk_rows < b {
+        chunk_rows -= chunk_rows % 2;
+    }
+    if chunk_rows == 0 {
+        return Err(Error::Launch {
+            kernel: GRAD.into(),
+            reason: format!("two rows of {row_bytes} bytes do not fit one binding of {limit}"),
+        });
+    }
+
+    let forward = backend.pipeline(&forward_key(spec.dtype, soft_dtype)?)?;
+    let reduce = backend.pipeline(&reduce_key())?;
+    let grad = if spec.options.grad {
+        Some(backend.pipeline(&grad_key(spec.dtype, soft_dtype, spec.grad_dtype)?)?)
+    } else {
+        None
+    };
+
+    let rows = backend.create_buffer(
+        "xent rows",
+        rows_bytes,
+        storage | wgpu::BufferUsages::COPY_SRC,
+    )?;
+    let red = backend.create_buffer(
+        "xent reduced",
+        RED_BYTES,
+        storage | wgpu::BufferUsages::COPY_SRC,
+    )?;
+    // Bindings the problem does not use still need a buffer: a read-only one (which
+    // may fill several slots) and a separate writable one for an absent gradient.
+    let unused = backend.create_buffer("xent unused input", 16, storage)?;
+    let unused_grad = backend.create_buffer("xent unused grad", 16, storage)?;
+
+    // About four elements or more per invocation: a whole workgroup for rows of 1024
+    // classes and up, down to one invocation per row (256 rows per workgroup) for V <= 4.
+    let row_threads = v
+        .div_ceil(4)
+        .next_power_of_two()
+        .min(u64::from(WORKGROUP_SIZE));
+    let rows_per_workgroup = u64::from(WORKGROUP_SIZE) / row_threads;
+    let row_threads = index(row_threads, "row threads")?;
+
+    let o = &spec.options;
+    let r = &o.radius;
+    let mut flags = 0;
+    if is_soft {
+        flags |= F_SOFT;
+    }
+    if spec.weighted {
+        flags |= F_WEIGHTED;
+    }
+    if r.gap == Gap::Top2 {
+        flags |= F_GAP_TOP2;
+    }
+    if r.reduce == RhoReduce::Max {
+        flags |= F_RHO_MAX;
+    }
+    if o.reduction == Reduction::Mean {
+        flags |= F_RED_MEAN;
+    }
+    if r.inf_if_small {
+        flags |= F_INF_IF_SMALL;
+    }
+    // A cap of +inf (or beyond f32) caps nothing; a floor of +inf makes every rho +inf.
+    let cap = r.cap.map_or(f32::INFINITY, |c| c as f32);
+    if cap.is_finite() {
+        flags |= F_HAS_CAP;
+    }
+    let floor = r.floor.map_or(0.0, |f| f as f32);
+    if r.floor.is_some() {
+        flags |= if floor.is_finite() {
+            F_HAS_FLOOR
+        } else {
+            F_FLOOR_INF
+        };
+    }
+    let ignore = o.ignore_index as u64;
+    let base = Params {
+        batch: index(b, "B")?,
+        classes: index(v, "V")?,
+        stride: index(stride, "row stride")?,
+        row0: 0,
+        rows: 0,
+        logits_base: 0,
+        soft_base: 0,
+        grad_base: 0,
+        grad_words: 0,
+        flags,
+        ignore_lo: ignore as u32,
+        ignore_hi: (ignore >> 32) as u32,
+        inv_t: (1.0 / o.temperature) as f32,
+        on_target: (1.0 - o.label_smoothing) as f32,
+        eps_over_v: (o.label_smoothing / v as f64) as f32,
+        z_loss: o.z_loss as f32,
+        rho_eps: r.eps as f32,
+        cap: if cap.is_finite() { cap } else { 0.0 },
+        floor: if floor.is_finite() { floor } else { 0.0 },
+        nan_bits: 0x7fc0_0000,
+        inf_bits: 0x7f80_0000,
+        row_threads,
+        pad: [0; 2],
+    };
+
+    struct Chunk {
+        bind_group: wgpu::BindGroup,
+        rows: u64,
+        grad_words: u64,
+    }
+    let mut chunks = Vec::new();
+    let mut row0 = 0;
+    while row0 < b {
+        let row1 = (row0 + chunk_rows).min(b);
+        let logits_window = window(
+            row0 * stride * logits_size,
+            row1 * stride * logits_size,
+            align,
+        );
+        let soft_window = window(row0 * v * soft_size, row1 * v * soft_size, align);
+        let grad_window = window(row0 * v * grad_size, row1 * v * grad_size, align);
+        let grad_words = if spec.options.grad {
+            ((row1 - row0) * v * grad_size).div_ceil(4)
+        } else {
+            0
+        };
+        let params = Params {
+            row0: index(row0, "first row")?,
+            rows: index(row1 - row0, "rows")?,
+            logits_base: index(logits_window.skip / logits_size, "logits offset")?,
+            soft_base: index(soft_window.skip / soft_size, "soft target offset")?,
+            grad_base: index(grad_window.skip / 4, "grad offset")?,
+            grad_words: index(grad_words, "grad words")?,
+            ..base
+        };
+        let uniform = backend.buffer_with(
+            "xent params",
+            bytemuck::bytes_of(&params),
+            wgpu::BufferUsages::UNIFORM,
+        )?;
+        fn whole(buffer: &wgpu::Buffer, bytes: u64) -> (&wgpu::Buffer, u64, u64) {
+            (buffer, 0, padded_size(bytes))
+        }
+        let (labels_binding, soft_binding) = if is_soft {
+            (
+                whole(&unused, 16),
+                (targets_buffer, soft_window.offset, soft_window.size),
+            )
+        } else {
+            (whole(targets_buffer, 8 * b), whole(&unused, 16))
+        };
+        let weights_binding = match weights {
+            Some(w) => whole(w, 4 * v),
+            None => whole(&unused, 16),
+        };
+        let grad_binding = match out.grad {
+            Some(g) => (g, grad_window.offset, grad_window.size),
+            None => whole(&unused_grad, 16),
+        };
+        let bind_group = backend.bind_group(
+            ShaderSource::Xent,
+            &[
+                whole(&uniform, std::mem::size_of::<Params>() as u64),
+                (logits, logits_window.offset, logits_window.size),
+                labels_binding,
+                soft_binding,
+                weights_binding,
+                whole(&rows, rows_bytes),
+                whole(&red, RED_BYTES),
+                grad_binding,
+            ],
+        )?;
+        chunks.push(Chunk {
+            bind_group,
+            rows: row1 - row0,
+            grad_words,
+        });
+        row0 = row1;
+    }
+
+    let mut launches = Vec::with_capacity(chunks.len());
+    for chunk in &chunks {
+        let forward_grid = backend.grid(FORWARD, chunk.rows.div_ceil(rows_per_workgroup))?;
+        let grad_grid = backend.grid(GRAD, chunk.grad_words.div_ceil(u64::from(WORKGROUP_SIZE)))?;
+
+        launches.push((forward_grid, grad_grid));
+    }
+
+    backend.scoped("xent", || {
+        let device = backend.device();
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("xent"),
+        });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("xent"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&forward);
+            for (chunk, ((x, y), _)) in chunks.iter().zip(&launches) {
+                pass.set_bind_group(0, &chunk.bind_group, &[]);
+                pass.dispatch_workgroups(*x, *y, 1);
+            }
+            // Reads only the whole-buffer bindings, which every chunk's group holds.
+            pass.set_pipeline(&reduce);
+            pass.set_bind_group(0, &chunks[0].bind_group, &[]);
+            pass.dispatch_workgroups(1, 1, 1);
+            if let Some(grad) = &grad {
+                pass.set_pipeline(grad);
+                for (chunk, (_, (x, y))) in chunks.iter().zip(&launches) {
+                    pass.set_bind_group(0, &chunk.bind_group, &[]);
+                    pass.dispatch_workgroups(*x, *y, 1);
+                }
+            }
+        }
+        let field = |f: u64| f * 4 * b;
+        for (dst, f) in [
+            (out.loss_per_row, ROW_LOSS),
+            (out.lse, ROW_LSE),
+            (out.entropy, ROW_ENTROPY),
+            (out.max, ROW_MAX),
+            (out.min, ROW_MIN),
+            (out.top2_gap, ROW_GAP),
+            (out.delta, ROW_DELTA),
+        ] {
+            encoder.copy_buffer_to_buffer(&rows, field(f), dst, 0, 4 * b);
+        }
+        encoder.copy_buffer_to_buffer(&rows, field(ROW_ARGMAX), out.argmax, 0, 8 * b);
+        encoder.copy_buffer_to_buffer(&red, RED_LOSS_OFFSET, out.loss, 0, 4);
+        if per_sample {
+            encoder.copy_buffer_to_buffer(&rows, field(ROW_RHO), out.rho, 0, 4 * b);
+        } else {
+            encoder.copy_buffer_to_buffer(&red, RED_RHO_OFFSET, out.rho, 0, 4);
+        }
+        backend.queue().submit([encoder.finish()]);
+        Ok(())
     })
 }

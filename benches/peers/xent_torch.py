@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""xent side by side on one GPU, in one run: PyTorch against losskern.
+
+Times, for each shape and dtype: F.cross_entropy forward, forward+backward, an eager and a
+torch.compile "all outputs" function (loss, lse, entropy, grad, rho from max-min), and the
+losskern CLI's timing of the same shape (forward, forward+grad), next to a device-to-device
+copy measured in the same run. Prints one table: ms, GB/s (logits read once, grad written
+once), % of the copy, and losskern's speed-up against each PyTorch variant.
+
+Run from the repository root on the GPU host: python3 benches/peers/xent_torch.py
+(the packed CLI is found at .device/bin/losskern, or set LOSSKERN_BIN).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = [(4096, 32000), (8192, 128256), (32768, 50257)]
+DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}
+
+
+def median_ms(fn, warmup=5, reps=30):
+    """Median of CUDA-event timings of fn(), after warm-up."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def copy_bandwidth():
+    """Device-to-device copy of 2 GiB: bytes read plus bytes written over time, GB/s."""
+    n = 1 << 29
+    src = torch.randn(n, device="cuda")
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src))
+    return 2 * n * 4 / (ms * 1e-3) / 1e9
+
+
+def all_outputs(z, y):
+    """The separate-pass way: loss, lse, entropy, grad and rho from max-min."""
+    zf = z.float()
+    lse = torch.logsumexp(zf, dim=-1)
+    p = torch.exp(zf - lse[:, None])
+    loss = (lse - zf.gather(1, y[:, None]).squeeze(1)).mean()
+    entropy = lse - (p * zf).sum(-1)
+    grad = p
+    grad[torch.arange(z.shape[0], device=z.device), y] -= 1.0
+    grad = (grad / z.shape[0]).to(z.dtype)
+    delta = zf.max(-1).values - zf.min(-1).values
+    rho = math.pi / (delta.mean() + 1e-6)
+    return loss, lse, entropy, grad, rho
+
+
+def losskern_ms(binary, b, v, dtype, grad):
+    """The CLI's own timing (device-synchronised median) of xent at this shape."""
+    args = [binary, "bench", "--op", "xent", "--shape", f"{b}x{v}", "--dtype", dtype, "--device", "cuda", "--json"]
+    if grad:
+        args.append("--grad")
+    out = subprocess.run(args, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"losskern bench failed: {out.stderr.strip()}", file=sys.stderr)
+        return float("nan")
+    return json.loads(out.stdout.strip().splitlines()[-1])["median_ms"]
+
+
+def main():
+    if not torch.cuda.is_available():
+        print("no CUDA device: nothing to compare")
+        return 0
+    here = os.path.dirname(os.path.abspath(__file__))
+    binary = os.environ.get("LOSSKERN_BIN") or next(
+        (p for p in [os.path.join(here, "..", "bin", "losskern"), ".device/bin/losskern", "target/release/losskern"] if os.path.exists(p)),
+        None,
+    )
+    copy = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy:.0f} GB/s (torch {torch.__version__})")
+    compiled = torch.compile(all_outputs)
+    rows = []
+    for b, v in SHAPES:
+        for name, dtype in DTYPES.items():
+            torch.manual_seed(0)
+            z = torch.randn(b, v, device="cuda", dtype=dtype) * 3
+            y = torch.randint(0, v, (b,), device="cuda")
+            logits_bytes = b * v * z.element_size()
+
+            def fwd_bwd():
+                zz = z.detach().requires_grad_()
+                F.cross_entropy(zz.float() if dtype == torch.float32 else zz, y).backward()
+
+            # (variant, ms, bytes, kind): a forward-only row is compared with losskern's forward,
+            # a row that also yields the gradient with losskern's forward+grad.
+            timings = [
+                ("torch F.cross_entropy fwd", median_ms(lambda: F.cross_entropy(z, y)), logits_bytes, "fwd"),
+                ("torch F.cross_entropy fwd+bwd", median_ms(fwd_bwd), 2 * logits_bytes, "grad"),
+                ("torch eager all outputs", median_ms(lambda: all_outputs(z, y)), 2 * logits_bytes, "grad"),
+                ("torch.compile all outputs", median_ms(lambda: compiled(z, y)), 2 * logits_bytes, "grad"),
+            ]
+            ours = {"fwd": float("nan"), "grad": float("nan")}
+            if binary:
+                ours = {"fwd": losskern_ms(binary, b, v, name, False), "grad": losskern_ms(binary, b, v, name, True)}
+                timings.append(("losskern fwd (all but grad)", ours["fwd"], logits_bytes, "fwd"))
+                timings.append(("losskern fwd+grad (all outputs)", ours["grad"], 2 * logits_bytes, "grad"))
+            for label, ms, nbytes, kind in timings:
+                gbs = nbytes / (ms * 1e-3) / 1e9
+                rows.append((f"{b}x{v}", name, label, ms, gbs, 100 * gbs / copy, ms / ours[kind]))
+            del z, y
+            torch.cuda.empty_cache()
+    print(f"{'shape':>13} {'dtype':>5} {'variant':<32} {'ms':>8} {'GB/s':>7} {'%copy':>6} {'losskern speed-up':>18}")
+    for shape, dtype, label, ms, gbs, pct, speedup in rows:
+        print(f"{shape:>13} {dtype:>5} {label:<32} {ms:8.3f} {gbs:7.0f} {pct:5.1f}% {speedup:17.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

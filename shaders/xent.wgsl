@@ -1,0 +1,821 @@
+// xent: fused softmax / cross-entropy with entropy, argmax, gradient and the
+// softmax convergence radius rho = pi / Delta (semantics: reference/src/xent.rs).
+//
+// Three entry points, run in this order on one queue:
+//   xent_forward  `row_threads` invocations per row (a whole workgroup for long rows):
+//                 a single pass over the row (online softmax) writes every per-row
+//                 output to `rows`.
+//   xent_reduce   one workgroup: loss and Delta reduced over rows, rho, grad scale -> `red`.
+//   xent_grad     one invocation per 32-bit word of the dense [B, V] gradient (one f32
+//                 or two 16-bit elements), so no two invocations write the same word.
+//
+// Portability rules this file keeps:
+// - WGSL has no 64-bit integers: element indices are u32 within one binding; the host
+//   binds large tensors in chunks of rows (at most 2 GiB each) and passes base offsets.
+// - Implementations may assume floats are finite (WGSL, Vulkan), so NaN and inf are
+//   never tested with float comparisons or produced by float arithmetic: inputs are
+//   classified by their bits, special outputs are made by bitcast of bit patterns read
+//   from the uniform buffer (so no compiler can fold them), and max / min / top-2 are
+//   tracked on order-preserving integer keys of the f32 bits.
+// - f16 and bf16 are decoded and encoded with integer operations (exact, round to
+//   nearest even, subnormals and specials kept), so `shader-f16` is not needed and no
+//   adapter flushes or saturates differently.
+// - Reductions are fixed-order trees in workgroup memory: bitwise deterministic.
+
+// Element types of the bindings, set per pipeline: 0 = f32, 1 = f16, 2 = bf16.
+override LOGITS_DT: u32 = 0u;
+override SOFT_DT: u32 = 0u;
+override GRAD_DT: u32 = 0u;
+
+const DT_F32: u32 = 0u;
+const DT_F16: u32 = 1u;
+const DT_BF16: u32 = 2u;
+
+const WG: u32 = 256u;
+const NONE: u32 = 0xffffffffu;
+const PI: f32 = 3.14159265358979;
+// Smallest normal f32: a Delta + eps below it gives rho = +inf (pi / it overflows or
+// the driver flushes it to 0).
+const MIN_NORMAL: f32 = 1.17549435e-38;
+
+const NEG_INF_BITS: u32 = 0xff800000u;
+const POS_INF_BITS: u32 = 0x7f800000u;
+// Order-preserving key of -inf (see `key`).
+const KEY_NEG_INF: u32 = 0x007fffffu;
+
+// Params.flags
+const F_SOFT: u32 = 1u;
+const F_WEIGHTED: u32 = 2u;
+const F_GAP_TOP2: u32 = 4u;
+const F_RHO_MAX: u32 = 8u;
+const F_RED_MEAN: u32 = 16u;
+const F_INF_IF_SMALL: u32 = 32u;
+const F_HAS_CAP: u32 = 64u;
+const F_HAS_FLOOR: u32 = 128u;
+const F_FLOOR_INF: u32 = 256u;
+
+// Fields of `rows`: field f of row i is word f * batch + i; argmax takes two words per row.
+const ROW_LOSS: u32 = 0u;
+const ROW_LSE: u32 = 1u;
+const ROW_ENTROPY: u32 = 2u;
+const ROW_MAX: u32 = 3u;
+const ROW_MIN: u32 = 4u;
+const ROW_GAP: u32 = 5u;
+const ROW_DELTA: u32 = 6u;
+const ROW_RHO: u32 = 7u;
+const ROW_WEIGHT: u32 = 8u;
+const ROW_CSUM: u32 = 9u;
+const ROW_STATUS: u32 = 10u;
+const ROW_ARGMAX: u32 = 11u;
+
+// ROW_STATUS values: the gradient row is 0, computed, or NaN.
+const STATUS_IGNORED: u32 = 0u;
+const STATUS_VALID: u32 = 1u;
+const STATUS_NAN: u32 = 2u;
+
+// Slots of `red`.
+const RED_LOSS: u32 = 0u;
+const RED_RHO: u32 = 1u;
+const RED_SCALE: u32 = 2u;
+
+struct Params {
+    batch: u32,
+    classes: u32,
+    stride: u32,
+    // First row of this chunk and its number of rows.
+    row0: u32,
+    rows: u32,
+    // Element offsets of the chunk's first row inside the logits and soft-target
+    // bindings, and word offset of its first gradient word inside the grad binding.
+    logits_base: u32,
+    soft_base: u32,
+    grad_base: u32,
+    grad_words: u32,
+    flags: u32,
+    // ignore_index as the two little-endian words of an i64.
+    ignore_lo: u32,
+    ignore_hi: u32,
+    inv_t: f32,
+    // 1 - label_smoothing and label_smoothing / V.
+    on_target: f32,
+    eps_over_v: f32,
+    z_loss: f32,
+    rho_eps: f32,
+    cap: f32,
+    floor: f32,
+    // 0x7fc00000 and 0x7f800000, read at run time so that no compiler folds them.
+    nan_bits: u32,
+    inf_bits: u32,
+    // Invocations per row in xent_forward (a power of two <= 256); a workgroup takes
+    // 256 / row_threads rows, so short rows do not leave most invocations idle.
+    row_threads: u32,
+    _pad1: u32,
+    _pad2: u32,
+}
+
+@group(0) @binding(0) var<uniform> P: Params;
+@group(0) @binding(1) var<storage, read> logits: array<u32>;
+// Class targets as i64 words (lo, hi) per row.
+@group(0) @binding(2) var<storage, read> labels: array<u32>;
+@group(0) @binding(3) var<storage, read> soft: array<u32>;
+// Class weights, f32 bits.
+@group(0) @binding(4) var<storage, read> weights: array<u32>;
+@group(0) @binding(5) var<storage, read_write> rows: array<u32>;
+@group(0) @binding(6) var<storage, read_write> red: array<u32>;
+@group(0) @binding(7) var<storage, read_write> grad: array<u32>;
+
+// ---------------------------------------------------------------- bits and specials
+
+fn nan() -> f32 {
+    return bitcast<f32>(P.nan_bits);
+}
+
+fn pos_inf() -> f32 {
+    return bitcast<f32>(P.inf_bits);
+}
+
+fn neg_inf() -> f32 {
+    return bitcast<f32>(P.inf_bits | 0x80000000u);
+}
+
+fn is_nan_bits(b: u32) -> bool {
+    return (b & 0x7fffffffu) > POS_INF_BITS;
+}
+
+fn is_finite_bits(b: u32) -> bool {
+    return (b & 0x7fffffffu) < POS_INF_BITS;
+}
+
+fn is_negative_bits(b: u32) -> bool {
+    return (b >> 31u) == 1u;
+}
+
+// A u32 that orders like the f32 of `b` (for every non-NaN value, -inf and +inf included).
+fn key(b: u32) -> u32 {
+    return b ^ select(0x80000000u, 0xffffffffu, is_negative_bits(b));
+}
+
+fn unkey(k: u32) -> f32 {
+    return bitcast<f32>(k ^ select(0xffffffffu, 0x80000000u, (k >> 31u) == 1u));
+}
+
+// a - b for keys a >= b, with the reference's specials: -inf - -inf = NaN, x - -inf = +inf.
+fn key_gap(a: u32, b: u32) -> f32 {
+    if a == KEY_NEG_INF {
+        return nan();
+    }
+    if b == KEY_NEG_INF {
+        return pos_inf();
+    }
+    return unkey(a) - unkey(b);
+}
+
+// --------------------------------------------------------------- f16 / bf16 codecs
+
+// f32 bits of the f16 `h` (low 16 bits), exact.
+fn f16_to_f32_bits(h: u32) -> u32 {
+    let sign = (h & 0x8000u) << 16u;
+    let exponent = (h >> 10u) & 0x1fu;
+    let mantissa = h & 0x3ffu;
+    if exponent == 0x1fu {
+        return sign | POS_INF_BITS | (mantissa << 13u);
+    }
+    if exponent == 0u {
+        // Subnormal (or zero): mantissa * 2^-24 is exact and normal in f32.
+        return sign | bitcast<u32>(f32(mantissa) * 5.9604644775390625e-8);
+    }
+    return sign | ((exponent + 112u) << 23u) | (mantissa << 13u);
+}
+
+// f16 bits of the f32 bits `b`, rounded to nearest even.
+fn f32_to_f16_bits(b: u32) -> u32 {
+    let sign = (b >> 16u) & 0x8000u;
+    let a = b & 0x7fffffffu;
+    if a > POS_INF_BITS {
+        return sign | 0x7e00u;
+    }
+    // 65520 and above round to infinity.
+    if a >= 0x477ff000u {
+        return sign | 0x7c00u;
+    }
+    // Normal f16 (>= 2^-14): rebias the exponent by 112 and round 13 mantissa bits away.
+    if a >= 0x38800000u {
+        let r = a - 0x38000000u;
+        return sign | ((r + 0xfffu + ((r >> 13u) & 1u)) >> 13u);
+    }
+    // At or below 2^-25 (half the smallest subnormal, a tie to even 0): zero.
+    if a <= 0x33000000u {
+        return sign;
+    }
+    // Subnormal f16: the value in units of 2^-24, rounded to nearest even.
+    let mantissa = (a & 0x7fffffu) | 0x800000u;
+    let shift = 126u - (a >> 23u);
+    var q = mantissa >> shift;
+    let rest = mantissa & ((1u << shift) - 1u);
+    let half = 1u << (shift - 1u);
+    if rest > half || (rest == half && (q & 1u) == 1u) {
+        q = q + 1u;
+    }
+    return sign | q;
+}
+
+// bf16 bits of the f32 bits `b`, rounded to nearest even; NaN stays a quiet NaN.
+fn f32_to_bf16_bits(b: u32) -> u32 {
+    if is_nan_bits(b) {
+        return ((b >> 16u) | 0x40u) & 0xffffu;
+    }
+    return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;
+}
+
+// f32 bits of element `half` (0 = low, 1 = high) of a word of two 16-bit values.
+fn decode16(word: u32, half: u32, dt: u32) -> u32 {
+    if dt == DT_BF16 {
+        return select(word << 16u, word & 0xffff0000u, half == 1u);
+    }
+    return f16_to_f32_bits((word >> (half * 16u)) & 0xffffu);
+}
+
+fn encode16(b: u32, dt: u32) -> u32 {
+    if dt == DT_BF16 {
+        return f32_to_bf16_bits(b);
+    }
+    return f32_to_f16_bits(b);
+}
+
+// -------------------------------------------------------------------- input loads
+
+fn load_logit_bits(idx: u32) -> u32 {
+    if LOGITS_DT == DT_F32 {
+        return logits[idx];
+    }
+    return decode16(logits[idx >> 1u], idx & 1u, LOGITS_DT);
+}
+
+fn load_soft_bits(idx: u32) -> u32 {
+    if SOFT_DT == DT_F32 {
+        return soft[idx];
+    }
+    return decode16(soft[idx >> 1u], idx & 1u, SOFT_DT);
+}
+
+// Bits of x = z / T for the logit at `idx`; non-finite logits keep their bits (T > 0).
+fn logit_x_bits(idx: u32) -> u32 {
+    let zb = load_logit_bits(idx);
+    if !is_finite_bits(zb) {
+        return zb;
+    }
+    return bitcast<u32>(bitcast<f32>(zb) * P.inv_t);
+}
+
+// Bits of the coefficient c_k of -log p_k in the row's loss (row not ignored):
+// class targets c_k = eps/V w_k + [k == y] (1 - eps) w_y; soft c_k = w_k ((1 - eps) q_k + eps/V).
+// A non-finite weight or soft target gives NaN bits.
+fn coef_bits(k: u32, y: u32, soft_idx: u32) -> u32 {
+    var wb = 0x3f800000u;
+    if (P.flags & F_WEIGHTED) != 0u {
+        wb = weights[k];
+    }
+    if !is_finite_bits(wb) {
+        return P.nan_bits;
+    }
+    let w = bitcast<f32>(wb);
+    if (P.flags & F_SOFT) != 0u {
+        let qb = load_soft_bits(soft_idx);
+        if !is_finite_bits(qb) {
+            return P.nan_bits;
+        }
+        return bitcast<u32>(w * (P.on_target * bitcast<f32>(qb) + P.eps_over_v));
+    }
+    var c = P.eps_over_v * w;
+    if k == y {
+        c = c + P.on_target * w;
+    }
+    return bitcast<u32>(c);
+}
+
+// rho = pi / (Delta + eps) with inf_if_small, cap and floor applied in that order.
+fn rho_from_delta(db: u32) -> f32 {
+    if is_nan_bits(db) {
+        return nan();
+    }
+    var infinite = false;
+    var rho = 0.0;
+    let finite = is_finite_bits(db);
+    let small = db == NEG_INF_BITS || (finite && bitcast<f32>(db) < P.rho_eps);
+    if (P.flags & F_INF_IF_SMALL) != 0u && small {
+        infinite = true;
+    } else if finite {
+        let denominator = bitcast<f32>(db) + P.rho_eps;
+        if denominator < MIN_NORMAL {
+            infinite = true;
+        } else {
+            rho = PI / denominator;
+        }
+    }
+    // Otherwise Delta is +-inf and rho = pi / inf = 0.
+    if (P.flags & F_HAS_CAP) != 0u && (infinite || rho > P.cap) {
+        rho = P.cap;
+        infinite = false;
+    }
+    if (P.flags & F_FLOOR_INF) != 0u {
+        infinite = true;
+    } else if (P.flags & F_HAS_FLOOR) != 0u && !infinite && rho < P.floor {
+        rho = P.floor;
+    }
+    if infinite {
+        return pos_inf();
+    }
+    return rho;
+}
+
+// a / b with IEEE specials made explicitly (a and b may be NaN or +-inf).
+fn div_special(ab: u32, bb: u32) -> f32 {
+    if is_nan_bits(ab) || is_nan_bits(bb) {
+        return nan();
+    }
+    let negative = is_negative_bits(ab) != is_negative_bits(bb);
+    let a_finite = is_finite_bits(ab);
+    if !is_finite_bits(bb) {
+        if !a_finite {
+            return nan();
+        }
+        return 0.0;
+    }
+    let b = bitcast<f32>(bb);
+    if b == 0.0 {
+        if a_finite && bitcast<f32>(ab) == 0.0 {
+            return nan();
+        }
+        return select(pos_inf(), neg_inf(), is_negative_bits(ab));
+    }
+    if !a_finite {
+        return select(pos_inf(), neg_inf(), negative);
+    }
+    return bitcast<f32>(ab) / b;
+}
+
+// g * s where s may be NaN or +-inf (g is finite).
+fn mul_special(g: f32, sb: u32) -> f32 {
+    if is_finite_bits(sb) {
+        return g * bitcast<f32>(sb);
+    }
+    if is_nan_bits(sb) || g == 0.0 {
+        return nan();
+    }
+    return select(pos_inf(), neg_inf(), (g < 0.0) != is_negative_bits(sb));
+}
+
+// ------------------------------------------------------------------------ forward
+
+// Per-invocation state of the online pass, tree-reduced in workgroup memory.
+// Softmax part, over finite x only: m = max, s = sum e^(x-m), t = sum e^(x-m)(x-m),
+// a = sum c_k (m - x_k), cf = sum c_k (both over finite x), valid when FL_FINITE is set.
+var<workgroup> w_m: array<f32, WG>;
+var<workgroup> w_s: array<f32, WG>;
+var<workgroup> w_t: array<f32, WG>;
+var<workgroup> w_a: array<f32, WG>;
+var<workgroup> w_cf: array<f32, WG>;
+// Sum of c_k over every class (the gradient's sum_j c_j).
+var<workgroup> w_call: array<f32, WG>;
+// Keys of the top two values and of the min (over finite and -inf x), first argmax.
+var<workgroup> w_top1: array<u32, WG>;
+var<workgroup> w_top2: array<u32, WG>;
+var<workgroup> w_arg: array<u32, WG>;
+var<workgroup> w_min: array<u32, WG>;
+// First index of a NaN, and of a NaN or +inf.
+var<workgroup> w_nan: array<u32, WG>;
+var<workgroup> w_bad: array<u32, WG>;
+var<workgroup> w_flags: array<u32, WG>;
+
+// w_flags bits.
+const FL_FINITE: u32 = 1u;
+// A -inf logit with a positive / negative coefficient (its loss term is +inf / -inf).
+const FL_COEF_POS_INF: u32 = 2u;
+const FL_COEF_NEG_INF: u32 = 4u;
+// A non-finite coefficient.
+const FL_COEF_NAN: u32 = 8u;
+
+// Merges slot j into slot i.
+fn merge_forward(i: u32, j: u32) {
+    if (w_flags[j] & FL_FINITE) != 0u {
+        if (w_flags[i] & FL_FINITE) == 0u {
+            w_m[i] = w_m[j];
+            w_s[i] = w_s[j];
+            w_t[i] = w_t[j];
+            w_a[i] = w_a[j];
+            w_cf[i] = w_cf[j];
+        } else {
+            let mi = w_m[i];
+            let mj = w_m[j];
+            let m = max(mi, mj);
+            let ei = exp(mi - m);
+            let ej = exp(mj - m);
+            // Rescale each part to the common max: e^(x-m) = e^(x-m_i) e^(m_i-m), and
+            // (x - m) = (x - m_i) + (m_i - m).
+            w_t[i] = ei * (w_t[i] + (mi - m) * w_s[i]) + ej * (w_t[j] + (mj - m) * w_s[j]);
+            w_s[i] = w_s[i] * ei + w_s[j] * ej;
+            w_a[i] = w_a[i] + (m - mi) * w_cf[i] + w_a[j] + (m - mj) * w_cf[j];
+            w_cf[i] = w_cf[i] + w_cf[j];
+            w_m[i] = m;
+        }
+    }
+    w_call[i] = w_call[i] + w_call[j];
+    let ti = w_top1[i];
+    let tj = w_top1[j];
+    if tj > ti || (tj == ti && w_arg[j] < w_arg[i]) {
+        w_arg[i] = w_arg[j];
+    }
+    w_top2[i] = max(min(ti, tj), max(w_top2[i], w_top2[j]));
+    w_top1[i] = max(ti, tj);
+    w_min[i] = min(w_min[i], w_min[j]);
+    w_nan[i] = min(w_nan[i], w_nan[j]);
+    w_bad[i] = min(w_bad[i], w_bad[j]);
+    w_flags[i] = w_flags[i] | w_flags[j];
+}
+
+fn row_field(field: u32, row: u32) -> u32 {
+    return field * P.batch + row;
+}
+
+@compute @workgroup_size(256)
+fn xent_forward(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row_threads = P.row_threads;
+    let first_row = (wg.y * nwg.x + wg.x) * (WG / row_threads);
+    if first_row >= P.rows {
+        return;
+    }
+    let lane = lid & (row_threads - 1u);
+    let local_row = first_row + lid / row_threads;
+    // Invocations of a row past the chunk's end take part in the barriers only.
+    let in_chunk = local_row < P.rows;
+    let row = P.row0 + min(local_row, P.rows - 1u);
+    let classes = P.classes;
+    let is_soft = (P.flags & F_SOFT) != 0u;
+
+    var ignored = false;
+    var label_bad = false;
+    var y = 0u;
+    if !is_soft && in_chunk {
+        let lo = labels[2u * row];
+        let hi = labels[2u * row + 1u];
+        ignored = lo == P.ignore_lo && hi == P.ignore_hi;
+        y = lo;
+        // Validation keeps targets in [0, V); this guards the raw entry point.
+        label_bad = !ignored && (hi != 0u || lo >= classes);
+    }
+    let use_coef = !ignored && !label_bad;
+
+    var m = 0.0;
+    var s = 0.0;
+    var t = 0.0;
+    var a = 0.0;
+    var cf = 0.0;
+    var call = 0.0;
+    var top1 = KEY_NEG_INF;
+    var top2 = KEY_NEG_INF;
+    var arg = NONE;
+    var low = NONE;
+    var first_nan = NONE;
+    var first_bad = NONE;
+    var flags = 0u;
+
+    let logits_row = P.logits_base + local_row * P.stride;
+    let soft_row = P.soft_base + local_row * classes;
+    let end = select(0u, classes, in_chunk);
+    for (var k = lane; k < end; k = k + row_threads) {
+        let xb = logit_x_bits(logits_row + k);
+        var c = 0.0;
+        if use_coef {
+            let cb = coef_bits(k, y, soft_row + k);
+            if is_finite_bits(cb) {
+                c = bitcast<f32>(cb);
+            } else {
+                flags = flags | FL_COEF_NAN;
+            }
+        }
+        if is_nan_bits(xb) || xb == POS_INF_BITS {
+            // k only grows within an invocation, so the first hit is the smallest index.
+            if first_bad == NONE {
+                first_bad = k;
+            }
+            if first_nan == NONE && is_nan_bits(xb) {
+                first_nan = k;
+            }
+            continue;
+        }
+        let xk = key(xb);
+        if arg == NONE || xk > top1 {
+            top2 = top1;
+            top1 = xk;
+            arg = k;
+        } else if xk > top2 {
+            top2 = xk;
+        }
+        low = min(low, xk);
+        call = call + c;
+        if xb == NEG_INF_BITS {
+            // p_k = 0: no softmax term; a nonzero coefficient makes the loss infinite.
+            if c > 0.0 {
+                flags = flags | FL_COEF_POS_INF;
+            } else if c < 0.0 {
+                flags = flags | FL_COEF_NEG_INF;
+            }
+            continue;
+        }
+        let x = bitcast<f32>(xb);
+        if (flags & FL_FINITE) == 0u {
+            m = x;
+            s = 1.0;
+            t = 0.0;
+            flags = flags | FL_FINITE;
+        } else if x > m {
+            // The max moves: rescale s and t to the new max, shift a by (x - m) cf.
+            let d = m - x;
+            let e = exp(d);
+            t = (t + d * s) * e;
+            s = s * e + 1.0;
+            a = a + (x - m) * cf;
+            m = x;
+        } else {
+            let d = x - m;
+            let e = exp(d);
+            s = s + e;
+            t = t + e * d;
+        }
+        a = a + c * (m - x);
+        cf = cf + c;
+    }
+
+    w_m[lid] = m;
+    w_s[lid] = s;
+    w_t[lid] = t;
+    w_a[lid] = a;
+    w_cf[lid] = cf;
+    w_call[lid] = call;
+    w_top1[lid] = top1;
+    w_top2[lid] = top2;
+    w_arg[lid] = arg;
+    w_min[lid] = low;
+    w_nan[lid] = first_nan;
+    w_bad[lid] = first_bad;
+    w_flags[lid] = flags;
+    workgroupBarrier();
+    for (var stride = row_threads / 2u; stride > 0u; stride = stride >> 1u) {
+        if lane < stride {
+            merge_forward(lid, lid + stride);
+        }
+        workgroupBarrier();
+    }
+    if lane != 0u || !in_chunk {
+        return;
+    }
+
+    // This invocation's slot holds the whole row now.
+    let fl = w_flags[lid];
+    var argmax = w_arg[lid];
+    var row_max = nan();
+    var row_min = nan();
+    var gap = nan();
+    var lse = nan();
+    var entropy = nan();
+    var delta = nan();
+    var log_s = 0.0;
+    var valid = false;
+    if w_bad[lid] != NONE {
+        // A NaN or +inf logit: every statistic is NaN; argmax is the first NaN, else the first +inf.
+        argmax = select(w_bad[lid], w_nan[lid], w_nan[lid] != NONE);
+    } else {
+        let t1 = w_top1[lid];
+        row_max = unkey(t1);
+        row_min = unkey(w_min[lid]);
+        gap = select(key_gap(t1, w_top2[lid]), 0.0, classes == 1u);
+        if (fl & FL_FINITE) != 0u {
+            log_s = log(w_s[lid]);
+            lse = w_m[lid] + log_s;
+            entropy = log_s - w_t[lid] / w_s[lid];
+            valid = true;
+        } else {
+            // Only -inf: lse = -inf, entropy NaN.
+            lse = neg_inf();
+        }
+        if (P.flags & F_GAP_TOP2) != 0u {
+            delta = gap;
+        } else {
+            delta = key_gap(t1, w_min[lid]);
+        }
+    }
+
+    var loss = 0.0;
+    var weight = 0.0;
+    var status = STATUS_IGNORED;
+    if !ignored {
+        if is_soft {
+            weight = 1.0;
+        } else if label_bad {
+            weight = nan();
+        } else if (P.flags & F_WEIGHTED) != 0u {
+            weight = bitcast<f32>(weights[y]);
+        } else {
+            weight = 1.0;
+        }
+        if label_bad || !valid || (fl & FL_COEF_NAN) != 0u {
+            loss = nan();
+            status = STATUS_NAN;
+        } else {
+            // sum_k c_k (lse - x_k) = sum c_k (m - x_k) + (sum c_k) (lse - m), lse - m = log s.
+            loss = w_a[lid] + w_cf[lid] * log_s + P.z_loss * lse * lse;
+            let pos = (fl & FL_COEF_POS_INF) != 0u;
+            let neg = (fl & FL_COEF_NEG_INF) != 0u;
+            if pos && neg {
+                loss = nan();
+            } else if pos {
+                loss = pos_inf();
+            } else if neg {
+                loss = neg_inf();
+            }
+            status = STATUS_VALID;
+        }
+    }
+
+    rows[row_field(ROW_LOSS, row)] = bitcast<u32>(loss);
+    rows[row_field(ROW_LSE, row)] = bitcast<u32>(lse);
+    rows[row_field(ROW_ENTROPY, row)] = bitcast<u32>(entropy);
+    rows[row_field(ROW_MAX, row)] = bitcast<u32>(row_max);
+    rows[row_field(ROW_MIN, row)] = bitcast<u32>(row_min);
+    rows[row_field(ROW_GAP, row)] = bitcast<u32>(gap);
+    rows[row_field(ROW_DELTA, row)] = bitcast<u32>(delta);
+    rows[row_field(ROW_RHO, row)] = bitcast<u32>(rho_from_delta(bitcast<u32>(delta)));
+    rows[row_field(ROW_WEIGHT, row)] = bitcast<u32>(weight);
+    rows[row_field(ROW_CSUM, row)] = bitcast<u32>(w_call[lid]);
+    rows[row_field(ROW_STATUS, row)] = status;
+    // argmax as a little-endian i64: indices are below 2^32.
+    rows[ROW_ARGMAX * P.batch + 2u * row] = argmax;
+    rows[ROW_ARGMAX * P.batch + 2u * row + 1u] = 0u;
+}
+
+// ------------------------------------------------------------------------- reduce
+
+var<workgroup> r_loss: array<f32, WG>;
+var<workgroup> r_weight: array<f32, WG>;
+var<workgroup> r_dsum: array<f32, WG>;
+var<workgroup> r_dmax: array<f32, WG>;
+var<workgroup> r_flags: array<u32, WG>;
+
+const RF_LOSS_NAN: u32 = 1u;
+const RF_LOSS_POS_INF: u32 = 2u;
+const RF_LOSS_NEG_INF: u32 = 4u;
+const RF_WEIGHT_NAN: u32 = 8u;
+const RF_DELTA_NAN: u32 = 16u;
+const RF_DELTA_INF: u32 = 32u;
+
+@compute @workgroup_size(256)
+fn xent_reduce(@builtin(local_invocation_index) lid: u32) {
+    var loss = 0.0;
+    var weight = 0.0;
+    var dsum = 0.0;
+    // Delta >= 0 on every row where it is finite.
+    var dmax = 0.0;
+    var flags = 0u;
+    for (var i = lid; i < P.batch; i = i + WG) {
+        let lb = rows[row_field(ROW_LOSS, i)];
+        if is_nan_bits(lb) {
+            flags = flags | RF_LOSS_NAN;
+        } else if lb == POS_INF_BITS {
+            flags = flags | RF_LOSS_POS_INF;
+        } else if lb == NEG_INF_BITS {
+            flags = flags | RF_LOSS_NEG_INF;
+        } else {
+            loss = loss + bitcast<f32>(lb);
+        }
+        let wb = rows[row_field(ROW_WEIGHT, i)];
+        if is_finite_bits(wb) {
+            weight = weight + bitcast<f32>(wb);
+        } else {
+            flags = flags | RF_WEIGHT_NAN;
+        }
+        let db = rows[row_field(ROW_DELTA, i)];
+        if is_nan_bits(db) {
+            flags = flags | RF_DELTA_NAN;
+        } else if !is_finite_bits(db) {
+            flags = flags | RF_DELTA_INF;
+        } else {
+            let d = bitcast<f32>(db);
+            dsum = dsum + d;
+            dmax = max(dmax, d);
+        }
+    }
+    r_loss[lid] = loss;
+    r_weight[lid] = weight;
+    r_dsum[lid] = dsum;
+    r_dmax[lid] = dmax;
+    r_flags[lid] = flags;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride = stride >> 1u) {
+        if lid < stride {
+            r_loss[lid] = r_loss[lid] + r_loss[lid + stride];
+            r_weight[lid] = r_weight[lid] + r_weight[lid + stride];
+            r_dsum[lid] = r_dsum[lid] + r_dsum[lid + stride];
+            r_dmax[lid] = max(r_dmax[lid], r_dmax[lid + stride]);
+            r_flags[lid] = r_flags[lid] | r_flags[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    if lid != 0u {
+        return;
+    }
+    let fl = r_flags[0];
+    var total = r_loss[0];
+    let pos = (fl & RF_LOSS_POS_INF) != 0u;
+    let neg = (fl & RF_LOSS_NEG_INF) != 0u;
+    if (fl & RF_LOSS_NAN) != 0u || (pos && neg) {
+        total = nan();
+    } else if pos {
+        total = pos_inf();
+    } else if neg {
+        total = neg_inf();
+    }
+    var reduced = total;
+    var scale = 1.0;
+    if (P.flags & F_RED_MEAN) != 0u {
+        var denominator = r_weight[0];
+        if (fl & RF_WEIGHT_NAN) != 0u {
+            denominator = nan();
+        }
+        reduced = div_special(bitcast<u32>(total), bitcast<u32>(denominator));
+        scale = div_special(0x3f800000u, bitcast<u32>(denominator));
+    }
+    var delta = nan();
+    if (fl & RF_DELTA_NAN) == 0u {
+        if (fl & RF_DELTA_INF) != 0u {
+            delta = pos_inf();
+        } else if (P.flags & F_RHO_MAX) != 0u {
+            delta = r_dmax[0];
+        } else {
+            delta = r_dsum[0] / f32(P.batch);
+        }
+    }
+    red[RED_LOSS] = bitcast<u32>(reduced);
+    red[RED_RHO] = bitcast<u32>(rho_from_delta(bitcast<u32>(delta)));
+    red[RED_SCALE] = bitcast<u32>(scale);
+}
+
+// --------------------------------------------------------------------------- grad
+
+// d(reduced loss)/dz for element `e` of the chunk's dense [rows, V] block (0 past its end).
+fn grad_element(e: u32, scale_bits: u32) -> f32 {
+    let classes = P.classes;
+    if e >= P.rows * classes {
+        return 0.0;
+    }
+    let local_row = e / classes;
+    let k = e - local_row * classes;
+    let row = P.row0 + local_row;
+    let status = rows[row_field(ROW_STATUS, row)];
+    if status == STATUS_IGNORED {
+        return 0.0;
+    }
+    if status == STATUS_NAN {
+        return nan();
+    }
+    let lse = bitcast<f32>(rows[row_field(ROW_LSE, row)]);
+    let call = bitcast<f32>(rows[row_field(ROW_CSUM, row)]);
+    let xb = logit_x_bits(P.logits_base + local_row * P.stride + k);
+    var p = 0.0;
+    if xb != NEG_INF_BITS {
+        p = exp(bitcast<f32>(xb) - lse);
+    }
+    var y = 0u;
+    if (P.flags & F_SOFT) == 0u {
+        y = labels[2u * row];
+    }
+    // A valid row has only finite coefficients.
+    let c = bitcast<f32>(coef_bits(k, y, P.soft_base + local_row * classes + k));
+    // d loss_i / d x_k = (sum_j c_j) p_k - c_k + 2 c_z lse p_k, and dx/dz = 1/T.
+    let g = (call * p - c + 2.0 * P.z_loss * lse * p) * P.inv_t;
+    return mul_special(g, scale_bits);
+}
+
+@compute @workgroup_size(256)
+fn xent_grad(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let word = (wg.y * nwg.x + wg.x) * WG + lid;
+    if word >= P.grad_words {
+        return;
+    }
+    let scale_bits = red[RED_SCALE];
+    if GRAD_DT == DT_F32 {
+        grad[P.grad_base + word] = bitcast<u32>(grad_element(word, scale_bits));
+        return;
+    }
+    // Two 16-bit elements per word, written together so no other invocation touches it.
+    let lo = encode16(bitcast<u32>(grad_element(2u * word, scale_bits)), GRAD_DT);
+    let hi = encode16(bitcast<u32>(grad_element(2u * word + 1u, scale_bits)), GRAD_DT);
+    grad[P.grad_base + word] = lo | (hi << 16u);
+}
