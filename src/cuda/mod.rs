@@ -1,30 +1,174 @@
-//! CUDA backend (placeholder interface; being written).
+//! CUDA backend: cudarc 0.19 with dynamic loading, so the crate builds and
+//! runs without a CUDA toolkit; libcuda (the driver) and libnvrtc are
+//! dlopen()ed by name at first use, through LD_LIBRARY_PATH and the system
+//! library paths (libnvrtc.so.13 from the PyPI wheel `nvidia-cuda-nvrtc` works,
+//! with its libnvrtc-builtins.so.13.0 next to it on LD_LIBRARY_PATH).
+//!
+//! - [`backend`]: one context per device ordinal per process (its primary
+//!   context) with one stream (the context's default stream: a single stream
+//!   needs none of cudarc's cross-stream event bookkeeping).
+//! - [`compile`] / [`KernelSource`]: NVRTC compilation, usable with no GPU.
+//! - Each family's file (`xent.rs`) has a Tensor entry and a zero-copy entry
+//!   on the caller's own cudarc stream and device memory.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
 use crate::error::{Error, Result};
 
+mod compile;
+mod launch;
 pub mod xent;
 
-pub struct CudaBackend {}
+pub use compile::{compile, compile_with_log, nvrtc_version, KernelSource};
+use compile::{lib_candidates, no_panic, require_nvrtc};
+use launch::{arch_of, driver_error, kernels};
 
-pub fn backend(_ordinal: usize) -> Result<Arc<CudaBackend>> {
-    Err(Error::CudaUnavailable("not yet".into()))
+/// What the backend knows about its device and compiler.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CudaInfo {
+    /// The device name, e.g. "NVIDIA H200".
+    pub name: String,
+    /// The arch kernels are compiled for, e.g. "sm_90".
+    pub arch: String,
+    /// The (major, minor) version of the loaded libnvrtc.
+    pub nvrtc_version: (i32, i32),
+}
+
+/// One CUDA device: its primary context, the stream all work goes to, and its info.
+pub struct CudaBackend {
+    stream: Arc<CudaStream>,
+    info: CudaInfo,
+}
+
+/// The backend of device `ordinal`, created once per process and shared.
+/// `Error::CudaUnavailable` when libcuda or libnvrtc cannot be loaded, the
+/// driver reports no device, or `ordinal` is out of range.
+pub fn backend(ordinal: usize) -> Result<Arc<CudaBackend>> {
+    static BACKENDS: OnceLock<Mutex<HashMap<usize, Arc<CudaBackend>>>> = OnceLock::new();
+    let mut backends = BACKENDS
+        .get_or_init(Default::default)
+        .lock()
+        // Entries are inserted whole, so a poisoned map is still consistent.
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(backend) = backends.get(&ordinal) {
+        return Ok(backend.clone());
+    }
+    // Failures are not cached: a device that was busy or absent may be had later.
+    let backend = Arc::new(CudaBackend::new(ordinal)?);
+    backends.insert(ordinal, backend.clone());
+    Ok(backend)
+}
+
+/// Fails with `CudaUnavailable` unless libcuda can be loaded; cudarc panics
+/// on the first driver call otherwise.
+fn require_driver() -> Result<()> {
+    // SAFETY: this only dlopen()s the libcuda candidates cudarc would load
+    // anyway; loading the driver library runs no initialiser with preconditions.
+    if unsafe { cudarc::driver::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(Error::CudaUnavailable(format!(
+            "libcuda (the NVIDIA driver) cannot be loaded (looked for {:?})",
+            lib_candidates("cuda")
+        )))
+    }
 }
 
 impl CudaBackend {
+    fn new(ordinal: usize) -> Result<CudaBackend> {
+        require_driver()?;
+        require_nvrtc()?;
+        let nvrtc_version = nvrtc_version()?;
+        no_panic("CUDA driver", || {
+            let unavailable = |what: &str| {
+                let what = what.to_string();
+                move |e: cudarc::driver::DriverError| Error::CudaUnavailable(format!("{what}: {e}"))
+            };
+            let count =
+                CudaContext::device_count().map_err(unavailable("cuInit / cuDeviceGetCount"))?;
+            let count = usize::try_from(count).unwrap_or(0);
+            if ordinal >= count {
+                return Err(Error::CudaUnavailable(format!(
+                    "CUDA device {ordinal} requested but the driver reports {count} device(s)"
+                )));
+            }
+            let ctx = CudaContext::new(ordinal).map_err(unavailable("cuDevicePrimaryCtxRetain"))?;
+            // SAFETY: this CudaContext object is the backend's own and is used
+            // with one stream only, the context's legacy default stream, which
+            // orders all work on it; so the per-buffer events cudarc records
+            // for cross-stream ordering are never needed (and each costs driver
+            // calls on every allocation, launch and free). Slices allocated
+            // from it never leave the crate's Tensors.
+            unsafe { ctx.disable_event_tracking() };
+            let name = ctx.name().map_err(driver_error("cuDeviceGetName"))?;
+            let arch = arch_of(&ctx)?;
+            // Queries the launch limits now, so a broken device fails here.
+            kernels(&ctx)?;
+            Ok(CudaBackend {
+                stream: ctx.default_stream(),
+                info: CudaInfo {
+                    name,
+                    arch,
+                    nvrtc_version,
+                },
+            })
+        })
+    }
+
+    /// "NAME (sm_XX)".
     pub fn describe(&self) -> String {
-        String::new()
+        format!("{} ({})", self.info.name, self.info.arch)
     }
+
+    pub fn info(&self) -> &CudaInfo {
+        &self.info
+    }
+
+    /// The stream every op of this backend runs on (for interop with the
+    /// zero-copy entries, which take a stream).
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Waits for all work queued on the backend's stream.
     pub fn synchronize(&self) -> Result<()> {
-        Ok(())
+        self.stream
+            .synchronize()
+            .map_err(driver_error("cuStreamSynchronize"))
     }
-    pub fn upload(&self, _bytes: &[u8]) -> Result<CudaSlice<u8>> {
-        Err(Error::CudaUnavailable("not yet".into()))
+
+    /// Copies `bytes` to a new device buffer. An empty slice gets a 1-byte
+    /// buffer, since the driver refuses 0-byte allocations; a tensor always
+    /// knows its own byte length, so the extra byte is never read.
+    pub fn upload(&self, bytes: &[u8]) -> Result<CudaSlice<u8>> {
+        if bytes.is_empty() {
+            return self
+                .stream
+                .alloc_zeros::<u8>(1)
+                .map_err(driver_error("cuMemAlloc"));
+        }
+        self.stream
+            .clone_htod(bytes)
+            .map_err(driver_error("cuMemcpyHtoD"))
     }
-    pub fn download(&self, _slice: &CudaSlice<u8>, _len: usize) -> Result<Vec<u8>> {
-        Err(Error::CudaUnavailable("not yet".into()))
+
+    /// Copies the first `len` bytes of `slice` to the host (waiting for the
+    /// stream's earlier work).
+    pub fn download(&self, slice: &CudaSlice<u8>, len: usize) -> Result<Vec<u8>> {
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let view = slice.try_slice(..len).ok_or_else(|| {
+            Error::Shape(format!(
+                "download of {len} bytes from a {}-byte device buffer",
+                slice.len()
+            ))
+        })?;
+        self.stream
+            .clone_dtoh(&view)
+            .map_err(driver_error("cuMemcpyDtoH"))
     }
 }

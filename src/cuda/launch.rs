@@ -1,0 +1,273 @@
+//! Per-context kernel cache (module loaded once per context, functions by
+//! name) and launch configurations checked against the device's limits.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+
+use cudarc::driver::sys::CUdevice_attribute as Attr;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, DriverError, LaunchConfig};
+
+use super::compile::{compiled, KernelSource};
+use crate::error::{Error, Result};
+
+/// Warp width; every kernel's block reduction needs whole warps.
+const WARP: u32 = 32;
+
+pub(crate) fn driver_error(what: &str) -> impl FnOnce(DriverError) -> Error + '_ {
+    move |e| Error::Cuda(format!("{what}: {e}"))
+}
+
+/// The launch limits of one device.
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    max_threads_per_block: u32,
+    max_block: [u32; 3],
+    max_grid: [u32; 3],
+    max_shared_per_block: u32,
+    /// Threads the whole device holds at once (SMs x threads per SM).
+    resident_threads: u64,
+}
+
+impl Limits {
+    fn query(ctx: &CudaContext) -> Result<Limits> {
+        let get = |attr: Attr| -> Result<u32> {
+            let value = ctx
+                .attribute(attr)
+                .map_err(driver_error("cuDeviceGetAttribute"))?;
+            u32::try_from(value)
+                .map_err(|_| Error::Cuda(format!("device attribute {attr:?} is negative: {value}")))
+        };
+        Ok(Limits {
+            max_threads_per_block: get(Attr::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_BLOCK)?,
+            max_block: [
+                get(Attr::CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_X)?,
+                get(Attr::CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Y)?,
+                get(Attr::CU_DEVICE_ATTRIBUTE_MAX_BLOCK_DIM_Z)?,
+            ],
+            max_grid: [
+                get(Attr::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_X)?,
+                get(Attr::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Y)?,
+                get(Attr::CU_DEVICE_ATTRIBUTE_MAX_GRID_DIM_Z)?,
+            ],
+            // Without opting a function into more (cuFuncSetAttribute), a
+            // launch gets the default per-block maximum, not the opt-in one.
+            max_shared_per_block: get(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK)?,
+            resident_threads: u64::from(get(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?)
+                * u64::from(get(
+                    Attr::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR,
+                )?),
+        })
+    }
+}
+
+#[derive(Default)]
+struct Loaded {
+    modules: HashMap<KernelSource, Arc<CudaModule>>,
+    functions: HashMap<&'static str, CudaFunction>,
+}
+
+/// The kernels of one CUDA context: modules compiled for its device's arch
+/// and loaded once, functions looked up once, and its launch limits.
+pub(crate) struct Kernels {
+    ctx: Arc<CudaContext>,
+    arch: String,
+    limits: Limits,
+    loaded: RwLock<Loaded>,
+}
+
+/// "sm_XY" for compute capability X.Y.
+pub(crate) fn arch_of(ctx: &CudaContext) -> Result<String> {
+    let (major, minor) = ctx
+        .compute_capability()
+        .map_err(driver_error("compute capability"))?;
+    Ok(format!("sm_{major}{minor}"))
+}
+
+/// The process-wide kernel cache of `ctx`, keyed by its CUcontext handle, so a
+/// framework's own `CudaContext` for the primary context of a device shares
+/// the modules our backend loaded there. The entry keeps its context alive,
+/// which also keeps the handle from being reused by another context.
+pub(crate) fn kernels(ctx: &Arc<CudaContext>) -> Result<Arc<Kernels>> {
+    static ALL: OnceLock<Mutex<HashMap<usize, Arc<Kernels>>>> = OnceLock::new();
+    let mut all = ALL
+        .get_or_init(Default::default)
+        .lock()
+        // Entries are inserted whole, so a poisoned map is still consistent.
+        .unwrap_or_else(|e| e.into_inner());
+    let key = ctx.cu_ctx() as usize;
+    if let Some(kernels) = all.get(&key) {
+        return Ok(kernels.clone());
+    }
+    let kernels = Arc::new(Kernels {
+        ctx: ctx.clone(),
+        arch: arch_of(ctx)?,
+        limits: Limits::query(ctx)?,
+        loaded: RwLock::default(),
+    });
+    all.insert(key, kernels.clone());
+    Ok(kernels)
+}
+
+impl Kernels {
+    /// The entry point `name` of `source`, compiling and loading the module on
+    /// first use (under the write lock, re-checked after taking it).
+    pub(crate) fn function(
+        &self,
+        source: KernelSource,
+        name: &'static str,
+    ) -> Result<CudaFunction> {
+        // Entries are inserted whole, so a poisoned lock is still consistent.
+        if let Some(f) = self
+            .loaded
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .functions
+            .get(name)
+        {
+            return Ok(f.clone());
+        }
+        let mut loaded = self.loaded.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = loaded.functions.get(name) {
+            return Ok(f.clone());
+        }
+        let module = match loaded.modules.get(&source) {
+            Some(module) => module.clone(),
+            None => {
+                let image = compiled(source, &self.arch)?;
+                let module = self
+                    .ctx
+                    .load_module((*image).clone())
+                    .map_err(driver_error(source.name()))?;
+                loaded.modules.insert(source, module.clone());
+                module
+            }
+        };
+        let f = module.load_function(name).map_err(driver_error(name))?;
+        loaded.functions.insert(name, f.clone());
+        Ok(f)
+    }
+
+    /// One block per row over `rows` rows of `row_len` elements: about 8
+    /// elements per thread, whole warps, at most what the device and the
+    /// compiled function (its register use) allow; then halved (down to 128)
+    /// while the rows would still fill the device twice over, since several
+    /// smaller blocks per SM hide each other's reduction barriers and keep
+    /// more loads in flight. Kernels launched this way loop over rows with a
+    /// grid stride, so the grid is capped at the device maximum rather than
+    /// refused. The shape depends only on (rows, row_len) and the device, so
+    /// results stay bitwise reproducible on one device.
+    pub(crate) fn row_config(
+        &self,
+        name: &str,
+        f: &CudaFunction,
+        rows: usize,
+        row_len: usize,
+    ) -> Result<LaunchConfig> {
+        const PER_THREAD: usize = 8;
+        let threads = u32::try_from(row_len.div_ceil(PER_THREAD)).unwrap_or(u32::MAX);
+        let mut block = threads
+            .clamp(WARP, 1024)
+            .next_multiple_of(WARP)
+            .min(self.block_cap(name, f)?);
+        let rows_u64 = u64::try_from(rows).unwrap_or(u64::MAX);
+        while block > 128
+            && rows_u64.saturating_mul(u64::from(block / 2)) >= 2 * self.limits.resident_threads
+        {
+            block = (block / 2).next_multiple_of(WARP);
+        }
+        let grid = u32::try_from(rows)
+            .unwrap_or(u32::MAX)
+            .min(self.limits.max_grid[0]);
+        self.checked(name, f, (grid, 1, 1), (block, 1, 1))
+    }
+
+    /// A single block of up to 1024 threads (batch reductions).
+    pub(crate) fn single_block_config(&self, name: &str, f: &CudaFunction) -> Result<LaunchConfig> {
+        let block = 1024.min(self.block_cap(name, f)?);
+        self.checked(name, f, (1, 1, 1), (block, 1, 1))
+    }
+
+    /// The largest whole-warp block the device and the function allow.
+    fn block_cap(&self, name: &str, f: &CudaFunction) -> Result<u32> {
+        let function_max = f
+            .max_threads_per_block()
+            .map_err(driver_error("cuFuncGetAttribute"))?;
+        let function_max = u32::try_from(function_max).unwrap_or(0);
+        let cap = function_max
+            .min(self.limits.max_threads_per_block)
+            .min(self.limits.max_block[0]);
+        let cap = cap - cap % WARP;
+        if cap == 0 {
+            return Err(Error::Launch {
+                kernel: name.to_string(),
+                reason: format!(
+                    "the function allows only {function_max} threads per block, less than a warp"
+                ),
+            });
+        }
+        Ok(cap)
+    }
+
+    /// Validates a launch against the device limits and the function's own
+    /// (threads per block after register allocation, static shared memory).
+    fn checked(
+        &self,
+        name: &str,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+    ) -> Result<LaunchConfig> {
+        let refuse = |reason: String| Error::Launch {
+            kernel: name.to_string(),
+            reason,
+        };
+        let l = &self.limits;
+        let grid_dims = [grid.0, grid.1, grid.2];
+        let block_dims = [block.0, block.1, block.2];
+        for axis in 0..3 {
+            if grid_dims[axis] == 0 || grid_dims[axis] > l.max_grid[axis] {
+                return Err(refuse(format!(
+                    "grid {grid:?} is outside 1..={:?}",
+                    l.max_grid
+                )));
+            }
+            if block_dims[axis] == 0 || block_dims[axis] > l.max_block[axis] {
+                return Err(refuse(format!(
+                    "block {block:?} is outside 1..={:?}",
+                    l.max_block
+                )));
+            }
+        }
+        let threads = u64::from(block.0) * u64::from(block.1) * u64::from(block.2);
+        let function_max = f
+            .max_threads_per_block()
+            .map_err(driver_error("cuFuncGetAttribute"))?;
+        let max_threads =
+            u64::from(l.max_threads_per_block).min(u64::try_from(function_max).unwrap_or(0));
+        if threads > max_threads {
+            return Err(refuse(format!(
+                "{threads} threads per block exceed the limit of {max_threads}"
+            )));
+        }
+        if !threads.is_multiple_of(u64::from(WARP)) {
+            return Err(refuse(format!(
+                "{threads} threads per block is not a whole number of warps"
+            )));
+        }
+        let static_shared = f
+            .shared_size_bytes()
+            .map_err(driver_error("cuFuncGetAttribute"))?;
+        let shared = u64::try_from(static_shared).unwrap_or(u64::MAX);
+        if shared > u64::from(l.max_shared_per_block) {
+            return Err(refuse(format!(
+                "{shared} bytes of shared memory exceed the {} bytes per block",
+                l.max_shared_per_block
+            )));
+        }
+        Ok(LaunchConfig {
+            grid_dim: grid,
+            block_dim: block,
+            shared_mem_bytes: 0,
+        })
+    }
+}
