@@ -17,7 +17,11 @@ fn every_cuda_kernel_compiles_with_nvrtc_for_sm_90() {
     }
     for source in KernelSource::ALL {
         let (_, log) = compile_with_log(source, "sm_90").unwrap_or_else(|e| panic!("{e}"));
-        assert!(log.trim().is_empty(), "{} compiles with warnings:\n{log}", source.name());
+        assert!(
+            log.trim().is_empty(),
+            "{} compiles with warnings:\n{log}",
+            source.name()
+        );
     }
 }
 
