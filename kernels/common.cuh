@@ -76,7 +76,20 @@ __device__ __forceinline__ lk_bf16 lk_from_f32<lk_bf16>(float v) {
 }
 
 // ---------------------------------------------------------------------------
-// Online softmax: m = running max, s = sum e^(x - m), t = sum e^(x - m)(x - m).
+// Fast 2^x: one MUFU.EX2 (about 2 ulp; subnormal results flush to 0, which
+// is below the rounding of any sum it joins). The kernels use it for the
+// per-element exponentials, where accurate expf would cost ~10 instructions
+// and the memory-bound loops have a budget of about 8 per element; log stays
+// accurate (once per row).
+__device__ __forceinline__ float lk_ex2(float x) {
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+    return r;
+}
+
+// Online softmax over values z scaled by a positive factor: with
+// lt = log2(e) / T, e^((z - m) / T) = 2^((z - m) lt). m = running max of z,
+// s = sum e^((z - m) / T), t = sum e^((z - m) / T) (z - m) (in units of z).
 // -inf entries contribute nothing (e^-inf = 0 and 0 * -inf is taken as 0);
 // m = -inf means "nothing finite yet", with s = t = 0.
 
@@ -93,25 +106,69 @@ __device__ __forceinline__ lk_softmax lk_softmax_identity() {
 }
 
 // Merges two partial states. When the max moves from m_i to m, each part is
-// rescaled by r = e^(m_i - m): s' = r s, t' = r (t + s (m_i - m)).
-__device__ __forceinline__ lk_softmax lk_softmax_merge(lk_softmax a, lk_softmax b) {
+// rescaled by r = e^((m_i - m) / T): s' = r s, t' = r (t + s (m_i - m)).
+// A part whose max is still -inf has nothing to rescale: its s and t are 0,
+// or NaN when it saw a NaN, which must reach the merged s (a NaN row's
+// outputs are NaN), so such a part is added as it is.
+__device__ __forceinline__ lk_softmax lk_softmax_merge(lk_softmax a, lk_softmax b, float lt) {
     lk_softmax r;
     r.m = fmaxf(a.m, b.m);
     r.s = 0.0f;
     r.t = 0.0f;
     if (a.m != -LK_INF_F) {
         const float d = a.m - r.m;
-        const float e = expf(d);
+        const float e = lk_ex2(d * lt);
         r.s = e * a.s;
         r.t = e * fmaf(a.s, d, a.t);
+    } else {
+        r.s = a.s;
+        r.t = a.t;
     }
     if (b.m != -LK_INF_F) {
         const float d = b.m - r.m;
-        const float e = expf(d);
+        const float e = lk_ex2(d * lt);
         r.s = fmaf(e, b.s, r.s);
         r.t = fmaf(e, fmaf(b.s, d, b.t), r.t);
+    } else {
+        r.s += b.s;
+        r.t += b.t;
     }
     return r;
+}
+
+// ---------------------------------------------------------------------------
+// 16-byte global accesses. `nc`: read-only path for data read once by the
+// kernel; `cs` (streaming, evict-first): data touched for the last time, so
+// it leaves L2 before data that is still to be re-read.
+
+struct lk_u32x4 {
+    unsigned int x, y, z, w;
+};
+
+__device__ __forceinline__ lk_u32x4 lk_ld_nc_v4(const void* p) {
+    lk_u32x4 r;
+    asm volatile("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ lk_u32x4 lk_ld_cs_v4(const void* p) {
+    lk_u32x4 r;
+    asm volatile("ld.global.cs.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+}
+
+__device__ __forceinline__ void lk_ld_cs_v2(const void* p, unsigned int& x, unsigned int& y) {
+    asm volatile("ld.global.cs.v2.u32 {%0, %1}, [%2];" : "=r"(x), "=r"(y) : "l"(p));
+}
+
+__device__ __forceinline__ void lk_st_cs_v4(void* p, lk_u32x4 v) {
+    asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y),
+                 "r"(v.z), "r"(v.w)
+                 : "memory");
 }
 
 // ---------------------------------------------------------------------------
@@ -134,30 +191,44 @@ __device__ __forceinline__ int lk_shfl_down(int v, int offset) {
     return __shfl_down_sync(0xffffffffu, v, offset);
 }
 
-template <typename S>
-__device__ __forceinline__ S lk_warp_reduce(S v) {
+// The default combiner: lk_combine found by overload resolution. A kernel
+// whose combine needs a parameter (a scale) passes its own functor.
+struct lk_combine_op {
+    template <typename S>
+    __device__ __forceinline__ S operator()(const S& a, const S& b) const {
+        return lk_combine(a, b);
+    }
+};
+
+template <typename S, typename Op>
+__device__ __forceinline__ S lk_warp_reduce(S v, const Op& op) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) {
-        v = lk_combine(v, lk_shfl_down(v, offset));
+        v = op(v, lk_shfl_down(v, offset));
     }
     return v;
 }
 
 // Ends with a barrier so the block may call it again at once (grid-stride
 // loops over rows reuse the shared partials).
-template <typename S>
-__device__ __forceinline__ S lk_block_reduce(S v, S identity) {
+template <typename S, typename Op>
+__device__ __forceinline__ S lk_block_reduce(S v, S identity, const Op& op) {
     __shared__ S partials[32];
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
-    v = lk_warp_reduce(v);
+    v = lk_warp_reduce(v, op);
     if (lane == 0) partials[warp] = v;
     __syncthreads();
     if (warp == 0) {
         const int warps = (int)(blockDim.x >> 5);
         v = lane < warps ? partials[lane] : identity;
-        v = lk_warp_reduce(v);
+        v = lk_warp_reduce(v, op);
     }
     __syncthreads();
     return v;
+}
+
+template <typename S>
+__device__ __forceinline__ S lk_block_reduce(S v, S identity) {
+    return lk_block_reduce(v, identity, lk_combine_op());
 }

@@ -2,39 +2,42 @@
 // and the softmax convergence radius, plus the batch reduction and the grad.
 // Semantics: reference/src/xent.rs (the f64 definition) and DESIGN.md.
 //
-// Three kernels run in order on one stream:
+// Kernels, in order on one stream:
+//   xent_scale                ONE block, only when the grad is asked: the
+//                             grad's reduction scale (1 / sum of row weights
+//                             for mean) from the targets alone (B labels), so
+//                             the row kernel can write the grad directly.
 //   xent_fwd_{f32,f16,bf16}   one block per row (grid-stride over rows): reads
-//                             the row once, writes every per-row output and
-//                             the scratch the other two need.
-//   xent_reduce               ONE block: reduced loss, reduced rho, and the
-//                             grad scale (1 / sum of row weights for mean).
-//   xent_grad_{f32,f16,bf16}  one block per row: reads the row again and
-//                             writes d(reduced loss)/dz in f32 or the logits'
-//                             dtype (args.grad_f32).
+//                             the row from HBM once with 16-byte loads, writes
+//                             every per-row output; with the grad, re-reads
+//                             the row (just read, so from L2) and writes
+//                             d(reduced loss)/dz in f32 or the logits' dtype.
+//   xent_reduce               ONE block: reduced loss and reduced rho.
 //
-// Every thread walks its columns k = tid, tid + blockDim, ... in ascending
-// order, then the block reduces with common.cuh's fixed tree: deterministic.
-// Row offsets are 64-bit (B * V may pass 2^31); column indices within a row
-// are 32-bit (the host refuses V >= 2^31). A NaN or +inf is not tested per
-// column: it makes s NaN, and only such a row is read a second time, for the
-// index of its first NaN (its argmax).
+// Every thread walks its columns in ascending order, then the block reduces
+// with common.cuh's fixed tree: deterministic. Row offsets are 64-bit (B * V
+// may pass 2^31); column indices within a row are 32-bit (the host refuses
+// V >= 2^31). A NaN or +inf is not tested per column: it makes s NaN, and only
+// such a row is read a second time, for the index of its first NaN (its
+// argmax).
+//
+// Units. The kernels work on the raw logits z and apply the temperature
+// through lt = log2(e) / T: e^((z - m) / T) = 2^((z - m) lt), with m the row
+// max of z. The order statistics (max, min, top2, argmax) are taken on z,
+// where they are exact and, T being positive, the same as on z / T; each is
+// divided by T once per row (correctly rounded). So no per-element division,
+// and z - m is exact for 16-bit inputs.
 //
 // With x = z / T and p = softmax(x), a row's loss is sum_k c_k (lse - x_k)
 // (+ z_loss lse^2), where c_k is the coefficient of -log p_k. Expanding
-// lse = m + log s (m the row max, s = sum e^(x - m)):
-//   loss = C_f log s + D,   C_f = sum c_k over finite x_k,
-//                           D   = sum c_k (m - x_k) over finite x_k
-//                                 (+ c_k * inf for x_k = -inf, c_k != 0),
+// lse = m / T + log s (s = sum e^((z - m) / T)):
+//   loss = C_f log s + D / T,   C_f = sum c_k over finite z_k,
+//                               D   = sum c_k (m - z_k) over finite z_k
+//                                     (+ c_k * inf for z_k = -inf, c_k != 0),
 // two non-negative terms for non-negative c, so no cancellation; D is kept
 // against the running max and shifted by C_f (m' - m) when the max moves.
 // For class targets, the (1 - eps) w_y part of c_y is added by thread 0 from
-// x_y directly, so the common unsmoothed case accumulates no c at all.
-//
-// The temperature is applied as x = z / T with T rounded to f32 and a
-// correctly rounded division (NVRTC's default -prec-div=true), skipped for
-// T = 1: x is exact for T = 1 and any power of two, and otherwise within
-// 1 ulp of z / T_f. Multiplying by a precomputed 1/T would add a second
-// rounding (and make T = 3 inexact where z / 3 is correctly rounded).
+// z_y directly, so the common unsmoothed case accumulates no c at all.
 
 // Must match XentFwdArgs in src/cuda/xent.rs field for field.
 struct XentFwdArgs {
@@ -51,9 +54,9 @@ struct XentFwdArgs {
     float* delta;                 // [B]
     lk_i64* argmax;               // [B]
     float* row_weight;            // [B] scratch: denominator share of the row
-    float* coef_sum;              // [B] scratch: sum_k c_k (0 for ignored rows)
-    float* sumexp;                // [B] scratch: s = sum e^(x - m)
     float* rho;                   // [B] when rho_per_sample, else null
+    const double* scale;          // [1] from xent_scale, or null without grad
+    void* grad;                   // [B, V] of T (f32 when grad_f32), or null
     lk_i64 batch;
     lk_i64 classes;
     lk_i64 row_stride;
@@ -61,7 +64,9 @@ struct XentFwdArgs {
     double rho_eps;
     double rho_cap;
     double rho_floor;
+    double temperature_f64;
     float temperature;
+    float lt;                     // log2(e) / T, rounded once on the host
     float one_minus_eps;          // 1 - label_smoothing, rounded once on the host
     float eps_per_class;          // label_smoothing / V, rounded once on the host
     float z_loss;
@@ -71,8 +76,22 @@ struct XentFwdArgs {
     int rho_inf_if_small;
     int has_cap;
     int has_floor;
+    int grad_f32;
 };
-static_assert(sizeof(XentFwdArgs) == 224, "XentFwdArgs layout drifted from src/cuda/xent.rs");
+static_assert(sizeof(XentFwdArgs) == 240, "XentFwdArgs layout drifted from src/cuda/xent.rs");
+
+// Must match XentScaleArgs in src/cuda/xent.rs.
+struct XentScaleArgs {
+    const lk_i64* labels;         // [B] or null (soft targets)
+    const float* weights;         // [V] or null
+    double* scale;                // [1]
+    lk_i64 batch;
+    lk_i64 classes;
+    lk_i64 ignore_index;
+    int reduction;                // 0 none, 1 mean, 2 sum
+    int pad_;
+};
+static_assert(sizeof(XentScaleArgs) == 56, "XentScaleArgs layout drifted from src/cuda/xent.rs");
 
 // Must match XentReduceArgs in src/cuda/xent.rs.
 struct XentReduceArgs {
@@ -81,7 +100,6 @@ struct XentReduceArgs {
     const float* delta;           // [B]
     float* loss;                  // [1]
     float* rho;                   // [1], or null for per-sample rho
-    double* scale;                // [1] scratch: the grad's reduction scale
     lk_i64 batch;
     double rho_eps;
     double rho_cap;
@@ -93,33 +111,7 @@ struct XentReduceArgs {
     int has_floor;
     int pad_;
 };
-static_assert(sizeof(XentReduceArgs) == 104, "XentReduceArgs layout drifted from src/cuda/xent.rs");
-
-// Must match XentGradArgs in src/cuda/xent.rs.
-struct XentGradArgs {
-    const void* logits;           // [B, row_stride] of T
-    const lk_i64* labels;         // [B] or null
-    const void* soft;             // [B, V] or null
-    const float* weights;         // [V] or null
-    const float* max;             // [B] from xent_fwd
-    const float* sumexp;          // [B] from xent_fwd
-    const float* lse;             // [B] from xent_fwd
-    const float* coef_sum;        // [B] from xent_fwd
-    const double* scale;          // [1] from xent_reduce
-    void* grad;                   // [B, V] of T, or f32 when grad_f32
-    lk_i64 batch;
-    lk_i64 classes;
-    lk_i64 row_stride;
-    lk_i64 ignore_index;
-    double temperature_f64;
-    float temperature;
-    float one_minus_eps;
-    float eps_per_class;
-    float z_loss;
-    int soft_f32;
-    int grad_f32;
-};
-static_assert(sizeof(XentGradArgs) == 144, "XentGradArgs layout drifted from src/cuda/xent.rs");
+static_assert(sizeof(XentReduceArgs) == 96, "XentReduceArgs layout drifted from src/cuda/xent.rs");
 
 // rho = pi / (delta + eps), then inf_if_small, cap, floor (reference
 // rho_from_delta); NaN stays NaN since every test is a plain comparison.
@@ -166,16 +158,125 @@ struct XentSoft {
 };
 
 // ---------------------------------------------------------------------------
-// Forward accumulator.
+// 32-bit words of logits: one f32 or two 16-bit values (lane 0 the lower
+// column). The order statistics of 16-bit inputs are taken two at a time
+// with packed min/max (exact, and like fminf/fmaxf they return the non-NaN
+// operand), which halves their instruction count: at 4 TB/s of bf16 an SM
+// has about 15 instruction slots per element in all.
+
+template <typename T>
+struct XentWord;
+
+template <>
+struct XentWord<float> {
+    enum { kLanes = 1 };
+    static constexpr unsigned int kNegInf = 0xff800000u;
+    __device__ __forceinline__ static float lane(unsigned int w, int) { return __uint_as_float(w); }
+    __device__ __forceinline__ static unsigned int max(unsigned int a, unsigned int b) {
+        return __float_as_uint(fmaxf(__uint_as_float(a), __uint_as_float(b)));
+    }
+    __device__ __forceinline__ static unsigned int min(unsigned int a, unsigned int b) {
+        return __float_as_uint(fminf(__uint_as_float(a), __uint_as_float(b)));
+    }
+};
+
+template <>
+struct XentWord<lk_bf16> {
+    enum { kLanes = 2 };
+    static constexpr unsigned int kNegInf = 0xff80ff80u;
+    __device__ __forceinline__ static float lane(unsigned int w, int i) {
+        return __uint_as_float(i == 0 ? w << 16 : w & 0xffff0000u);
+    }
+    __device__ __forceinline__ static unsigned int max(unsigned int a, unsigned int b) {
+        unsigned int r;
+#if __CUDA_ARCH__ >= 800
+        asm("max.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+#else
+        r = (__float_as_uint(fmaxf(lane(a, 0), lane(b, 0))) >> 16) |
+            (__float_as_uint(fmaxf(lane(a, 1), lane(b, 1))) & 0xffff0000u);
+#endif
+        return r;
+    }
+    __device__ __forceinline__ static unsigned int min(unsigned int a, unsigned int b) {
+        unsigned int r;
+#if __CUDA_ARCH__ >= 800
+        asm("min.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+#else
+        r = (__float_as_uint(fminf(lane(a, 0), lane(b, 0))) >> 16) |
+            (__float_as_uint(fminf(lane(a, 1), lane(b, 1))) & 0xffff0000u);
+#endif
+        return r;
+    }
+};
+
+template <>
+struct XentWord<lk_f16> {
+    enum { kLanes = 2 };
+    static constexpr unsigned int kNegInf = 0xfc00fc00u;
+    __device__ __forceinline__ static float lane(unsigned int w, int i) {
+        lk_f16 h;
+        h.bits = (unsigned short)(i == 0 ? w : w >> 16);
+        return lk_to_f32(h);
+    }
+    __device__ __forceinline__ static unsigned int max(unsigned int a, unsigned int b) {
+        unsigned int r;
+#if __CUDA_ARCH__ >= 800
+        asm("max.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+#else
+        r = (unsigned int)lk_from_f32<lk_f16>(fmaxf(lane(a, 0), lane(b, 0))).bits |
+            ((unsigned int)lk_from_f32<lk_f16>(fmaxf(lane(a, 1), lane(b, 1))).bits << 16);
+#endif
+        return r;
+    }
+    __device__ __forceinline__ static unsigned int min(unsigned int a, unsigned int b) {
+        unsigned int r;
+#if __CUDA_ARCH__ >= 800
+        asm("min.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+#else
+        r = (unsigned int)lk_from_f32<lk_f16>(fminf(lane(a, 0), lane(b, 0))).bits |
+            ((unsigned int)lk_from_f32<lk_f16>(fminf(lane(a, 1), lane(b, 1))).bits << 16);
+#endif
+        return r;
+    }
+};
+
+template <typename TG>
+__device__ __forceinline__ unsigned int xent_pack2(float lo, float hi) {
+    return (unsigned int)lk_from_f32<TG>(lo).bits | ((unsigned int)lk_from_f32<TG>(hi).bits << 16);
+}
+
+// Packs 16 / sizeof(TG) grad values (4 f32 or 8 16-bit) into one 16-byte store.
+template <typename TG>
+__device__ __forceinline__ lk_u32x4 xent_pack(const float* g) {
+    lk_u32x4 r;
+    if constexpr (sizeof(TG) == 4) {
+        r.x = __float_as_uint(g[0]);
+        r.y = __float_as_uint(g[1]);
+        r.z = __float_as_uint(g[2]);
+        r.w = __float_as_uint(g[3]);
+    } else {
+        r.x = xent_pack2<TG>(g[0], g[1]);
+        r.y = xent_pack2<TG>(g[2], g[3]);
+        r.z = xent_pack2<TG>(g[4], g[5]);
+        r.w = xent_pack2<TG>(g[6], g[7]);
+    }
+    return r;
+}
+
+// 16-byte vectors per thread per step: 4 loads (64 bytes) in flight per
+// thread before the first is used.
+constexpr int kXentUnroll = 4;
+
+// ---------------------------------------------------------------------------
+// Forward accumulator, in units of z (see the header).
 
 struct XentAcc {
     lk_softmax sm;   // m is top1, the max ignoring NaN
     float top2;      // second largest of the multiset (ties give top2 = top1)
     float mn;
-    float cf;        // sum c_k over x_k > -inf
-    float d;         // sum c_k (m - x_k) over x_k > -inf, plus c_k * inf at -inf
+    float cf;        // sum c_k over z_k > -inf
+    float d;         // sum c_k (m - z_k) over z_k > -inf, plus c_k * inf at -inf
     float call;      // sum c_k over all k
-    int arg_i;       // first index holding top1 (LK_I32_MAX: no column)
 };
 
 __device__ __forceinline__ XentAcc xent_acc_identity() {
@@ -186,7 +287,6 @@ __device__ __forceinline__ XentAcc xent_acc_identity() {
     a.cf = 0.0f;
     a.d = 0.0f;
     a.call = 0.0f;
-    a.arg_i = LK_I32_MAX;
     return a;
 }
 
@@ -200,92 +300,149 @@ __device__ __forceinline__ XentAcc lk_shfl_down(const XentAcc& a, int offset) {
     r.cf = lk_shfl_down(a.cf, offset);
     r.d = lk_shfl_down(a.d, offset);
     r.call = lk_shfl_down(a.call, offset);
-    r.arg_i = lk_shfl_down(a.arg_i, offset);
     return r;
 }
 
-__device__ __forceinline__ XentAcc lk_combine(const XentAcc& a, const XentAcc& b) {
-    XentAcc r;
-    r.sm = lk_softmax_merge(a.sm, b.sm);
-    // Second largest of the union: the smaller top1 or the larger top2.
-    r.top2 = fmaxf(fminf(a.sm.m, b.sm.m), fmaxf(a.top2, b.top2));
-    r.mn = fminf(a.mn, b.mn);
-    // Shift each D to the common max; C_f = 0 means nothing to shift (and
-    // avoids 0 * inf when that part's max is -inf).
-    r.d = a.d + b.d;
-    if (a.cf != 0.0f) r.d = fmaf(a.cf, r.sm.m - a.sm.m, r.d);
-    if (b.cf != 0.0f) r.d = fmaf(b.cf, r.sm.m - b.sm.m, r.d);
-    r.cf = a.cf + b.cf;
-    r.call = a.call + b.call;
-    // The first index of the larger top1; on a tie the lower index.
-    if (a.sm.m > b.sm.m) {
-        r.arg_i = a.arg_i;
-    } else if (b.sm.m > a.sm.m) {
-        r.arg_i = b.arg_i;
-    } else {
-        r.arg_i = a.arg_i < b.arg_i ? a.arg_i : b.arg_i;
+// The block combiner; carries lt for the softmax rescaling.
+struct XentCombine {
+    float lt;
+    __device__ __forceinline__ XentAcc operator()(const XentAcc& a, const XentAcc& b) const {
+        XentAcc r;
+        r.sm = lk_softmax_merge(a.sm, b.sm, lt);
+        // Second largest of the union: the smaller top1 or the larger top2.
+        r.top2 = fmaxf(fminf(a.sm.m, b.sm.m), fmaxf(a.top2, b.top2));
+        r.mn = fminf(a.mn, b.mn);
+        // Shift each D to the common max; C_f = 0 means nothing to shift (and
+        // avoids 0 * inf when that part's max is -inf).
+        r.d = a.d + b.d;
+        if (a.cf != 0.0f) r.d = fmaf(a.cf, r.sm.m - a.sm.m, r.d);
+        if (b.cf != 0.0f) r.d = fmaf(b.cf, r.sm.m - b.sm.m, r.d);
+        r.cf = a.cf + b.cf;
+        r.call = a.call + b.call;
+        return r;
     }
-    return r;
+};
+
+// Raises the running max to m_new > m, rescaling s, t and D once.
+template <int kCoef>
+__device__ __forceinline__ void xent_raise(XentAcc& a, float m_new, float lt) {
+    if (a.sm.m != -LK_INF_F) {
+        // Nothing above -inf yet means s = t = C_f = 0: nothing to rescale.
+        const float dm = a.sm.m - m_new;  // < 0
+        const float r = lk_ex2(dm * lt);
+        a.sm.t = r * fmaf(a.sm.s, dm, a.sm.t);
+        a.sm.s = r * a.sm.s;
+        if (kCoef) a.d = fmaf(a.cf, -dm, a.d);
+    }
+    a.sm.m = m_new;
 }
 
-// Columns per thread per step: the loads are issued together, then the
-// step's max is found first so its exponentials are independent of each other
-// (the accumulators are rescaled at most once per step rather than chained
-// element by element). 4 measured faster than 8 for bf16 on an H200 (fewer
-// registers); the 2-byte dtypes still want 16-byte vector loads.
-#define XENT_UNROLL 4
+// Adds column k's coefficient c (z_k = z, dz = z - m).
+__device__ __forceinline__ void xent_add_coef(XentAcc& a, float c, float z, float dz) {
+    if (z != -LK_INF_F) {
+        a.cf += c;
+        a.d = fmaf(c, -dz, a.d);
+    } else if (c != 0.0f) {
+        // p_k = 0: -log p_k = +inf where c_k != 0 (0 * inf is taken as 0).
+        a.d += c * LK_INF_F;
+    }
+    a.call += c;
+}
 
-// Accumulates one step of U columns k[u] (ascending), x[u] = z / T; columns
-// past the row end come as x = -inf, c = 0 with valid[u] false.
-template <int U, int kCoef>
-__device__ __forceinline__ void xent_step(XentAcc& a, const float* x, const float* c, const int* k,
-                                          const bool* valid) {
-    float top1 = a.sm.m;
+// The shift the exponentials use: the running max, or 0 while it is -inf
+// (every column so far is -inf or NaN; -inf - -inf would make s NaN).
+__device__ __forceinline__ float xent_shift(const XentAcc& a) {
+    return a.sm.m == -LK_INF_F ? 0.0f : a.sm.m;
+}
+
+// One column read on its own (the unaligned head and the tail of a row).
+// Returns whether it raised the thread's max.
+template <typename P>
+__device__ __forceinline__ bool xent_scalar(XentAcc& a, float z, int k, const P& pol, float lt) {
+    const bool raised = z > a.sm.m;
+    a.top2 = fmaxf(a.top2, fminf(a.sm.m, z));
+    a.mn = fminf(a.mn, z);
+    if (raised) xent_raise<P::kCoef>(a, z, lt);
+    const float m = xent_shift(a);
+    const float dz = z - m;
+    const float e = lk_ex2(dz * lt);
+    a.sm.s += e;
+    // -FLT_MAX keeps 0 * -inf out of t at a -inf column (e = 0 there); a NaN
+    // still reaches s through e.
+    a.sm.t = fmaf(e, fmaxf(dz, -3.402823466e38f), a.sm.t);
+    if (P::kCoef) xent_add_coef(a, pol.coef(k), z, dz);
+    return raised;
+}
+
+// One step of a thread over NV 16-byte vectors (vector u holds columns
+// col[u] ..): the step's order statistics first, in packed words, so the
+// running max moves (and s, t, D are rescaled) at most once per step and the
+// exponentials are independent of each other. A NaN or +inf is not tested:
+// it makes s NaN. Returns whether the step raised the thread's max.
+template <typename T, int NV, typename P>
+__device__ __forceinline__ bool xent_step(XentAcc& a, const lk_u32x4 (&v)[NV], const int (&col)[NV],
+                                          const P& pol, float lt) {
+    typedef XentWord<T> W;
+    const int N = 4 * NV;
+    unsigned int w[N];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-        if (valid[u]) a.mn = fminf(a.mn, x[u]);
-        // Branch-free second largest; a NaN (row reported NaN anyway) changes nothing that matters.
-        a.top2 = fmaxf(a.top2, fminf(top1, x[u]));
-        // Strictly greater keeps the first index of the max within the thread.
-        if (x[u] > top1) {
-            top1 = x[u];
-            a.arg_i = k[u];
-        }
+    for (int u = 0; u < NV; ++u) {
+        w[4 * u] = v[u].x;
+        w[4 * u + 1] = v[u].y;
+        w[4 * u + 2] = v[u].z;
+        w[4 * u + 3] = v[u].w;
     }
-    if (top1 > a.sm.m) {
-        if (a.sm.m != -LK_INF_F) {
-            // Nothing above -inf yet means s = t = C_f = 0: nothing to rescale.
-            const float dm = a.sm.m - top1;  // < 0
-            const float r = expf(dm);
-            a.sm.t = r * fmaf(a.sm.s, dm, a.sm.t);
-            a.sm.s = r * a.sm.s;
-            if (kCoef) a.d = fmaf(a.cf, -dm, a.d);
-        }
-        a.sm.m = top1;
-    }
-    const float m = a.sm.m;
+    unsigned int h1 = w[0], h2 = W::kNegInf, lo = w[0];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-        if (x[u] != -LK_INF_F) {
-            // Finite: p_k > 0. A NaN or +inf lands here too and makes s NaN,
-            // which is how the row is found bad without a test per column.
-            const float dx = x[u] - m;  // <= 0
-            const float e = expf(dx);
-            a.sm.s += e;
-            a.sm.t = fmaf(e, dx, a.sm.t);
-            if (kCoef) {
-                a.cf += c[u];
-                a.d = fmaf(c[u], -dx, a.d);
+    for (int i = 1; i < N; ++i) {
+        h2 = W::max(h2, W::min(h1, w[i]));
+        h1 = W::max(h1, w[i]);
+        lo = W::min(lo, w[i]);
+    }
+    float c1 = W::lane(h1, 0);
+    float c2 = W::lane(h2, 0);
+    float cmin = W::lane(lo, 0);
+    if (W::kLanes == 2) {
+        const float b1 = W::lane(h1, 1);
+        c2 = fmaxf(fminf(c1, b1), fmaxf(c2, W::lane(h2, 1)));
+        c1 = fmaxf(c1, b1);
+        cmin = fminf(cmin, W::lane(lo, 1));
+    }
+    const bool raised = c1 > a.sm.m;
+    a.top2 = fmaxf(fminf(a.sm.m, c1), fmaxf(a.top2, c2));
+    a.mn = fminf(a.mn, cmin);
+    if (raised) xent_raise<P::kCoef>(a, c1, lt);
+    const float m = xent_shift(a);
+    // Two partial sums per step for instruction-level parallelism.
+    float s0 = 0.0f, s1 = 0.0f, t0 = 0.0f, t1 = 0.0f;
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+#pragma unroll
+        for (int l = 0; l < W::kLanes; ++l) {
+            const float z = W::lane(w[i], l);
+            const float dz = z - m;
+            const float e = lk_ex2(dz * lt);
+            const float dzt = fmaxf(dz, -3.402823466e38f);  // as in xent_scalar
+            if ((i * W::kLanes + l) & 1) {
+                s1 += e;
+                t1 = fmaf(e, dzt, t1);
+            } else {
+                s0 += e;
+                t0 = fmaf(e, dzt, t0);
             }
-        } else if (kCoef && c[u] != 0.0f) {
-            // p_k = 0: -log p_k = +inf where c_k != 0 (0 * inf is taken as 0).
-            a.d += c[u] * LK_INF_F;
+            if (P::kCoef) {
+                const int k = col[i / 4] + (i % 4) * W::kLanes + l;
+                xent_add_coef(a, pol.coef(k), z, dz);
+            }
         }
-        if (kCoef) a.call += c[u];
     }
+    a.sm.s += s0 + s1;
+    a.sm.t += t0 + t1;
+    return raised;
 }
 
-// The first column of a row holding a NaN (LK_I32_MAX: none), by the whole block.
+// The first column of a row holding a NaN (LK_I32_MAX: none), or the first
+// holding the max, by the whole block.
 struct XentFirst {
     int i;
 };
@@ -300,103 +457,305 @@ __device__ __forceinline__ XentFirst lk_combine(const XentFirst& a, const XentFi
     return a.i < b.i ? a : b;
 }
 
-template <typename T>
-__device__ __forceinline__ int xent_first_nan(const T* z, int V) {
+__device__ __forceinline__ int xent_block_first(int i) {
     XentFirst first;
-    first.i = LK_I32_MAX;
-    for (int k = threadIdx.x; k < V; k += blockDim.x) {
-        const float v = lk_to_f32(z[k]);
-        if (v != v) {
-            first.i = k;
-            break;
-        }
-    }
+    first.i = i;
     XentFirst none;
     none.i = LK_I32_MAX;
     return lk_block_reduce(first, none).i;
 }
 
-template <typename T, typename P>
-__device__ __forceinline__ void xent_fwd_row(const XentFwdArgs& a, lk_i64 row, const T* z, const P& pol,
-                                             bool ignored, int y, float y_coef, float weight) {
-    const int U = XENT_UNROLL;
-    const int V = (int)a.classes;
-    const int step = blockDim.x;
-    const float temp = a.temperature;
-    const bool scaled = temp != 1.0f;
-    XentAcc acc = xent_acc_identity();
-    // A thread's first column, so that a thread seeing only -inf still names
-    // a column (an all -inf row has argmax 0, like the reference).
-    if ((int)threadIdx.x < V) acc.arg_i = threadIdx.x;
-    for (int k0 = threadIdx.x; k0 < V; k0 += U * step) {
-        float x[U];
-        float c[U];
-        int k[U];
-        bool valid[U];
+template <typename T>
+__device__ __forceinline__ int xent_first_nan(const T* z, int V) {
+    int first = LK_I32_MAX;
+    for (int k = threadIdx.x; k < V; k += blockDim.x) {
+        const float v = lk_to_f32(z[k]);
+        if (v != v) {
+            first = k;
+            break;
+        }
+    }
+    return xent_block_first(first);
+}
+
+// ---------------------------------------------------------------------------
+// Gradient of one row: g_k = ((sum_j c_j + 2 z_loss lse) p_k - c_k) * (scale / T),
+// with p_k = e^((z_k - m) / T) / s from the row's own max and sum (more
+// accurate than e^(x_k - lse), whose rounding of lse grows with |lse|). A
+// NaN/+inf row has m = NaN and an all -inf row has z - m = NaN, so both give
+// a NaN grad row as the reference; an ignored row (zero) gets exact zeros.
+// The row was just read by this block, so its logits come from L2; both the
+// re-read and the grad are streamed (evict-first) so they do not push out
+// the rows other blocks are still to re-read.
+
+struct XentGradRow {
+    float m, inv_s, coef, factor, lt, y_coef;
+    int y;
+    bool zero;
+};
+
+// Loads N logits as f32: one 16- or 8-byte load when `vec` (aligned), else one by one.
+template <typename T, int N>
+__device__ __forceinline__ void xent_load(const T* p, bool vec, float (&x)[N]) {
+    typedef XentWord<T> W;
+    if (vec) {
+        unsigned int w[4];
+        if constexpr (N * sizeof(T) == 16) {
+            const lk_u32x4 v = lk_ld_cs_v4(p);
+            w[0] = v.x;
+            w[1] = v.y;
+            w[2] = v.z;
+            w[3] = v.w;
+        } else {
+            static_assert(N * sizeof(T) == 8, "a grad vector covers 8 or 16 bytes of logits");
+            lk_ld_cs_v2(p, w[0], w[1]);
+        }
+#pragma unroll
+        for (int i = 0; i < N; ++i) x[i] = W::lane(w[i / W::kLanes], i % W::kLanes);
+    } else {
+#pragma unroll
+        for (int i = 0; i < N; ++i) x[i] = lk_to_f32(p[i]);
+    }
+}
+
+template <typename P>
+__device__ __forceinline__ float xent_grad_value(const XentGradRow& r, const P& pol, float z, int k) {
+    const float p = lk_ex2((z - r.m) * r.lt) * r.inv_s;
+    const float ck = k == r.y ? pol.coef(k) + r.y_coef : pol.coef(k);
+    return fmaf(r.coef, p, -ck) * r.factor;
+}
+
+// The grad of one 16-byte vector of grad columns col .. col + N - 1.
+template <typename TG, int N, typename P>
+__device__ __forceinline__ lk_u32x4 xent_grad_vec(const XentGradRow& r, const P& pol, const float (&x)[N],
+                                                  int col) {
+    float g[N];
+    float ck[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) ck[i] = pol.coef(col + i);
+    // The target column: tested once per vector rather than per column.
+    if ((unsigned int)(r.y - col) < (unsigned int)N) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) {
+            if (col + i == r.y) ck[i] += r.y_coef;
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < N; ++i) {
+        const float p = lk_ex2((x[i] - r.m) * r.lt) * r.inv_s;
+        g[i] = r.zero ? 0.0f : fmaf(r.coef, p, -ck[i]) * r.factor;
+    }
+    return xent_pack<TG>(g);
+}
+
+template <typename T, typename TG, typename P>
+__device__ __forceinline__ void xent_grad_row(const XentGradRow& r, const P& pol, const T* z, TG* g, int V) {
+    const int N = 16 / (int)sizeof(TG);  // grad columns per 16-byte store
+    // The re-read comes from L2 (shorter latency than HBM): 2 vectors in
+    // flight per thread are enough, and leave registers for the rest.
+    const int U = 2;
+    const int NT = blockDim.x;
+    const int tid = threadIdx.x;
+    // The grad row (stride V) and the logits row (stride row_stride) need not
+    // start on 16-byte boundaries; the vectors follow the grad's alignment,
+    // and the logits under a vector are one load when they are aligned too.
+    const int mis = (int)(reinterpret_cast<unsigned long long>(g) & 15);
+    const int head = min(V, mis ? (16 - mis) / (int)sizeof(TG) : 0);
+    const int nvec = (V - head) / N;
+    const int tail0 = head + nvec * N;
+    const bool zvec = reinterpret_cast<unsigned long long>(z + head) % (N * sizeof(T)) == 0;
+    lk_u32x4* gv = reinterpret_cast<lk_u32x4*>(g + head);
+    if (tid < head) g[tid] = lk_from_f32<TG>(r.zero ? 0.0f : xent_grad_value(r, pol, lk_to_f32(z[tid]), tid));
+    int j = tid;
+    for (; j + (U - 1) * NT < nvec; j += U * NT) {
+        float x[U][N];
+#pragma unroll
+        for (int u = 0; u < U; ++u) xent_load<T, N>(z + head + (j + u * NT) * N, zvec, x[u]);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            k[u] = k0 + u * step;
-            valid[u] = k[u] < V;
-            const float zk = valid[u] ? lk_to_f32(z[k[u]]) : -LK_INF_F;
-            x[u] = scaled ? zk / temp : zk;
-            c[u] = (P::kCoef && valid[u]) ? pol.coef(k[u]) : 0.0f;
+            const int jj = j + u * NT;
+            lk_st_cs_v4(gv + jj, xent_grad_vec<TG, N>(r, pol, x[u], head + jj * N));
         }
-        xent_step<U, P::kCoef>(acc, x, c, k, valid);
     }
-    acc = lk_block_reduce(acc, xent_acc_identity());
+    for (; j < nvec; j += NT) {
+        float x[N];
+        xent_load<T, N>(z + head + j * N, zvec, x);
+        lk_st_cs_v4(gv + j, xent_grad_vec<TG, N>(r, pol, x, head + j * N));
+    }
+    const int k = tail0 + tid;
+    if (k < V) g[k] = lk_from_f32<TG>(r.zero ? 0.0f : xent_grad_value(r, pol, lk_to_f32(z[k]), k));
+}
 
-    // s is NaN exactly when the row holds a NaN or +inf; only then is the row
-    // read again, for its first NaN (the argmax, as torch.argmax).
-    __shared__ int maybe_nan;
-    if (threadIdx.x == 0) maybe_nan = acc.sm.s != acc.sm.s;
-    __syncthreads();
-    const int nan_i = maybe_nan ? xent_first_nan(z, V) : LK_I32_MAX;
-    if (threadIdx.x != 0) return;
+// ---------------------------------------------------------------------------
+// One row: the forward pass over HBM, the block reduction, the per-row
+// outputs by thread 0, then (with a grad) the gradient pass.
 
+template <typename T, typename TG, typename P>
+__device__ __forceinline__ void xent_row(const XentFwdArgs& a, lk_i64 row, const T* z, const P& pol,
+                                         bool ignored, int y, float y_coef, float weight, float factor) {
+    typedef XentWord<T> W;
+    const int kVec = 4 * W::kLanes;  // columns per 16-byte vector
+    // Per-column coefficients (label smoothing, soft targets) need more
+    // registers per column: half the step keeps them from spilling.
+    const int U = P::kCoef ? kXentUnroll / 2 : kXentUnroll;
+    const int V = (int)a.classes;
+    const int NT = blockDim.x;
+    const int tid = threadIdx.x;
+    const float lt = a.lt;
+    // Columns before the row's first 16-byte boundary (a row starts on one
+    // only when row_stride * sizeof(T) allows) and after its last whole
+    // vector are read one by one: at most one of each per thread.
+    const int mis = (int)(reinterpret_cast<unsigned long long>(z) & 15);
+    const int head = min(V, mis ? (16 - mis) / (int)sizeof(T) : 0);
+    const int nvec = (V - head) / kVec;
+    const int tail0 = head + nvec * kVec;
+    const lk_u32x4* zv = reinterpret_cast<const lk_u32x4*>(z + head);
+
+    // The argmax is not tracked per column: each thread remembers where its
+    // max last rose (a column, best_n = 0, or the step of best_n vectors
+    // starting at vector best), and after the block knows the row max, only
+    // threads holding it look there for its first column. Until then best is
+    // the thread's first column, which names the row's first column when the
+    // row is all -inf (argmax 0, like the reference).
+    int best = tid < head ? tid : (tid < nvec ? head + tid * kVec : (tail0 + tid < V ? tail0 + tid : LK_I32_MAX));
+    int best_n = 0;
+    XentAcc acc = xent_acc_identity();
+    if (tid < head && xent_scalar(acc, lk_to_f32(z[tid]), tid, pol, lt)) best = tid;
+    int j = tid;
+    for (; j + (U - 1) * NT < nvec; j += U * NT) {
+        lk_u32x4 v[U];
+        int col[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            v[u] = lk_ld_nc_v4(zv + j + u * NT);
+            col[u] = head + (j + u * NT) * kVec;
+        }
+        if (xent_step<T, U>(acc, v, col, pol, lt)) {
+            best = j;
+            best_n = U;
+        }
+    }
+    for (; j < nvec; j += NT) {
+        lk_u32x4 v[1] = {lk_ld_nc_v4(zv + j)};
+        const int col[1] = {head + j * kVec};
+        if (xent_step<T, 1>(acc, v, col, pol, lt)) {
+            best = j;
+            best_n = 1;
+        }
+    }
+    if (tail0 + tid < V && xent_scalar(acc, lk_to_f32(z[tail0 + tid]), tail0 + tid, pol, lt)) {
+        best = tail0 + tid;
+        best_n = 0;
+    }
+    const float my_top1 = acc.sm.m;
+    XentCombine combine;
+    combine.lt = lt;
+    acc = lk_block_reduce(acc, xent_acc_identity(), combine);
+
+    // Thread 0 has the row; it shares what the others need.
+    __shared__ float sh_top1, sh_m, sh_inv_s, sh_coef;
+    __shared__ int sh_nan;
+    const float T_ = a.temperature;
     const float m = acc.sm.m;
-    const bool bad = acc.sm.s != acc.sm.s || m == LK_INF_F;
-    const float log_s = logf(acc.sm.s);
-    float lse = m + log_s;
-    float entropy = log_s - acc.sm.t / acc.sm.s;
-    float mx = m;
-    float mn = acc.mn;
-    float gap = V == 1 ? 0.0f : m - acc.top2;
-    if (bad) {
-        lse = entropy = mx = mn = gap = LK_NAN_F;
+    const float s = acc.sm.s;
+    const bool bad = s != s || m == LK_INF_F;
+    float log_s = 0.0f;
+    float lse = 0.0f;
+    if (threadIdx.x == 0) {
+        log_s = logf(s);
+        lse = m / T_ + log_s;
+        float coef = ignored ? 0.0f : (P::kCoef ? acc.call : 0.0f) + y_coef;
+        if (a.z_loss != 0.0f) coef = fmaf(2.0f * a.z_loss, bad ? LK_NAN_F : lse, coef);
+        sh_top1 = m;
+        sh_m = bad ? LK_NAN_F : m;
+        sh_inv_s = 1.0f / s;
+        sh_coef = coef;
+        // s is NaN exactly when the row holds a NaN or +inf; only then is the
+        // row read again, for its first NaN (the argmax, as torch.argmax).
+        sh_nan = s != s;
     }
-    const float delta = a.gap_top2 ? gap : mx - mn;
+    __syncthreads();
+    XentGradRow gr;
+    gr.m = sh_m;
+    gr.inv_s = sh_inv_s;
+    gr.coef = sh_coef;
+    gr.factor = factor;
+    gr.lt = lt;
+    gr.y = ignored ? -1 : y;
+    gr.y_coef = y_coef;
+    gr.zero = ignored;
+    const float top1 = sh_top1;
+    const bool maybe_nan = sh_nan;
 
-    float loss = 0.0f;
-    if (!ignored) {
-        // y < 0 (not ignored) marks a target the kernel could not index; see the raw API.
-        if (bad || m == -LK_INF_F || y_coef != y_coef) {
-            loss = LK_NAN_F;
+    int first = LK_I32_MAX;
+    if (my_top1 == top1) {
+        if (best_n == 0) {
+            first = best;
         } else {
-            loss = P::kCoef ? fmaf(acc.cf, log_s, acc.d) : 0.0f;
-            if (y_coef != 0.0f) {
-                const float x_y = lk_to_f32(z[y]) / temp;
-                loss = fmaf(y_coef, log_s + (m - x_y), loss);
+            for (int u = 0; u < best_n && first == LK_I32_MAX; ++u) {
+                const int jj = best + u * NT;
+                const lk_u32x4 v = lk_ld_nc_v4(zv + jj);
+                const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                for (int i = 0; i < kVec; ++i) {
+                    if (first == LK_I32_MAX && W::lane(w[i / W::kLanes], i % W::kLanes) == top1) {
+                        first = head + jj * kVec + i;
+                    }
+                }
             }
-            if (a.z_loss != 0.0f) loss = fmaf(a.z_loss * lse, lse, loss);
+        }
+    }
+    int arg = xent_block_first(first);
+    if (maybe_nan) {
+        const int nan_i = xent_first_nan(z, V);
+        // NaN counts as the largest value (torch.argmax).
+        if (nan_i != LK_I32_MAX) arg = nan_i;
+    }
+
+    if (threadIdx.x == 0) {
+        float entropy = log_s - (acc.sm.t / T_) / s;
+        float mx = m / T_;
+        float mn = acc.mn / T_;
+        float gap = V == 1 ? 0.0f : (m - acc.top2) / T_;
+        float spread = (m - acc.mn) / T_;
+        if (bad) {
+            lse = entropy = mx = mn = gap = spread = LK_NAN_F;
+        }
+        const float delta = a.gap_top2 ? gap : spread;
+
+        float loss = 0.0f;
+        if (!ignored) {
+            // y < 0 (not ignored) marks a target the kernel could not index; see the raw API.
+            if (bad || m == -LK_INF_F || y_coef != y_coef) {
+                loss = LK_NAN_F;
+            } else {
+                loss = P::kCoef ? fmaf(acc.cf, log_s, acc.d / T_) : 0.0f;
+                if (y_coef != 0.0f) {
+                    const float z_y = lk_to_f32(z[y]);
+                    loss = fmaf(y_coef, log_s + (m - z_y) / T_, loss);
+                }
+                if (a.z_loss != 0.0f) loss = fmaf(a.z_loss * lse, lse, loss);
+            }
+        }
+
+        a.loss_row[row] = loss;
+        a.lse[row] = lse;
+        a.entropy[row] = entropy;
+        a.max[row] = mx;
+        a.min[row] = mn;
+        a.top2_gap[row] = gap;
+        a.delta[row] = delta;
+        a.argmax[row] = arg;
+        a.row_weight[row] = ignored ? 0.0f : weight;
+        if (a.rho_per_sample) {
+            a.rho[row] = xent_rho((double)delta, a.rho_eps, a.rho_inf_if_small, a.has_cap, a.rho_cap,
+                                  a.has_floor, a.rho_floor);
         }
     }
 
-    a.loss_row[row] = loss;
-    a.lse[row] = lse;
-    a.entropy[row] = entropy;
-    a.max[row] = mx;
-    a.min[row] = mn;
-    a.top2_gap[row] = gap;
-    a.delta[row] = delta;
-    // NaN counts as the largest value (torch.argmax); else the first max,
-    // which is the first +inf when there is one.
-    a.argmax[row] = nan_i != LK_I32_MAX ? nan_i : acc.arg_i;
-    a.row_weight[row] = ignored ? 0.0f : weight;
-    a.coef_sum[row] = ignored ? 0.0f : (P::kCoef ? acc.call : 0.0f) + y_coef;
-    a.sumexp[row] = acc.sm.s;
-    if (a.rho_per_sample) {
-        a.rho[row] = xent_rho((double)delta, a.rho_eps, a.rho_inf_if_small, a.has_cap, a.rho_cap,
-                              a.has_floor, a.rho_floor);
+    if (a.grad) {
+        TG* g = static_cast<TG*>(a.grad) + row * a.classes;
+        xent_grad_row<T, TG>(gr, pol, z, g, V);
     }
 }
 
@@ -434,21 +793,23 @@ __device__ __forceinline__ XentClassRow xent_class_row(const lk_i64* labels, con
     return r;
 }
 
-template <typename T>
-__device__ __forceinline__ void xent_fwd(const XentFwdArgs& a) {
+template <typename T, typename TG>
+__device__ __forceinline__ void xent_rows(const XentFwdArgs& a) {
     const T* logits = static_cast<const T*>(a.logits);
+    // d(reduced loss)/dz carries the reduction's scale and the 1/T of x = z / T.
+    const float factor = a.grad ? (float)(a.scale[0] / a.temperature_f64) : 0.0f;
     for (lk_i64 row = blockIdx.x; row < a.batch; row += gridDim.x) {
         const T* z = logits + row * a.row_stride;
         if (a.labels) {
             const XentClassRow cr =
                 xent_class_row(a.labels, a.weights, row, a.classes, a.ignore_index, a.one_minus_eps);
             if (cr.ignored || a.eps_per_class == 0.0f) {
-                xent_fwd_row(a, row, z, XentClassPlain(), cr.ignored, cr.y, cr.y_coef, cr.weight);
+                xent_row<T, TG>(a, row, z, XentClassPlain(), cr.ignored, cr.y, cr.y_coef, cr.weight, factor);
             } else {
                 XentClassSmooth pol;
                 pol.weights = a.weights;
                 pol.eps_per_class = a.eps_per_class;
-                xent_fwd_row(a, row, z, pol, false, cr.y, cr.y_coef, cr.weight);
+                xent_row<T, TG>(a, row, z, pol, false, cr.y, cr.y_coef, cr.weight, factor);
             }
         } else if (a.soft_f32) {
             XentSoft<float> pol;
@@ -456,21 +817,74 @@ __device__ __forceinline__ void xent_fwd(const XentFwdArgs& a) {
             pol.weights = a.weights;
             pol.one_minus_eps = a.one_minus_eps;
             pol.eps_per_class = a.eps_per_class;
-            xent_fwd_row(a, row, z, pol, false, 0, 0.0f, 1.0f);
+            xent_row<T, TG>(a, row, z, pol, false, -1, 0.0f, 1.0f, factor);
         } else {
             XentSoft<T> pol;
             pol.q = static_cast<const T*>(a.soft) + row * a.classes;
             pol.weights = a.weights;
             pol.one_minus_eps = a.one_minus_eps;
             pol.eps_per_class = a.eps_per_class;
-            xent_fwd_row(a, row, z, pol, false, 0, 0.0f, 1.0f);
+            xent_row<T, TG>(a, row, z, pol, false, -1, 0.0f, 1.0f, factor);
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(1024) xent_fwd_f32(const XentFwdArgs a) { xent_fwd<float>(a); }
-extern "C" __global__ void __launch_bounds__(1024) xent_fwd_f16(const XentFwdArgs a) { xent_fwd<lk_f16>(a); }
-extern "C" __global__ void __launch_bounds__(1024) xent_fwd_bf16(const XentFwdArgs a) { xent_fwd<lk_bf16>(a); }
+// The grad's dtype is a template parameter (f32 or the logits'); without a
+// grad, grad_f32 is 0 and the grad pass is skipped.
+extern "C" __global__ void __launch_bounds__(1024) xent_fwd_f32(const XentFwdArgs a) {
+    xent_rows<float, float>(a);
+}
+extern "C" __global__ void __launch_bounds__(1024) xent_fwd_f16(const XentFwdArgs a) {
+    if (a.grad_f32) {
+        xent_rows<lk_f16, float>(a);
+    } else {
+        xent_rows<lk_f16, lk_f16>(a);
+    }
+}
+extern "C" __global__ void __launch_bounds__(1024) xent_fwd_bf16(const XentFwdArgs a) {
+    if (a.grad_f32) {
+        xent_rows<lk_bf16, float>(a);
+    } else {
+        xent_rows<lk_bf16, lk_bf16>(a);
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The grad's reduction scale before the row kernel: 1 / sum of the row
+// weights of non-ignored rows for mean (B for soft targets), else 1. In f64,
+// one block, a fixed tree. All rows ignored: 1 / 0 = inf, and every grad row
+// is an exact zero anyway (the reference).
+
+struct XentWeightSum {
+    double w;
+};
+
+__device__ __forceinline__ XentWeightSum lk_shfl_down(const XentWeightSum& a, int offset) {
+    XentWeightSum r;
+    r.w = lk_shfl_down(a.w, offset);
+    return r;
+}
+
+__device__ __forceinline__ XentWeightSum lk_combine(const XentWeightSum& a, const XentWeightSum& b) {
+    XentWeightSum r;
+    r.w = a.w + b.w;
+    return r;
+}
+
+extern "C" __global__ void __launch_bounds__(1024) xent_scale(const XentScaleArgs a) {
+    XentWeightSum sum;
+    sum.w = 0.0;
+    const XentWeightSum identity = sum;
+    for (lk_i64 i = threadIdx.x; i < a.batch; i += blockDim.x) {
+        if (a.labels) {
+            sum.w += (double)xent_class_row(a.labels, a.weights, i, a.classes, a.ignore_index, 1.0f).weight;
+        } else {
+            sum.w += 1.0;
+        }
+    }
+    sum = lk_block_reduce(sum, identity);
+    if (threadIdx.x == 0) a.scale[0] = a.reduction == 1 ? 1.0 / sum.w : 1.0;
+}
 
 // ---------------------------------------------------------------------------
 // Batch reduction, in f64 (B values only, so the cost is nil and the sums
@@ -524,120 +938,11 @@ extern "C" __global__ void __launch_bounds__(1024) xent_reduce(const XentReduceA
     acc = lk_block_reduce(acc, identity);
     if (threadIdx.x != 0) return;
 
-    double scale = 1.0;
-    double loss = acc.loss;
-    if (a.reduction == 1) {
-        // All rows ignored: 0 / 0 = NaN loss and an inf scale, as the reference.
-        loss = acc.loss / acc.weight;
-        scale = 1.0 / acc.weight;
-    }
+    // All rows ignored: the mean is 0 / 0 = NaN, as the reference.
+    const double loss = a.reduction == 1 ? acc.loss / acc.weight : acc.loss;
     a.loss[0] = (float)loss;
-    a.scale[0] = scale;
     if (a.rho) {
         const double d = a.rho_max ? acc.delta_max : acc.delta_sum / (double)a.batch;
         a.rho[0] = xent_rho(d, a.rho_eps, a.rho_inf_if_small, a.has_cap, a.rho_cap, a.has_floor, a.rho_floor);
-    }
-}
-
-// ---------------------------------------------------------------------------
-// Gradient: g_k = ((sum_j c_j + 2 z_loss lse) p_k - c_k) * (scale / T), with
-// p_k = e^(x_k - m) / s from the forward's max and sum (more accurate than
-// e^(x_k - lse), whose rounding of lse grows with |lse|). A NaN/+inf row has
-// m = NaN and an all -inf row has x - m = NaN, so both give a NaN grad row as
-// the reference; an ignored row gets exact zeros.
-
-template <typename T, typename TG, typename P>
-__device__ __forceinline__ void xent_grad_row(const XentGradArgs& a, lk_i64 row, const T* z, const P& pol,
-                                              int y, float y_coef, TG* g) {
-    const int V = (int)a.classes;
-    const int step = blockDim.x;
-    const float temp = a.temperature;
-    const float m = a.max[row];
-    const float inv_s = 1.0f / a.sumexp[row];
-    const float lse = a.lse[row];
-    const float coef = a.z_loss != 0.0f ? fmaf(2.0f * a.z_loss, lse, a.coef_sum[row]) : a.coef_sum[row];
-    const float factor = (float)(a.scale[0] / a.temperature_f64);
-    const int U = XENT_UNROLL;
-    const bool scaled = temp != 1.0f;
-    for (int k0 = threadIdx.x; k0 < V; k0 += U * step) {
-        float x[U];
-        float c[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int k = k0 + u * step;
-            const float zk = k < V ? lk_to_f32(z[k]) : 0.0f;
-            x[u] = scaled ? zk / temp : zk;
-            c[u] = (P::kCoef && k < V) ? pol.coef(k) : 0.0f;
-        }
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            const int k = k0 + u * step;
-            if (k < V) {
-                const float p = expf(x[u] - m) * inv_s;
-                const float ck = k == y ? c[u] + y_coef : c[u];
-                g[k] = lk_from_f32<TG>(fmaf(coef, p, -ck) * factor);
-            }
-        }
-    }
-}
-
-template <typename TG>
-__device__ __forceinline__ void xent_grad_zero(int V, TG* g) {
-    for (int k = threadIdx.x; k < V; k += blockDim.x) g[k] = lk_from_f32<TG>(0.0f);
-}
-
-template <typename T, typename TG>
-__device__ __forceinline__ void xent_grad(const XentGradArgs& a) {
-    const T* logits = static_cast<const T*>(a.logits);
-    TG* grad = static_cast<TG*>(a.grad);
-    for (lk_i64 row = blockIdx.x; row < a.batch; row += gridDim.x) {
-        const T* z = logits + row * a.row_stride;
-        TG* g = grad + row * a.classes;
-        if (a.labels) {
-            const XentClassRow cr =
-                xent_class_row(a.labels, a.weights, row, a.classes, a.ignore_index, a.one_minus_eps);
-            if (cr.ignored) {
-                xent_grad_zero((int)a.classes, g);
-            } else if (a.eps_per_class == 0.0f) {
-                xent_grad_row(a, row, z, XentClassPlain(), cr.y, cr.y_coef, g);
-            } else {
-                XentClassSmooth pol;
-                pol.weights = a.weights;
-                pol.eps_per_class = a.eps_per_class;
-                xent_grad_row(a, row, z, pol, cr.y, cr.y_coef, g);
-            }
-        } else if (a.soft_f32) {
-            XentSoft<float> pol;
-            pol.q = static_cast<const float*>(a.soft) + row * a.classes;
-            pol.weights = a.weights;
-            pol.one_minus_eps = a.one_minus_eps;
-            pol.eps_per_class = a.eps_per_class;
-            xent_grad_row(a, row, z, pol, -1, 0.0f, g);
-        } else {
-            XentSoft<T> pol;
-            pol.q = static_cast<const T*>(a.soft) + row * a.classes;
-            pol.weights = a.weights;
-            pol.one_minus_eps = a.one_minus_eps;
-            pol.eps_per_class = a.eps_per_class;
-            xent_grad_row(a, row, z, pol, -1, 0.0f, g);
-        }
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(1024) xent_grad_f32(const XentGradArgs a) {
-    xent_grad<float, float>(a);
-}
-extern "C" __global__ void __launch_bounds__(1024) xent_grad_f16(const XentGradArgs a) {
-    if (a.grad_f32) {
-        xent_grad<lk_f16, float>(a);
-    } else {
-        xent_grad<lk_f16, lk_f16>(a);
-    }
-}
-extern "C" __global__ void __launch_bounds__(1024) xent_grad_bf16(const XentGradArgs a) {
-    if (a.grad_f32) {
-        xent_grad<lk_bf16, float>(a);
-    } else {
-        xent_grad<lk_bf16, lk_bf16>(a);
     }
 }

@@ -24,8 +24,8 @@ struct Limits {
     max_block: [u32; 3],
     max_grid: [u32; 3],
     max_shared_per_block: u32,
-    /// Threads the whole device holds at once (SMs x threads per SM).
-    resident_threads: u64,
+    multiprocessors: u32,
+    l2_bytes: u64,
 }
 
 impl Limits {
@@ -52,10 +52,8 @@ impl Limits {
             // Without opting a function into more (cuFuncSetAttribute), a
             // launch gets the default per-block maximum, not the opt-in one.
             max_shared_per_block: get(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK)?,
-            resident_threads: u64::from(get(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?)
-                * u64::from(get(
-                    Attr::CU_DEVICE_ATTRIBUTE_MAX_THREADS_PER_MULTIPROCESSOR,
-                )?),
+            multiprocessors: get(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
+            l2_bytes: u64::from(get(Attr::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?),
         })
     }
 }
@@ -147,38 +145,50 @@ impl Kernels {
         Ok(f)
     }
 
-    /// One block per row over `rows` rows of `row_len` elements: about 8
-    /// elements per thread, whole warps, at most what the device and the
-    /// compiled function (its register use) allow; then halved (down to 128)
-    /// while the rows would still fill the device twice over, since several
-    /// smaller blocks per SM hide each other's reduction barriers and keep
-    /// more loads in flight. Kernels launched this way loop over rows with a
-    /// grid stride, so the grid is capped at the device maximum rather than
-    /// refused. The shape depends only on (rows, row_len) and the device, so
-    /// results stay bitwise reproducible on one device.
+    /// One block per row over `rows` rows of `row_len` elements, for kernels
+    /// that loop over rows with a grid stride: about `per_thread` elements per
+    /// thread, whole warps, 128..=1024 threads (fewer when the compiled
+    /// function allows fewer), and a grid of `rows` blocks capped at
+    /// `max_grid` (and the device maximum). The shape depends only on the
+    /// arguments and the device, so results stay bitwise reproducible on one
+    /// device.
     pub(crate) fn row_config(
         &self,
         name: &str,
         f: &CudaFunction,
         rows: usize,
         row_len: usize,
+        per_thread: usize,
+        max_grid: u32,
     ) -> Result<LaunchConfig> {
-        const PER_THREAD: usize = 8;
-        let threads = u32::try_from(row_len.div_ceil(PER_THREAD)).unwrap_or(u32::MAX);
-        let mut block = threads
-            .clamp(WARP, 1024)
+        let threads = u32::try_from(row_len.div_ceil(per_thread.max(1))).unwrap_or(u32::MAX);
+        let block = threads
+            .clamp(128, 1024)
             .next_multiple_of(WARP)
             .min(self.block_cap(name, f)?);
-        let rows_u64 = u64::try_from(rows).unwrap_or(u64::MAX);
-        while block > 128
-            && rows_u64.saturating_mul(u64::from(block / 2)) >= 2 * self.limits.resident_threads
-        {
-            block = (block / 2).next_multiple_of(WARP);
-        }
         let grid = u32::try_from(rows)
             .unwrap_or(u32::MAX)
-            .min(self.limits.max_grid[0]);
+            .min(max_grid)
+            .min(self.limits.max_grid[0])
+            .max(1);
         self.checked(name, f, (grid, 1, 1), (block, 1, 1))
+    }
+
+    /// How many blocks of `block` threads of `f` one multiprocessor holds at
+    /// once (registers, shared memory and thread limits), at least 1.
+    pub(crate) fn blocks_per_multiprocessor(&self, f: &CudaFunction, block: u32) -> Result<u32> {
+        let blocks = f
+            .occupancy_max_active_blocks_per_multiprocessor(block, 0, None)
+            .map_err(driver_error("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
+        Ok(blocks.max(1))
+    }
+
+    pub(crate) fn multiprocessors(&self) -> u32 {
+        self.limits.multiprocessors
+    }
+
+    pub(crate) fn l2_bytes(&self) -> u64 {
+        self.limits.l2_bytes
     }
 
     /// A single block of up to 1024 threads (batch reductions).

@@ -1,15 +1,17 @@
-//! xent on CUDA: `kernels/xent.cu`, three launches on one stream:
+//! xent on CUDA: `kernels/xent.cu`, on one stream:
 //!
-//! 1. `xent_fwd_{dtype}`: grid min(B, max grid x) (grid-stride over rows), one
-//!    block per row, about V/8 threads rounded up to whole warps in 32..=1024.
-//!    Reads the row once; writes every per-row output and three [B] f32
-//!    scratch vectors (row weight, sum of target coefficients, sum e^(x - m)),
-//!    and rho per row for `RhoReduce::PerSample`.
-//! 2. `xent_reduce`: one block of 1024 threads; sums in f64 in a fixed order:
-//!    the reduced loss, the reduced rho, and the grad scale (an f64 on the device).
-//! 3. `xent_grad_{dtype}` (when `options.grad`): the fwd shape again; reads
-//!    the row a second time and writes the dense [B, V] grad in f32 or the
-//!    logits' dtype, after the reduction because the mean's scale needs every row.
+//! 1. `xent_scale` (only with `options.grad`): one block; the grad's
+//!    reduction scale (1 / sum of row weights for mean) from the targets alone,
+//!    in f64, so the row kernel can write the grad in the same pass.
+//! 2. `xent_fwd_{dtype}`: one block per row (grid-stride over rows). Reads
+//!    the row once with 16-byte loads; writes every per-row output, the row
+//!    weight scratch the reduction needs and rho per row for
+//!    `RhoReduce::PerSample`; with the grad, re-reads the row while it is
+//!    still in L2 and writes the dense [B, V] grad in f32 or the logits'
+//!    dtype. With the grad the grid is capped so that the rows in flight fit
+//!    in half the L2 (but never under one block per multiprocessor).
+//! 3. `xent_reduce`: one block of 1024 threads; sums in f64 in a fixed order:
+//!    the reduced loss and the reduced rho.
 //!
 //! [`xent`] is the Tensor entry; [`xent_raw`] the zero-copy one on a caller's
 //! stream and device memory. The first calls the second: one code path.
@@ -17,11 +19,12 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg, SyncOnDrop,
+    CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 
 use super::compile::KernelSource;
-use super::launch::{driver_error, kernels};
+use super::launch::{driver_error, kernels, Kernels};
 use super::CudaBackend;
 use crate::device::{Storage, Tensor};
 use crate::dtype::DType;
@@ -51,7 +54,7 @@ pub enum XentTargets<'a> {
     Soft(CudaView<'a, u8>),
 }
 
-/// Device outputs (and the scratch the three kernels pass along) of one
+/// Device outputs (and the scratch the kernels pass along) of one
 /// problem shape; reusable across calls with the same B, V, rho reduction and
 /// grad dtype. Outputs are f32 unless noted, laid out as `XentOutput` says.
 #[derive(Debug)]
@@ -72,10 +75,9 @@ pub struct XentBuffers {
     pub rho: CudaSlice<u8>,
     /// [B, V] in `spec.grad_dtype`, when `spec.options.grad`.
     pub grad: Option<CudaSlice<u8>>,
+    /// [B] f32: each row's share of the mean's denominator.
     row_weight: CudaSlice<u8>,
-    coef_sum: CudaSlice<u8>,
-    sumexp: CudaSlice<u8>,
-    /// [1] f64.
+    /// [1] f64: the grad's reduction scale.
     scale: CudaSlice<u8>,
 }
 
@@ -124,8 +126,6 @@ impl XentBuffers {
             rho: alloc(bytes(rho_len(spec), 4, "rho")?)?,
             grad,
             row_weight: alloc(per_row)?,
-            coef_sum: alloc(per_row)?,
-            sumexp: alloc(per_row)?,
             scale: alloc(8)?,
         })
     }
@@ -151,9 +151,9 @@ struct XentFwdArgs {
     delta: u64,
     argmax: u64,
     row_weight: u64,
-    coef_sum: u64,
-    sumexp: u64,
     rho: u64,
+    scale: u64,
+    grad: u64,
     batch: i64,
     classes: i64,
     row_stride: i64,
@@ -161,7 +161,9 @@ struct XentFwdArgs {
     rho_eps: f64,
     rho_cap: f64,
     rho_floor: f64,
+    temperature_f64: f64,
     temperature: f32,
+    lt: f32,
     one_minus_eps: f32,
     eps_per_class: f32,
     z_loss: f32,
@@ -171,8 +173,23 @@ struct XentFwdArgs {
     rho_inf_if_small: i32,
     has_cap: i32,
     has_floor: i32,
+    grad_f32: i32,
 }
-const _: () = assert!(std::mem::size_of::<XentFwdArgs>() == 224);
+const _: () = assert!(std::mem::size_of::<XentFwdArgs>() == 240);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct XentScaleArgs {
+    labels: u64,
+    weights: u64,
+    scale: u64,
+    batch: i64,
+    classes: i64,
+    ignore_index: i64,
+    reduction: i32,
+    pad: i32,
+}
+const _: () = assert!(std::mem::size_of::<XentScaleArgs>() == 56);
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -182,7 +199,6 @@ struct XentReduceArgs {
     delta: u64,
     loss: u64,
     rho: u64,
-    scale: u64,
     batch: i64,
     rho_eps: f64,
     rho_cap: f64,
@@ -194,34 +210,7 @@ struct XentReduceArgs {
     has_floor: i32,
     pad: i32,
 }
-const _: () = assert!(std::mem::size_of::<XentReduceArgs>() == 104);
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
-struct XentGradArgs {
-    logits: u64,
-    labels: u64,
-    soft: u64,
-    weights: u64,
-    max: u64,
-    sumexp: u64,
-    lse: u64,
-    coef_sum: u64,
-    scale: u64,
-    grad: u64,
-    batch: i64,
-    classes: i64,
-    row_stride: i64,
-    ignore_index: i64,
-    temperature_f64: f64,
-    temperature: f32,
-    one_minus_eps: f32,
-    eps_per_class: f32,
-    z_loss: f32,
-    soft_f32: i32,
-    grad_f32: i32,
-}
-const _: () = assert!(std::mem::size_of::<XentGradArgs>() == 144);
+const _: () = assert!(std::mem::size_of::<XentReduceArgs>() == 96);
 
 // SAFETY: the three argument structs are #[repr(C)], made only of integers and
 // floats (pointers travel as u64 CUdeviceptr values), with the field order,
@@ -229,9 +218,9 @@ const _: () = assert!(std::mem::size_of::<XentGradArgs>() == 144);
 // on both sides), so the kernel reads exactly the bytes written here.
 unsafe impl DeviceRepr for XentFwdArgs {}
 // SAFETY: as above.
-unsafe impl DeviceRepr for XentReduceArgs {}
+unsafe impl DeviceRepr for XentScaleArgs {}
 // SAFETY: as above.
-unsafe impl DeviceRepr for XentGradArgs {}
+unsafe impl DeviceRepr for XentReduceArgs {}
 
 fn fwd_kernel(dtype: DType) -> Result<&'static str> {
     match dtype {
@@ -244,14 +233,11 @@ fn fwd_kernel(dtype: DType) -> Result<&'static str> {
     }
 }
 
-fn grad_kernel(dtype: DType) -> Result<&'static str> {
-    match dtype {
-        DType::F32 => Ok("xent_grad_f32"),
-        DType::F16 => Ok("xent_grad_f16"),
-        DType::BF16 => Ok("xent_grad_bf16"),
-        other => Err(Error::DType(format!(
-            "the CUDA xent kernels take f32, f16 or bf16 logits, not {other}"
-        ))),
+fn reduction_code(reduction: Reduction) -> i32 {
+    match reduction {
+        Reduction::None => 0,
+        Reduction::Mean => 1,
+        Reduction::Sum => 2,
     }
 }
 
@@ -335,7 +321,6 @@ pub fn xent_raw(
     }
     let elem = spec.dtype.size();
     let fwd_name = fwd_kernel(spec.dtype)?;
-    let grad_name = grad_kernel(spec.dtype)?;
     if spec.grad_dtype != spec.dtype && spec.grad_dtype != DType::F32 {
         return Err(Error::DType(format!(
             "grad dtype must be {} or f32, got {}",
@@ -416,8 +401,6 @@ pub fn xent_raw(
         rho,
         grad,
         row_weight,
-        coef_sum,
-        sumexp,
         scale,
     } = out;
     let rho_count = rho_len(spec);
@@ -432,8 +415,6 @@ pub fn xent_raw(
     let delta_ptr = p.write(delta, per_row, 4, "delta")?;
     let rho_ptr = p.write(rho, bytes(rho_count, 4, "rho")?, 4, "rho")?;
     let row_weight_ptr = p.write(row_weight, per_row, 4, "row weight scratch")?;
-    let coef_sum_ptr = p.write(coef_sum, per_row, 4, "coefficient scratch")?;
-    let sumexp_ptr = p.write(sumexp, per_row, 4, "sum-exp scratch")?;
     let scale_ptr = p.write(scale, 8, 8, "scale scratch")?;
 
     let o = &spec.options;
@@ -443,9 +424,51 @@ pub fn xent_raw(
     let classes = as_i64(v, "V")?;
     let row_stride = as_i64(spec.row_stride, "row stride")?;
     // Rounded once here in f64, so the kernels see the f32 nearest to the
-    // reference's (1 - eps) and eps / V.
+    // reference's (1 - eps), eps / V and log2(e) / T.
     let one_minus_eps = (1.0 - o.label_smoothing) as f32;
     let eps_per_class = (o.label_smoothing / v as f64) as f32;
+    let lt = (std::f64::consts::LOG2_E / o.temperature) as f32;
+
+    let grad_ptr = if o.grad {
+        let Some(grad) = grad.as_mut() else {
+            return Err(Error::Shape(
+                "options.grad is set but the buffers hold no grad".into(),
+            ));
+        };
+        let elements = b
+            .checked_mul(v)
+            .ok_or_else(|| Error::Shape("B * V overflows usize".into()))?;
+        let grad_size = spec.grad_dtype.size();
+        let grad_ptr = p.write(grad, bytes(elements, grad_size, "grad")?, grad_size, "grad")?;
+
+        let scale_fn = kernels.function(KernelSource::Xent, "xent_scale")?;
+        let scale_args = XentScaleArgs {
+            labels,
+            weights,
+            scale: scale_ptr,
+            batch,
+            classes,
+            ignore_index: o.ignore_index,
+            reduction: reduction_code(o.reduction),
+            pad: 0,
+        };
+        let cfg = kernels.single_block_config("xent_scale", &scale_fn)?;
+        // SAFETY: the argument block matches xent_scale's parameter. It reads
+        // B labels (checked above; null for soft targets) and, for labels in
+        // [0, V) only, the V class weights (checked; null when unweighted),
+        // and writes the one f64 of scale (checked). One block, checked
+        // against the limits.
+        unsafe {
+            stream
+                .launch_builder(&scale_fn)
+                .arg(&scale_args)
+                .launch(cfg)
+        }
+        .map_err(driver_error("xent_scale"))?;
+        grad_ptr
+    } else {
+        0
+    };
 
     let fwd_args = XentFwdArgs {
         logits,
@@ -461,9 +484,9 @@ pub fn xent_raw(
         delta: delta_ptr,
         argmax: argmax_ptr,
         row_weight: row_weight_ptr,
-        coef_sum: coef_sum_ptr,
-        sumexp: sumexp_ptr,
         rho: if per_sample { rho_ptr } else { 0 },
+        scale: if o.grad { scale_ptr } else { 0 },
+        grad: grad_ptr,
         batch,
         classes,
         row_stride,
@@ -471,7 +494,9 @@ pub fn xent_raw(
         rho_eps: r.eps,
         rho_cap: r.cap.unwrap_or(0.0),
         rho_floor: r.floor.unwrap_or(0.0),
+        temperature_f64: o.temperature,
         temperature: o.temperature as f32,
+        lt,
         one_minus_eps,
         eps_per_class,
         z_loss: o.z_loss as f32,
@@ -481,15 +506,18 @@ pub fn xent_raw(
         rho_inf_if_small: i32::from(r.inf_if_small),
         has_cap: i32::from(r.cap.is_some()),
         has_floor: i32::from(r.floor.is_some()),
+        grad_f32: i32::from(o.grad && spec.grad_dtype == DType::F32),
     };
-    let cfg = kernels.row_config(fwd_name, &fwd, b, v)?;
+    let cfg = fwd_config(&kernels, fwd_name, &fwd, spec)?;
     // SAFETY: the argument block matches xent_fwd's parameter (see the
     // DeviceRepr impl). Every pointer was checked above to be aligned and to
     // cover what the kernel touches for this spec: logits (B-1)*stride + V
     // elements, targets B labels or B*V soft values, weights V, every per-row
-    // output B elements and rho B (per-sample; else null and unused). Labels
-    // are bounds-checked in the kernel before indexing. The grid and block
-    // were checked against the device and function limits by row_config.
+    // output B elements, rho B (per-sample; else null and unused), scale one
+    // f64 and grad B*V elements of grad_dtype written densely with row stride
+    // V (both null without options.grad). Labels are bounds-checked in the
+    // kernel before indexing. The grid and block were checked against the
+    // device and function limits by row_config.
     unsafe { stream.launch_builder(&fwd).arg(&fwd_args).launch(cfg) }
         .map_err(driver_error(fwd_name))?;
 
@@ -499,16 +527,11 @@ pub fn xent_raw(
         delta: delta_ptr,
         loss: loss_ptr,
         rho: if per_sample { 0 } else { rho_ptr },
-        scale: scale_ptr,
         batch,
         rho_eps: r.eps,
         rho_cap: r.cap.unwrap_or(0.0),
         rho_floor: r.floor.unwrap_or(0.0),
-        reduction: match o.reduction {
-            Reduction::None => 0,
-            Reduction::Mean => 1,
-            Reduction::Sum => 2,
-        },
+        reduction: reduction_code(o.reduction),
         rho_max: i32::from(r.reduce == RhoReduce::Max),
         rho_inf_if_small: i32::from(r.inf_if_small),
         has_cap: i32::from(r.cap.is_some()),
@@ -518,56 +541,41 @@ pub fn xent_raw(
     let cfg = kernels.single_block_config("xent_reduce", &reduce)?;
     // SAFETY: the argument block matches xent_reduce's parameter. It reads B
     // elements of the per-row buffers (checked to hold B f32) and writes one
-    // f32 loss, one f32 rho (when not per-sample; else null) and one f64
-    // scale, all checked above. One block, checked against the limits.
+    // f32 loss and one f32 rho (when not per-sample; else null), both checked
+    // above. One block, checked against the limits.
     unsafe { stream.launch_builder(&reduce).arg(&reduce_args).launch(cfg) }
         .map_err(driver_error("xent_reduce"))?;
-
-    if o.grad {
-        let Some(grad) = grad.as_mut() else {
-            return Err(Error::Shape(
-                "options.grad is set but the buffers hold no grad".into(),
-            ));
-        };
-        let elements = b
-            .checked_mul(v)
-            .ok_or_else(|| Error::Shape("B * V overflows usize".into()))?;
-        let grad_size = spec.grad_dtype.size();
-        let grad_ptr = p.write(grad, bytes(elements, grad_size, "grad")?, grad_size, "grad")?;
-        let grad_fn = kernels.function(KernelSource::Xent, grad_name)?;
-        let grad_args = XentGradArgs {
-            logits,
-            labels,
-            soft,
-            weights,
-            max: max_ptr,
-            sumexp: sumexp_ptr,
-            lse: lse_ptr,
-            coef_sum: coef_sum_ptr,
-            scale: scale_ptr,
-            grad: grad_ptr,
-            batch,
-            classes,
-            row_stride,
-            ignore_index: o.ignore_index,
-            temperature_f64: o.temperature,
-            temperature: o.temperature as f32,
-            one_minus_eps,
-            eps_per_class,
-            z_loss: o.z_loss as f32,
-            soft_f32: i32::from(soft_f32),
-            grad_f32: i32::from(spec.grad_dtype == DType::F32),
-        };
-        let cfg = kernels.row_config(grad_name, &grad_fn, b, v)?;
-        // SAFETY: the argument block matches xent_grad's parameter. The inputs
-        // are the ones checked for the forward launch, the per-row buffers hold
-        // B f32 and scale one f64 (checked above), and grad holds B*V elements
-        // of grad_dtype (checked just above), written densely with row stride V.
-        unsafe { stream.launch_builder(&grad_fn).arg(&grad_args).launch(cfg) }
-            .map_err(driver_error(grad_name))?;
-    }
     drop(p);
     Ok(())
+}
+
+/// The row kernel's shape. Each thread reads 16-byte vectors, 4 per step:
+/// without the grad about 4 steps per thread (so the block's reductions are
+/// a small share of its time), and a grid of one block per row. With the
+/// grad, about 2 steps per thread (bigger blocks, so fewer rows in flight for
+/// the same occupancy) and a grid capped so that the rows in flight fit in
+/// half the L2, where the grad pass finds them again; never under one block
+/// per multiprocessor, which would leave HBM bandwidth unused.
+fn fwd_config(
+    kernels: &Kernels,
+    name: &str,
+    f: &CudaFunction,
+    spec: &XentSpec,
+) -> Result<LaunchConfig> {
+    let elem = spec.dtype.size();
+    let per_vector = 16 / elem;
+    let (b, v) = (spec.batch, spec.classes);
+    if !spec.options.grad {
+        return kernels.row_config(name, f, b, v, 16 * per_vector, u32::MAX);
+    }
+    let probe = kernels.row_config(name, f, b, v, 8 * per_vector, u32::MAX)?;
+    let block = probe.block_dim.0;
+    let resident = u64::from(kernels.multiprocessors())
+        * u64::from(kernels.blocks_per_multiprocessor(f, block)?);
+    let row_bytes = (v as u64).saturating_mul(elem as u64).max(1);
+    let fit = (kernels.l2_bytes() / 2 / row_bytes).max(u64::from(kernels.multiprocessors()));
+    let grid = u32::try_from(resident.min(fit)).unwrap_or(u32::MAX);
+    kernels.row_config(name, f, b, v, 8 * per_vector, grid)
 }
 
 /// The device buffer of a tensor on a CUDA device.
