@@ -265,6 +265,24 @@ impl Tensor {
         self.len() * self.dtype.size()
     }
 
+    /// The tensor's CUDA memory, for the zero-copy entries (`cuda::xent::xent_raw`);
+    /// None on another device.
+    pub fn cuda_slice(&self) -> Option<&cudarc::driver::CudaSlice<u8>> {
+        match &self.storage {
+            Storage::Cuda(slice) => Some(slice),
+            _ => None,
+        }
+    }
+
+    /// The tensor's wgpu buffer (its size rounded up to 4 bytes), for the zero-copy
+    /// entries (`wgpu::xent::xent_raw`); None on another device.
+    pub fn wgpu_buffer(&self) -> Option<&::wgpu::Buffer> {
+        match &self.storage {
+            Storage::Wgpu(buffer) => Some(buffer),
+            _ => None,
+        }
+    }
+
     pub(crate) fn from_storage(
         device: &Device,
         storage: Storage,

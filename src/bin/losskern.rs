@@ -14,7 +14,7 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use losskern::check::{self, Outcome, Report};
-use losskern::npy::{self, Array, Data};
+use losskern::npy::{self, Array};
 use losskern::ops::bnstats::{self, Affine, BnStats, Layout, RunningStats};
 use losskern::ops::energy::{self, EnergyDistance, EnergyScore, Statistic};
 use losskern::ops::ensemble::{self, Ensemble, Landscape};
@@ -88,11 +88,16 @@ const COMMANDS: &[Command] = &[
     },
     Command {
         name: "bench",
-        options: &["device=", "dtype="],
+        options: &["device=", "dtype=", "shape=", "grad", "json"],
         op: false,
         usage: "losskern bench [--device cpu|cuda|wgpu|best] [--dtype f32|f16|bf16]\n  \
-                xent forward (no grad) for a few seconds: 4096 x 32000 bf16 on a GPU,\n  \
-                256 x 32000 f32 on the CPU; GB/s counts the logits read once",
+                [--shape BxV] [--grad] [--json]\n  \
+                xent (all outputs; the gradient too with --grad) for a few seconds: by default\n  \
+                4096 x 32000 bf16 on a GPU, 256 x 32000 f32 on the CPU. GB/s counts the logits\n  \
+                read once and, with --grad, the gradient written once. On CUDA it also times\n  \
+                the zero-copy entry (cuda::xent::xent_raw) with reused output buffers, the\n  \
+                kernels alone; the Tensor call adds the host check of the targets and the\n  \
+                output allocations. --json prints one JSON line (benches/peers reads it).",
         run: bench_command,
     },
     Command {
@@ -281,7 +286,7 @@ fn dispatch(argv: &[String]) -> Result<(), Failure> {
 /// device (run even when a check failed, so the numbers are still shown).
 fn default_run() -> Result<(), Failure> {
     let checks = run_checks(&devices_present());
-    bench(&Device::best(), None)?;
+    bench(&Device::best(), None, None, false, false)?;
     checks
 }
 
@@ -599,51 +604,159 @@ fn print_check_table(devices: &[Device], rows: &[Vec<Report>]) {
 
 fn bench_command(args: &Args) -> Result<(), Failure> {
     let (device, _) = args.device()?;
-    bench(&device, args.dtype()?)
+    let shape = args
+        .value("shape")
+        .map(|text| {
+            text.split_once('x')
+                .and_then(|(b, v)| Some((b.parse().ok()?, v.parse().ok()?)))
+                .ok_or_else(|| usage_error(format!("bench: --shape '{text}' is not BxV")))
+        })
+        .transpose()?;
+    bench(
+        &device,
+        args.dtype()?,
+        shape,
+        args.has("grad"),
+        args.has("json"),
+    )
 }
 
-/// A quick demonstration, not the criterion benches: xent forward at one LLM-like
-/// shape, timed from the call to device synchronize.
-fn bench(device: &Device, dtype: Option<DType>) -> Result<(), Failure> {
-    const CLASSES: usize = 32000;
-    let (batch, default_dtype) = match device.backend() {
-        Backend::Cpu => (256, DType::F32),
-        Backend::Cuda | Backend::Wgpu => (4096, DType::BF16),
-    };
-    let dtype = dtype.unwrap_or(default_dtype);
-    // 64 random rows, repeated: the bandwidth does not depend on the values, and drawing
-    // 131M normals would take longer than the benchmark in a debug build.
-    let mut rng = check::Rng::new(7);
-    let tile: Vec<f32> = (0..64 * CLASSES)
-        .map(|_| (3.0 * rng.normal()) as f32)
-        .collect();
-    let logits: Vec<f32> = tile.iter().copied().cycle().take(batch * CLASSES).collect();
-    let logits = Array::new(vec![batch, CLASSES], Data::F32(logits))?.to_tensor(device, dtype)?;
-    let targets: Vec<i64> = (0..batch).map(|_| rng.below(CLASSES) as i64).collect();
-    let targets = Tensor::from_slice(device, &targets, &[batch])?;
-    let call = Xent::new(&logits, Targets::Classes(&targets));
-    println!(
-        "\nbench: xent forward, {batch} x {CLASSES} {dtype}, on {}",
-        device.name()
-    );
-    // The first call compiles the kernels (NVRTC, pipelines): not timed.
-    timed(device, || xent::xent(&call))?;
+/// Milliseconds per call of `op`: the median over batches of back-to-back calls, each
+/// batch ended by `sync`, so a GPU's launch latency is amortised as in a training loop.
+/// Runs for about two seconds after one untimed call (compilation, pipelines).
+fn time_calls(
+    mut op: impl FnMut() -> losskern::Result<()>,
+    sync: impl Fn() -> losskern::Result<()>,
+) -> losskern::Result<Vec<f64>> {
+    op()?;
+    sync()?;
+    let probe = Instant::now();
+    op()?;
+    sync()?;
+    let once = probe.elapsed().as_secs_f64();
+    let per_batch = ((0.02 / once.max(1e-6)) as usize).clamp(1, 100);
     let start = Instant::now();
     let mut times = Vec::new();
     while times.len() < 200 && (times.len() < 3 || start.elapsed() < Duration::from_secs(2)) {
-        let (_, ms) = timed(device, || xent::xent(&call))?;
-        times.push(ms);
+        let t = Instant::now();
+        for _ in 0..per_batch {
+            op()?;
+        }
+        sync()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3 / per_batch as f64);
     }
     times.sort_by(f64::total_cmp);
-    let (best, median) = (times[0], times[times.len() / 2]);
-    let bytes = (batch * CLASSES * dtype.size()) as f64;
+    Ok(times)
+}
+
+/// Times `call` through the zero-copy CUDA entry with reused output buffers.
+fn time_cuda_raw(device: &Device, call: &Xent<'_>) -> Result<Option<Vec<f64>>, Failure> {
+    use losskern::cuda::xent::{xent_raw, XentBuffers, XentInputs, XentTargets};
+    let (Device::Cuda(backend), Targets::Classes(targets)) = (device, call.targets) else {
+        return Ok(None);
+    };
+    let (Some(logits), Some(targets)) = (call.logits.cuda_slice(), targets.cuda_slice()) else {
+        return Ok(None);
+    };
+    let spec = xent::validate(call)?;
+    let stream = backend.stream();
+    let mut buffers = XentBuffers::new(stream, &spec)?;
+    let inputs = XentInputs {
+        logits: logits.as_view(),
+        targets: XentTargets::Classes(targets.as_view()),
+        class_weights: None,
+    };
+    let times = time_calls(
+        || xent_raw(stream, &spec, &inputs, &mut buffers),
+        || device.synchronize(),
+    )?;
+    Ok(Some(times))
+}
+
+/// A quick benchmark, not the criterion benches: xent at one LLM-like shape.
+fn bench(
+    device: &Device,
+    dtype: Option<DType>,
+    shape: Option<(usize, usize)>,
+    grad: bool,
+    json: bool,
+) -> Result<(), Failure> {
+    let (default_shape, default_dtype) = match device.backend() {
+        Backend::Cpu => ((256, 32000), DType::F32),
+        Backend::Cuda | Backend::Wgpu => ((4096, 32000), DType::BF16),
+    };
+    let (batch, classes) = shape.unwrap_or(default_shape);
+    if batch == 0 || classes == 0 {
+        return Err(usage_error("bench: --shape needs B >= 1 and V >= 1"));
+    }
+    let dtype = dtype.unwrap_or(default_dtype);
+    // 64 random rows, repeated: the data is far larger than any cache, the bandwidth
+    // does not depend on the values, and drawing a billion normals would take longer
+    // than the benchmark.
+    let mut rng = check::Rng::new(7);
+    let tile_rows = batch.min(64);
+    let tile: Vec<f64> = rng.normals(tile_rows * classes, 3.0);
+    let logits: Vec<f64> = tile.iter().copied().cycle().take(batch * classes).collect();
+    let logits = Tensor::from_f64(device, &logits, &[batch, classes], dtype)?;
+    let targets: Vec<i64> = (0..batch).map(|_| rng.below(classes) as i64).collect();
+    let targets = Tensor::from_slice(device, &targets, &[batch])?;
+    let options = XentOptions {
+        grad,
+        ..XentOptions::default()
+    };
+    let call = Xent {
+        options,
+        ..Xent::new(&logits, Targets::Classes(&targets))
+    };
+    let tensor = time_calls(|| xent::xent(&call).map(drop), || device.synchronize())?;
+    let raw = time_cuda_raw(device, &call)?;
+    let logits_bytes = (batch * classes * dtype.size()) as f64;
+    let bytes = if grad {
+        2.0 * logits_bytes
+    } else {
+        logits_bytes
+    };
+    let median = |t: &[f64]| t[t.len() / 2];
+    let gbps = |ms: f64| bytes / (ms * 1e-3) / 1e9;
+    let kernels = raw.as_deref().unwrap_or(&tensor);
+    if json {
+        println!(
+            "{}",
+            Json::object([
+                ("op", Json::Str("xent".into())),
+                ("device", Json::Str(device.name())),
+                ("shape", Json::shape(&[batch, classes])),
+                ("dtype", Json::Str(dtype.name().into())),
+                ("grad", Json::Bool(grad)),
+                ("bytes", Json::Num(bytes)),
+                ("median_ms", Json::Num(median(kernels))),
+                ("best_ms", Json::Num(kernels[0])),
+                ("gb_per_s", Json::Num(gbps(median(kernels)))),
+                ("zero_copy", Json::Bool(raw.is_some())),
+                ("tensor_median_ms", Json::Num(median(&tensor))),
+            ])
+        );
+        return Ok(());
+    }
+    let what = if grad { "forward + grad" } else { "forward" };
     println!(
-        "  {} runs: median {median:.3} ms, best {best:.3} ms, {:.2} GB/s at the median \
-         (logits read once: {:.1} MB)",
-        times.len(),
-        bytes / (median * 1e-3) / 1e9,
+        "\nbench: xent {what}, {batch} x {classes} {dtype}, on {} ({:.1} MB counted)",
+        device.name(),
         bytes / 1e6
     );
+    let mut rows = vec![("Tensor call", &tensor)];
+    if let Some(raw) = &raw {
+        rows.push(("zero-copy entry", raw));
+    }
+    for (label, times) in rows {
+        println!(
+            "  {label:<16} {} batches: median {:.3} ms, best {:.3} ms, {:.1} GB/s at the median",
+            times.len(),
+            median(times),
+            times[0],
+            gbps(median(times))
+        );
+    }
     Ok(())
 }
 
@@ -1218,6 +1331,7 @@ fn bnstats_command(args: &Args) -> Result<(), Failure> {
 
 /// The JSON summary, written by hand (no serde in the dependency tree).
 enum Json {
+    Bool(bool),
     Int(u64),
     /// Written as Python's json module does: NaN, Infinity and -Infinity when not finite.
     Num(f64),
@@ -1276,6 +1390,7 @@ impl fmt::Display for Json {
             f.write_str("\"")
         }
         match self {
+            Json::Bool(b) => write!(f, "{b}"),
             Json::Int(n) => write!(f, "{n}"),
             Json::Num(x) if x.is_nan() => f.write_str("NaN"),
             Json::Num(x) if x.is_infinite() => {
