@@ -9,7 +9,7 @@ use losskern::{DType, Tensor};
 
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("bnstats");
-    group.sample_size(10);
+    harness::configure(&mut group);
     let mut rng = Rng::new(9);
     for device in harness::devices() {
         for (layout, shape, name) in [

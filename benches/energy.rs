@@ -9,7 +9,7 @@ use losskern::{DType, Tensor};
 
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("energy");
-    group.sample_size(10);
+    harness::configure(&mut group);
     let mut rng = Rng::new(5);
     for device in harness::devices() {
         let (n, m, d) = (256usize, 16usize, 32usize);

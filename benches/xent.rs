@@ -1,15 +1,17 @@
-//! xent: forward (one read of the logits) and forward + gradient (one read, one write).
+//! xent through the Tensor API: forward (every output but the gradient; one read of the
+//! logits) and forward + gradient (one read, one write). `losskern bench --device cuda`
+//! times the zero-copy CUDA entry, the kernels alone.
 
 mod harness;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use losskern::check::xent::{XentCase, XentInputs};
-use losskern::ops::xent;
-use losskern::{DType, Device};
+use losskern::check::{xent::rotated_logits, Rng};
+use losskern::ops::xent::{self, Targets, Xent, XentOptions};
+use losskern::{DType, Device, Tensor};
 
 fn bench(c: &mut Criterion) {
     let mut group = c.benchmark_group("xent");
-    group.sample_size(10);
+    harness::configure(&mut group);
     for device in harness::devices() {
         let shapes: &[(usize, usize)] = if device == Device::Cpu {
             &[(64, 32000)]
@@ -18,21 +20,33 @@ fn bench(c: &mut Criterion) {
         };
         for &(b, v) in shapes {
             for dtype in [DType::BF16, DType::F32] {
-                for grad in [false, true] {
-                    let mut case = XentCase::new(b, v, dtype, 7);
-                    case.options.grad = grad;
-                    let inputs = match XentInputs::draw(&case, &device) {
-                        Ok(inputs) => inputs,
-                        Err(e) => {
-                            eprintln!("bench xent {b}x{v} {dtype} on {}: {e}", device.name());
-                            continue;
-                        }
+                let made = rotated_logits(&device, b, v, dtype).and_then(|logits| {
+                    let labels: Vec<i64> = {
+                        let mut rng = Rng::new(11);
+                        (0..b).map(|_| rng.below(v) as i64).collect()
                     };
-                    let logits = (b * v * dtype.size()) as u64;
-                    let bytes = if grad { 2 * logits } else { logits };
+                    Ok((logits, Tensor::from_slice(&device, &labels, &[b])?))
+                });
+                let (logits, targets) = match made {
+                    Ok(inputs) => inputs,
+                    Err(e) => {
+                        eprintln!("bench xent {b}x{v} {dtype} on {}: {e}", device.name());
+                        continue;
+                    }
+                };
+                for grad in [false, true] {
+                    let call = Xent {
+                        options: XentOptions {
+                            grad,
+                            ..XentOptions::default()
+                        },
+                        ..Xent::new(&logits, Targets::Classes(&targets))
+                    };
+                    let logits_bytes = (b * v * dtype.size()) as u64;
+                    let bytes = if grad { 2 * logits_bytes } else { logits_bytes };
                     let name = format!("{}/{dtype}/{b}x{v}", if grad { "fwd+grad" } else { "fwd" });
                     harness::bench_op(&mut group, &device, &name, bytes, || {
-                        xent::xent(&inputs.call(&case)).map(drop)
+                        xent::xent(&call).map(drop)
                     });
                 }
             }

@@ -52,6 +52,17 @@ impl DType {
         }
     }
 
+    /// `value` rounded to nearest in this dtype, widened back to f64.
+    pub fn round(self, value: f64) -> f64 {
+        match self {
+            DType::F32 => f64::from(value as f32),
+            DType::F16 => f16::from_f64(value).to_f64(),
+            DType::BF16 => bf16::from_f64(value).to_f64(),
+            DType::F64 => value,
+            DType::I64 => value as i64 as f64,
+        }
+    }
+
     /// Unit roundoff of the dtype (half the distance from 1 to the next value); 0 for i64.
     pub fn unit_roundoff(self) -> f64 {
         match self {

@@ -22,6 +22,13 @@ pub fn devices() -> Vec<Device> {
     devices
 }
 
+/// Short runs: the GPU lease is minutes long and every shape is timed on every backend.
+pub fn configure<M: criterion::measurement::Measurement>(group: &mut BenchmarkGroup<'_, M>) {
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(2));
+}
+
 /// Times `op` as `{backend}/{name}` with `bytes` of memory traffic per call. The op is run
 /// once untimed first (compilation, pipeline creation); an op the backend does not support
 /// is skipped with a note rather than timed.

@@ -78,12 +78,15 @@ const COMMANDS: &[Command] = &[
     },
     Command {
         name: "check",
-        options: &["backend="],
+        options: &["backend=", "large"],
         op: false,
         usage: "losskern check [--backend cpu|cuda|wgpu|all]\n  \
                 runs every case of the correctness harness on each backend (all: the CPU and\n  \
                 every GPU backend present) and prints op x backend with the worst error as a\n  \
-                fraction of the allowed error; exits 1 on any failure",
+                fraction of the allowed error; exits 1 on any failure. --large runs instead\n  \
+                one xent problem past 2^31 logits (16384 x 131072 bf16) on each GPU backend,\n  \
+                comparing sampled rows with the reference (64-bit indexing; needs ~10 GB of\n  \
+                host memory and 4 GB on the device)",
         run: check_command,
     },
     Command {
@@ -497,6 +500,9 @@ fn check_command(args: &Args) -> Result<(), Failure> {
         Some(backend) => vec![open(backend)?],
         None => devices_present(),
     };
+    if args.has("large") {
+        return run_large(&devices);
+    }
     run_checks(&devices)
 }
 
@@ -544,6 +550,43 @@ fn run_checks(devices: &[Device]) -> Result<(), Failure> {
         Ok(())
     } else {
         Err(Failure::Checks(failures.len()))
+    }
+}
+
+/// The 64-bit indexing check on every GPU device given: one row per device.
+fn run_large(devices: &[Device]) -> Result<(), Failure> {
+    let gpus: Vec<&Device> = devices
+        .iter()
+        .filter(|d| d.backend() != Backend::Cpu)
+        .collect();
+    if gpus.is_empty() {
+        println!("check --large: no GPU backend present; nothing to run");
+        return Ok(());
+    }
+    let mut failed = 0;
+    for device in gpus {
+        eprintln!(
+            "check --large: xent 16384 x 131072 bf16 on {} ...",
+            device.name()
+        );
+        let report = check::xent::run_large(16384, 131_072, DType::BF16, device);
+        println!(
+            "{} {} {} on {}: {}",
+            report.op,
+            report.dtype,
+            report.shape,
+            report.backend,
+            verdict(&report)
+        );
+        if let Outcome::Fail(why) = &report.outcome {
+            println!("{why}");
+            failed += 1;
+        }
+    }
+    if failed == 0 {
+        Ok(())
+    } else {
+        Err(Failure::Checks(failed))
     }
 }
 
@@ -690,14 +733,9 @@ fn bench(
         return Err(usage_error("bench: --shape needs B >= 1 and V >= 1"));
     }
     let dtype = dtype.unwrap_or(default_dtype);
-    // 64 random rows, repeated: the data is far larger than any cache, the bandwidth
-    // does not depend on the values, and drawing a billion normals would take longer
-    // than the benchmark.
+    // Rotated copies of 64 random rows: random data, made quickly at any size.
+    let logits = check::xent::rotated_logits(device, batch, classes, dtype)?;
     let mut rng = check::Rng::new(7);
-    let tile_rows = batch.min(64);
-    let tile: Vec<f64> = rng.normals(tile_rows * classes, 3.0);
-    let logits: Vec<f64> = tile.iter().copied().cycle().take(batch * classes).collect();
-    let logits = Tensor::from_f64(device, &logits, &[batch, classes], dtype)?;
     let targets: Vec<i64> = (0..batch).map(|_| rng.below(classes) as i64).collect();
     let targets = Tensor::from_slice(device, &targets, &[batch])?;
     let options = XentOptions {

@@ -543,3 +543,161 @@ fn compare_directional(case: &DirectionalCase, device: &Device) -> Result<Verdic
     }
     Ok(v)
 }
+
+/// A problem too large for the f64 reference in full, for 64-bit indexing (B V beyond
+/// 2^31): row r is one of 64 random rows, rotated by r * 7919 columns and shifted by
+/// (r mod 97) / 4, so no two nearby rows agree. The per-row outputs of a few rows (the
+/// first, the last, and those around element 2^31) are compared with the reference run on
+/// those rows alone, and the reduced loss with the f64 mean of the device's per-row losses.
+pub fn run_large(batch: usize, classes: usize, dtype: DType, device: &Device) -> Report {
+    let info = CaseInfo {
+        op: "xent (sampled rows)",
+        dtype: dtype.name().to_string(),
+        shape: format!("{batch}x{classes} class"),
+    };
+    let tolerance = "as xent, on the sampled rows".to_string();
+    match compare_large(batch, classes, dtype, device) {
+        Ok(verdict) => verdict.finish(info, device, tolerance),
+        Err(e) => report_error(info, device, e),
+    }
+}
+
+/// Row r of the large problem, before rounding to the dtype.
+fn large_row(tile: &[f64], classes: usize, r: usize, out: &mut [f64]) {
+    let base = &tile[(r % 64) * classes..(r % 64 + 1) * classes];
+    let rotate = (r * 7919) % classes;
+    let shift = (r % 97) as f64 / 4.0;
+    for (k, value) in out.iter_mut().enumerate() {
+        *value = base[(k + rotate) % classes] + shift;
+    }
+}
+
+fn rotated<T: crate::dtype::Element>(
+    device: &Device,
+    tile: &[f64],
+    batch: usize,
+    classes: usize,
+) -> Result<Tensor> {
+    let mut values: Vec<T> = Vec::new();
+    values
+        .try_reserve_exact(batch * classes)
+        .map_err(|e| crate::error::Error::Shape(format!("{batch}x{classes} logits: {e}")))?;
+    let mut row = vec![0.0; classes];
+    for r in 0..batch {
+        large_row(tile, classes, r, &mut row);
+        values.extend(row.iter().map(|&v| T::from_f64(v)));
+    }
+    Tensor::from_slice(device, &values, &[batch, classes])
+}
+
+/// The random tile the rotated rows are made from.
+fn rotation_tile(classes: usize) -> Vec<f64> {
+    Rng::new(0x1a7e).normals(64 * classes, 3.0)
+}
+
+/// Logits [B, V] in `dtype` on `device` whose rows are rotated, shifted copies of 64 random
+/// rows (see `run_large`): built without an f64 copy of the whole tensor, so benchmarks
+/// and the 64-bit indexing check can make billions of logits quickly.
+pub fn rotated_logits(
+    device: &Device,
+    batch: usize,
+    classes: usize,
+    dtype: DType,
+) -> Result<Tensor> {
+    let tile = rotation_tile(classes);
+    match dtype {
+        DType::F16 => rotated::<half::f16>(device, &tile, batch, classes),
+        DType::BF16 => rotated::<half::bf16>(device, &tile, batch, classes),
+        _ => rotated::<f32>(device, &tile, batch, classes),
+    }
+}
+
+fn compare_large(batch: usize, classes: usize, dtype: DType, device: &Device) -> Result<Verdict> {
+    let tile = rotation_tile(classes);
+    let logits = rotated_logits(device, batch, classes, dtype)?;
+    let target_of = |r: usize| ((r * 31337) % classes) as i64;
+    let targets: Vec<i64> = (0..batch).map(target_of).collect();
+    let targets = Tensor::from_slice(device, &targets, &[batch])?;
+    let options = XentOptions {
+        radius: reference::RadiusOptions {
+            reduce: RhoReduce::PerSample,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let out = xent::xent(&Xent {
+        options,
+        ..Xent::new(&logits, Targets::Classes(&targets))
+    })?;
+    drop(logits);
+
+    let boundary = (1usize << 31) / classes;
+    let mut rows: Vec<usize> = [
+        0,
+        1,
+        batch / 2,
+        boundary.saturating_sub(1),
+        boundary,
+        boundary + 1,
+        batch - 2,
+        batch - 1,
+    ]
+    .into_iter()
+    .filter(|&r| r < batch)
+    .collect();
+    rows.sort_unstable();
+    rows.dedup();
+    let mut sampled = Vec::with_capacity(rows.len() * classes);
+    let mut row = vec![0.0; classes];
+    for &r in &rows {
+        large_row(&tile, classes, r, &mut row);
+        sampled.extend(row.iter().map(|&v| dtype.round(v)));
+    }
+    let sampled_targets: Vec<i64> = rows.iter().map(|&r| target_of(r)).collect();
+    let case = XentCase {
+        options,
+        ..XentCase::new(rows.len(), classes, dtype, 0)
+    };
+    let want = reference::xent(&reference::XentProblem {
+        logits: &sampled,
+        batch: rows.len(),
+        classes,
+        row_stride: classes,
+        targets: reference::Targets::Classes(&sampled_targets),
+        class_weights: None,
+        options,
+    });
+    let tol = Tolerances::new(&case, &sampled);
+    let pick = |t: &Tensor| -> Result<Vec<f64>> {
+        let all = t.to_f64_vec()?;
+        Ok(rows.iter().map(|&r| all[r]).collect())
+    };
+    let mut v = Verdict::new();
+    v.add(
+        "loss_per_row",
+        &pick(&out.loss_per_row)?,
+        &want.loss_per_row,
+        |i, w| tol.row_value(i, w),
+    );
+    v.add("lse", &pick(&out.lse)?, &want.lse, |i, w| {
+        tol.row_value(i, w)
+    });
+    v.add("entropy", &pick(&out.entropy)?, &want.entropy, |i, w| {
+        tol.row_value(i, w)
+    });
+    let argmax: Vec<f64> = want.argmax.iter().map(|&i| i as f64).collect();
+    v.add_exact("argmax", &pick(&out.argmax)?, &argmax);
+    let gap = |i: usize, _: f64| 2.0 * tol.rounding[i];
+    v.add("max", &pick(&out.max)?, &want.max, gap);
+    v.add("min", &pick(&out.min)?, &want.min, gap);
+    v.add("delta", &pick(&out.delta)?, &want.delta, gap);
+    let per_row = out.loss_per_row.to_f64_vec()?;
+    let mean = per_row.iter().sum::<f64>() / batch as f64;
+    v.add(
+        "loss (mean of the device's rows)",
+        &out.loss.to_f64_vec()?,
+        &[mean],
+        |_, w| sum_error(batch) * w.abs(),
+    );
+    Ok(v)
+}

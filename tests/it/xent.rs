@@ -372,3 +372,16 @@ fn permuting_rows_permutes_every_per_row_output() {
         );
     }
 }
+
+/// The sampled-row check behind `losskern check --large`, at a size CI can afford.
+#[test]
+fn sampled_rows_of_a_rotated_problem_match_the_reference() {
+    for device in backends::all() {
+        let report = losskern::check::xent::run_large(300, 1000, DType::F16, &device);
+        match report.outcome {
+            Outcome::Pass => {}
+            Outcome::Unsupported if device != Device::Cpu => {}
+            outcome => panic!("on {}: {outcome:?}", device.name()),
+        }
+    }
+}
