@@ -451,8 +451,8 @@ impl WgpuBackend {
             encoder.copy_buffer_to_buffer(buffer, 0, &staging, 0, size);
             self.queue.submit([encoder.finish()]);
             staging.map_async(wgpu::MapMode::Read, .., move |result| {
-                // The receiver lives until the poll below returns; a failed send only
-                // means it is gone, and then nobody waits for the result.
+                // A failed send only means the receiver is gone (an error on the way),
+                // and then nobody waits for the result.
                 let _ = sender.send(result);
             });
             self.device
@@ -460,12 +460,15 @@ impl WgpuBackend {
                 .map_err(|e| Error::Wgpu(format!("waiting for a download: {e}")))?;
             Ok(())
         })?;
-        match receiver.try_recv() {
+        // Another thread's poll may have taken this callback and not yet run it when our
+        // poll returns, so wait for it rather than try once; wgpu runs or drops every
+        // callback, and a dropped one ends the wait with an error.
+        match receiver.recv() {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(Error::Wgpu(format!("mapping a download buffer: {e}"))),
             Err(_) => {
                 return Err(Error::Wgpu(
-                    "a download buffer was not mapped after waiting for the queue".into(),
+                    "a download buffer's mapping was dropped unanswered".into(),
                 ))
             }
         }
