@@ -62,6 +62,27 @@ pub fn backend(ordinal: usize) -> Result<Arc<CudaBackend>> {
     Ok(backend)
 }
 
+/// Keeps freed memory in the device's default pool instead of returning it to the
+/// driver at every synchronisation (the default release threshold is 0), as PyTorch's
+/// caching allocator does: otherwise each call maps its outputs afresh, which cost
+/// 1.4 ms for a 2 GB gradient on the H200 against 1.7 ms for the kernels.
+fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::{result, sys};
+    let mut threshold: u64 = u64::MAX;
+    // SAFETY: the device handle is the context's own, so its default pool is valid,
+    // and the release threshold attribute takes a u64, which `threshold` is.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device())
+            .map_err(driver_error("cuDeviceGetDefaultMemPool"))?;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .map_err(driver_error("cuMemPoolSetAttribute"))
+    }
+}
+
 /// Fails with `CudaUnavailable` unless libcuda can be loaded; cudarc panics
 /// on the first driver call otherwise.
 fn require_driver() -> Result<()> {
@@ -103,6 +124,9 @@ impl CudaBackend {
             // calls on every allocation, launch and free). Slices allocated
             // from it never leave the crate's Tensors.
             unsafe { ctx.disable_event_tracking() };
+            if ctx.has_async_alloc() {
+                keep_freed_memory(&ctx)?;
+            }
             let name = ctx.name().map_err(driver_error("cuDeviceGetName"))?;
             let arch = arch_of(&ctx)?;
             // Queries the launch limits now, so a broken device fails here.
