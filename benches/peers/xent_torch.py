@@ -66,7 +66,7 @@ def all_outputs(z, y):
 
 def losskern_ms(binary, b, v, dtype, grad):
     """The CLI's own timing (device-synchronised median) of xent at this shape."""
-    args = [binary, "bench", "--op", "xent", "--shape", f"{b}x{v}", "--dtype", dtype, "--device", "cuda", "--json"]
+    args = [binary, "bench", "--shape", f"{b}x{v}", "--dtype", dtype, "--device", "cuda", "--json"]
     if grad:
         args.append("--grad")
     out = subprocess.run(args, capture_output=True, text=True)
