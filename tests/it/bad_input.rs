@@ -47,75 +47,25 @@ fn xent_rejects_bad_input() {
             ..Xent::new(&z, Targets::Classes(&y))
         };
         let option_error = |e: &Error| matches!(e, Error::Option(_));
+        let with = |change: fn(&mut XentOptions)| {
+            let mut options = XentOptions::default();
+            change(&mut options);
+            options
+        };
         for (name, options) in [
-            (
-                "T = 0",
-                XentOptions {
-                    temperature: 0.0,
-                    ..Default::default()
-                },
-            ),
-            (
-                "T < 0",
-                XentOptions {
-                    temperature: -1.0,
-                    ..Default::default()
-                },
-            ),
-            (
-                "T NaN",
-                XentOptions {
-                    temperature: f64::NAN,
-                    ..Default::default()
-                },
-            ),
-            (
-                "smoothing 1",
-                XentOptions {
-                    label_smoothing: 1.0,
-                    ..Default::default()
-                },
-            ),
-            (
-                "smoothing < 0",
-                XentOptions {
-                    label_smoothing: -0.1,
-                    ..Default::default()
-                },
-            ),
-            (
-                "z-loss NaN",
-                XentOptions {
-                    z_loss: f64::NAN,
-                    ..Default::default()
-                },
-            ),
-            (
-                "z-loss < 0",
-                XentOptions {
-                    z_loss: -1.0,
-                    ..Default::default()
-                },
-            ),
+            ("T = 0", with(|o| o.temperature = 0.0)),
+            ("T < 0", with(|o| o.temperature = -1.0)),
+            ("T NaN", with(|o| o.temperature = f64::NAN)),
+            ("smoothing 1", with(|o| o.label_smoothing = 1.0)),
+            ("smoothing < 0", with(|o| o.label_smoothing = -0.1)),
+            ("z-loss NaN", with(|o| o.z_loss = f64::NAN)),
+            ("z-loss < 0", with(|o| o.z_loss = -1.0)),
+            ("rho eps < 0", with(|o| o.radius.eps = -1.0)),
+            ("rho cap NaN", with(|o| o.radius.cap = Some(f64::NAN))),
+            ("rho floor < 0", with(|o| o.radius.floor = Some(-1.0))),
         ] {
             assert_rejected(name, &[&z, &y], || xent::xent(&call(options)), option_error);
         }
-        let mut negative_eps = XentOptions::default();
-        negative_eps.radius.eps = -1.0;
-        assert_rejected(
-            "rho eps < 0",
-            &[&z, &y],
-            || xent::xent(&call(negative_eps)),
-            option_error,
-        );
-        let mut nan_cap = XentOptions::default();
-        nan_cap.radius.cap = Some(f64::NAN);
-        assert_rejected(
-            "rho cap NaN",
-            &[&z, &y],
-            || xent::xent(&call(nan_cap)),
-            option_error,
-        );
 
         let out_of_range = labels(&device, &[0, 5, 1, 1]);
         assert_rejected(

@@ -229,6 +229,30 @@ fn two_runs_are_bitwise_equal() {
     }
 }
 
+/// Every output, the gradient and one rho per row, for logits [b, v] and class targets y.
+fn run_per_sample(
+    device: &Device,
+    logits: &[f32],
+    y: &[i64],
+    b: usize,
+    v: usize,
+) -> Option<XentOutput> {
+    let t = Tensor::from_slice(device, logits, &[b, v]).unwrap();
+    let targets = Tensor::from_slice(device, y, &[b]).unwrap();
+    let mut options = XentOptions {
+        grad: true,
+        ..Default::default()
+    };
+    options.radius.reduce = RhoReduce::PerSample;
+    gpu_or_cpu_run(
+        &Xent {
+            options,
+            ..Xent::new(&t, Targets::Classes(&targets))
+        },
+        device,
+    )
+}
+
 /// Logits on a grid of quarters, so z + 64 is exact in f32.
 fn quarter_logits(rng: &mut Rng, len: usize) -> Vec<f32> {
     rng.normals(len, 3.0)
@@ -245,26 +269,10 @@ fn shifting_a_row_changes_no_probability_loss_or_radius() {
     let shifted: Vec<f32> = z.iter().map(|x| x + 64.0).collect();
     let y: Vec<i64> = (0..b).map(|_| rng.below(v) as i64).collect();
     for device in backends::all() {
-        let targets = Tensor::from_slice(&device, &y, &[b]).unwrap();
-        let run = |logits: &[f32]| {
-            let t = Tensor::from_slice(&device, logits, &[b, v]).unwrap();
-            let options = XentOptions {
-                grad: true,
-                radius: RadiusOptions {
-                    reduce: RhoReduce::PerSample,
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            gpu_or_cpu_run(
-                &Xent {
-                    options,
-                    ..Xent::new(&t, Targets::Classes(&targets))
-                },
-                &device,
-            )
-        };
-        let (Some(a), Some(c)) = (run(&z), run(&shifted)) else {
+        let (Some(a), Some(c)) = (
+            run_per_sample(&device, &z, &y, b, v),
+            run_per_sample(&device, &shifted, &y, b, v),
+        ) else {
             continue;
         };
         // A shift of 64 moves lse by 64 and rounds the exponent arguments relative to a larger
@@ -310,26 +318,10 @@ fn permuting_rows_permutes_every_per_row_output() {
         .collect();
     let y_perm: Vec<i64> = order.iter().map(|&r| y[r]).collect();
     for device in backends::all() {
-        let run = |logits: &[f32], targets: &[i64]| {
-            let t = Tensor::from_slice(&device, logits, &[b, v]).unwrap();
-            let y = Tensor::from_slice(&device, targets, &[b]).unwrap();
-            let options = XentOptions {
-                grad: true,
-                radius: RadiusOptions {
-                    reduce: RhoReduce::PerSample,
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            gpu_or_cpu_run(
-                &Xent {
-                    options,
-                    ..Xent::new(&t, Targets::Classes(&y))
-                },
-                &device,
-            )
-        };
-        let (Some(a), Some(p)) = (run(&z, &y), run(&z_perm, &y_perm)) else {
+        let (Some(a), Some(p)) = (
+            run_per_sample(&device, &z, &y, b, v),
+            run_per_sample(&device, &z_perm, &y_perm, b, v),
+        ) else {
             continue;
         };
         for (name, ta, tp) in [
