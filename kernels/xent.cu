@@ -14,6 +14,13 @@
 //                             d(reduced loss)/dz in f32 or the logits' dtype.
 //   xent_reduce               ONE block: reduced loss and reduced rho.
 //
+// The directional radius (its own call), in order on one stream:
+//   xent_directional_{f32,f16,bf16}  one block per row (grid-stride over rows):
+//                             Delta_a = max - min of the row of a, and for
+//                             V = 2 the binary radius.
+//   xent_directional_reduce   ONE block: rho_a = pi / max Delta_a and the
+//                             normalised step.
+//
 // Every thread walks its columns in ascending order, then the block reduces
 // with common.cuh's fixed tree: deterministic. Row offsets are 64-bit (B * V
 // may pass 2^31); column indices within a row are 32-bit (the host refuses
@@ -945,4 +952,125 @@ extern "C" __global__ void __launch_bounds__(1024) xent_reduce(const XentReduceA
         const double d = a.rho_max ? acc.delta_max : acc.delta_sum / (double)a.batch;
         a.rho[0] = xent_rho(d, a.rho_eps, a.rho_inf_if_small, a.has_cap, a.rho_cap, a.has_floor, a.rho_floor);
     }
+}
+
+// ---------------------------------------------------------------------------
+// The directional radius along an update direction (reference `directional`):
+// a = J v [B, V] are the logit derivatives, Delta_a = max_k a_k - min_k a_k
+// per row (NaN when the row holds a NaN), rho_a = pi / max_i Delta_a (a NaN
+// Delta_a wins), normalised step = step / rho_a, and for V = 2 the binary
+// radius sqrt(delta^2 + pi^2) / |a_1 - a_0| with delta = z_1 - z_0.
+// max and min are exact in f32 (every input is an f32 value); the
+// differences and everything after them are taken in f64 and rounded once,
+// as the reference's f64 values are when they are written as f32.
+
+// Must match XentDirArgs in src/cuda/xent.rs.
+struct XentDirArgs {
+    const void* logits;           // [B, V] of T; read only when binary_radius is set
+    const void* derivatives;      // [B, V] of T
+    float* delta_a;               // [B]
+    double* delta_a_f64;          // [B] scratch for xent_directional_reduce
+    float* binary_radius;         // [B] when V = 2, else null
+    lk_i64 batch;
+    lk_i64 classes;
+};
+static_assert(sizeof(XentDirArgs) == 56, "XentDirArgs layout drifted from src/cuda/xent.rs");
+
+// Must match XentDirReduceArgs in src/cuda/xent.rs.
+struct XentDirReduceArgs {
+    const double* delta_a_f64;    // [B]
+    float* rho_a;                 // [1]
+    float* normalized_step;       // [1]
+    lk_i64 batch;
+    double step;
+};
+static_assert(sizeof(XentDirReduceArgs) == 40, "XentDirReduceArgs layout drifted from src/cuda/xent.rs");
+
+// A thread's (then the block's) span of a row: fmaxf / fminf skip NaN, so a
+// NaN is recorded in its own flag (the reference's row test).
+struct XentSpan {
+    float mx;
+    float mn;
+    int nan;
+};
+
+__device__ __forceinline__ XentSpan lk_shfl_down(const XentSpan& a, int offset) {
+    XentSpan r;
+    r.mx = lk_shfl_down(a.mx, offset);
+    r.mn = lk_shfl_down(a.mn, offset);
+    r.nan = lk_shfl_down(a.nan, offset);
+    return r;
+}
+
+__device__ __forceinline__ XentSpan lk_combine(const XentSpan& a, const XentSpan& b) {
+    XentSpan r;
+    r.mx = fmaxf(a.mx, b.mx);
+    r.mn = fminf(a.mn, b.mn);
+    r.nan = a.nan | b.nan;
+    return r;
+}
+
+// One read of a: consecutive threads take consecutive columns (coalesced),
+// and the unrolled loop keeps several loads in flight per thread. Column
+// indices are 32-bit (the host refuses V >= 2^31), row offsets 64-bit.
+template <typename T>
+__device__ __forceinline__ void xent_directional_rows(const XentDirArgs& a) {
+    const int V = (int)a.classes;
+    XentSpan identity;
+    identity.mx = -LK_INF_F;
+    identity.mn = LK_INF_F;
+    identity.nan = 0;
+    for (lk_i64 row = blockIdx.x; row < a.batch; row += gridDim.x) {
+        const T* d = static_cast<const T*>(a.derivatives) + row * a.classes;
+        XentSpan s = identity;
+#pragma unroll 4
+        for (int k = threadIdx.x; k < V; k += blockDim.x) {
+            const float x = lk_to_f32(d[k]);
+            s.nan |= x != x;
+            s.mx = fmaxf(s.mx, x);
+            s.mn = fminf(s.mn, x);
+        }
+        s = lk_block_reduce(s, identity);
+        if (threadIdx.x != 0) continue;
+        // +inf - +inf (a row all +inf) is NaN here as in the reference.
+        const double delta_a = s.nan ? (double)LK_NAN_F : (double)s.mx - (double)s.mn;
+        a.delta_a[row] = (float)delta_a;
+        a.delta_a_f64[row] = delta_a;
+        if (a.binary_radius && V == 2) {
+            // From a_1 - a_0 itself, as the reference: NaN for a NaN a_k.
+            const T* z = static_cast<const T*>(a.logits) + row * 2;
+            const double dz = (double)lk_to_f32(z[1]) - (double)lk_to_f32(z[0]);
+            const double da = (double)lk_to_f32(d[1]) - (double)lk_to_f32(d[0]);
+            a.binary_radius[row] = (float)(sqrt(dz * dz + LK_PI * LK_PI) / fabs(da));
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(1024) xent_directional_f32(const XentDirArgs a) {
+    xent_directional_rows<float>(a);
+}
+extern "C" __global__ void __launch_bounds__(1024) xent_directional_f16(const XentDirArgs a) {
+    xent_directional_rows<lk_f16>(a);
+}
+extern "C" __global__ void __launch_bounds__(1024) xent_directional_bf16(const XentDirArgs a) {
+    xent_directional_rows<lk_bf16>(a);
+}
+
+// The NaN-propagating max over rows as a block-reduce combiner.
+struct XentNanMaxOp {
+    __device__ __forceinline__ double operator()(double a, double b) const { return xent_nan_max(a, b); }
+};
+
+// One block: max over the f64 Delta_a (the f32 outputs could overflow to inf
+// where the f64 difference does not), then rho_a and the step in f64, each
+// rounded once. Max is order-free, so the result is exact and deterministic.
+extern "C" __global__ void __launch_bounds__(1024) xent_directional_reduce(const XentDirReduceArgs a) {
+    double mx = -LK_INF_D;
+    for (lk_i64 i = threadIdx.x; i < a.batch; i += blockDim.x) mx = xent_nan_max(mx, a.delta_a_f64[i]);
+    mx = lk_block_reduce(mx, -LK_INF_D, XentNanMaxOp());
+    if (threadIdx.x != 0) return;
+    // Every Delta_a = 0 gives rho_a = +inf and a step of 0, as the reference.
+    const double rho = LK_PI / mx;
+    a.rho_a[0] = (float)rho;
+    a.normalized_step[0] = (float)(a.step / rho);
 }

@@ -15,6 +15,16 @@
 //!
 //! [`xent`] is the Tensor entry; [`xent_raw`] the zero-copy one on a caller's
 //! stream and device memory. The first calls the second: one code path.
+//!
+//! The directional radius, on one stream:
+//!
+//! 1. `xent_directional_{dtype}`: one block per row (grid-stride over rows);
+//!    Delta_a per row (f32 output and an f64 scratch copy) and, for V = 2,
+//!    the binary radius.
+//! 2. `xent_directional_reduce`: one block; rho_a and the normalised step
+//!    from the f64 max of Delta_a.
+//!
+//! [`directional`] is its Tensor entry and calls [`directional_raw`].
 
 use std::sync::Arc;
 
@@ -30,7 +40,8 @@ use crate::device::{Storage, Tensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::xent::{
-    Gap, Reduction, RhoReduce, TargetKind, Targets, Xent, XentOutput, XentSpec,
+    Directional, DirectionalOutput, DirectionalSpec, Gap, Reduction, RhoReduce, TargetKind,
+    Targets, Xent, XentOutput, XentSpec,
 };
 
 /// Device inputs of one call, as byte views of the caller's memory. Each view
@@ -626,5 +637,227 @@ pub fn xent(backend: &CudaBackend, spec: &XentSpec, call: &Xent<'_>) -> Result<X
         grad: out
             .grad
             .map(|g| tensor(g, vec![b, spec.classes], spec.grad_dtype)),
+    })
+}
+
+/// Device outputs (and scratch) of one directional problem shape; reusable
+/// across calls with the same B and V. Outputs are f32, laid out as
+/// `DirectionalOutput` says.
+#[derive(Debug)]
+pub struct DirectionalBuffers {
+    /// [B]
+    pub delta_a: CudaSlice<u8>,
+    /// [1]
+    pub rho_a: CudaSlice<u8>,
+    /// [1]
+    pub normalized_step: CudaSlice<u8>,
+    /// [B], present exactly when V = 2.
+    pub binary_radius: Option<CudaSlice<u8>>,
+    /// [B] f64: Delta_a before rounding, so the max over rows (and rho_a)
+    /// is the reference's even where an f32 Delta_a would overflow.
+    delta_a_f64: CudaSlice<u8>,
+}
+
+impl DirectionalBuffers {
+    /// Allocates the buffers for `spec` on `stream`.
+    pub fn new(stream: &Arc<CudaStream>, spec: &DirectionalSpec) -> Result<DirectionalBuffers> {
+        let alloc = |len: usize| -> Result<CudaSlice<u8>> {
+            // SAFETY: u8 has no invalid bit patterns, and the kernels write
+            // every byte of every output and of the scratch before anything
+            // reads it; 1 byte at least because the driver refuses empty
+            // allocations.
+            unsafe { stream.alloc::<u8>(len.max(1)) }.map_err(driver_error("cuMemAlloc"))
+        };
+        let per_row = bytes(spec.batch, 4, "delta_a")?;
+        Ok(DirectionalBuffers {
+            delta_a: alloc(per_row)?,
+            rho_a: alloc(4)?,
+            normalized_step: alloc(4)?,
+            binary_radius: if spec.classes == 2 {
+                Some(alloc(per_row)?)
+            } else {
+                None
+            },
+            delta_a_f64: alloc(bytes(spec.batch, 8, "delta_a scratch")?)?,
+        })
+    }
+}
+
+// Must match XentDirArgs and XentDirReduceArgs in kernels/xent.cu (sizes
+// asserted on both sides).
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct XentDirArgs {
+    logits: u64,
+    derivatives: u64,
+    delta_a: u64,
+    delta_a_f64: u64,
+    binary_radius: u64,
+    batch: i64,
+    classes: i64,
+}
+const _: () = assert!(std::mem::size_of::<XentDirArgs>() == 56);
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct XentDirReduceArgs {
+    delta_a_f64: u64,
+    rho_a: u64,
+    normalized_step: u64,
+    batch: i64,
+    step: f64,
+}
+const _: () = assert!(std::mem::size_of::<XentDirReduceArgs>() == 40);
+
+// SAFETY: both are #[repr(C)], made only of integers and floats (pointers as
+// u64 CUdeviceptr values), with the field order, sizes and alignments of
+// their C++ twins in kernels/xent.cu (sizes asserted on both sides).
+unsafe impl DeviceRepr for XentDirArgs {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for XentDirReduceArgs {}
+
+fn directional_kernel(dtype: DType) -> Result<&'static str> {
+    match dtype {
+        DType::F32 => Ok("xent_directional_f32"),
+        DType::F16 => Ok("xent_directional_f16"),
+        DType::BF16 => Ok("xent_directional_bf16"),
+        other => Err(Error::DType(format!(
+            "the CUDA directional kernels take f32, f16 or bf16, not {other}"
+        ))),
+    }
+}
+
+/// Runs the directional radius on `stream` over the caller's device memory:
+/// logits z and derivatives a, both [B, V] dense in `spec.dtype` and aligned
+/// to its element size; writes `out`. No copy, no allocation, no
+/// synchronisation. `spec` is trusted for semantics (build it with
+/// `ops::xent::validate_directional`), but every buffer's size and alignment
+/// is checked against it, so a wrong spec gives an error, never an
+/// out-of-bounds access.
+pub fn directional_raw(
+    stream: &Arc<CudaStream>,
+    spec: &DirectionalSpec,
+    logits: &CudaView<'_, u8>,
+    derivatives: &CudaView<'_, u8>,
+    out: &mut DirectionalBuffers,
+) -> Result<()> {
+    let (b, v) = (spec.batch, spec.classes);
+    if b == 0 || v == 0 {
+        return Err(Error::Shape(format!(
+            "the directional radius needs B >= 1 and V >= 1, got B = {b}, V = {v}"
+        )));
+    }
+    if i32::try_from(v).is_err() {
+        // Column indices within a row are 32-bit in the kernel.
+        return Err(Error::Shape(format!(
+            "the CUDA directional kernel takes up to 2^31 - 1 classes, got V = {v}"
+        )));
+    }
+    let name = directional_kernel(spec.dtype)?;
+    let elem = spec.dtype.size();
+    let elements = b
+        .checked_mul(v)
+        .ok_or_else(|| Error::Shape("B * V overflows usize".into()))?;
+    let input_bytes = bytes(elements, elem, "directional inputs")?;
+    let per_row = bytes(b, 4, "delta_a")?;
+
+    let kernels = kernels(stream.context())?;
+    let rows = kernels.function(KernelSource::Xent, name)?;
+    let reduce = kernels.function(KernelSource::Xent, "xent_directional_reduce")?;
+
+    let mut p = Pointers {
+        stream,
+        guards: Vec::new(),
+    };
+    let logits_ptr = p.read(logits, input_bytes, elem, "logits")?;
+    let derivatives_ptr = p.read(derivatives, input_bytes, elem, "derivatives")?;
+    let DirectionalBuffers {
+        delta_a,
+        rho_a,
+        normalized_step,
+        binary_radius,
+        delta_a_f64,
+    } = out;
+    let delta_a_ptr = p.write(delta_a, per_row, 4, "delta_a")?;
+    let delta_a_f64_ptr = p.write(
+        delta_a_f64,
+        bytes(b, 8, "delta_a scratch")?,
+        8,
+        "delta_a scratch",
+    )?;
+    let rho_a_ptr = p.write(rho_a, 4, 4, "rho_a")?;
+    let step_ptr = p.write(normalized_step, 4, 4, "normalized_step")?;
+    let radius_ptr = match (binary_radius.as_mut(), v == 2) {
+        (Some(radius), true) => p.write(radius, per_row, 4, "binary_radius")?,
+        (None, false) => 0,
+        _ => {
+            return Err(Error::Shape(format!(
+                "the binary radius buffer must be present exactly when V = 2, got V = {v}"
+            )))
+        }
+    };
+    let batch = as_i64(b, "B")?;
+
+    let rows_args = XentDirArgs {
+        logits: logits_ptr,
+        derivatives: derivatives_ptr,
+        delta_a: delta_a_ptr,
+        delta_a_f64: delta_a_f64_ptr,
+        binary_radius: radius_ptr,
+        batch,
+        classes: as_i64(v, "V")?,
+    };
+    // About 16 columns per thread: several loads in flight each, and the
+    // block's reduction a small share of its time; every row gets a block.
+    let cfg = kernels.row_config(name, &rows, b, v, 16, u32::MAX)?;
+    // SAFETY: the argument block matches the kernel's parameter (see the
+    // DeviceRepr impl). The derivatives (and, when V = 2, the logits) are read
+    // over B * V elements of the dtype, the per-row outputs written over B
+    // f32 (the scratch B f64), all checked above for size and alignment; the
+    // radius pointer is null unless V = 2. The grid and block were checked
+    // against the device and function limits by row_config.
+    unsafe { stream.launch_builder(&rows).arg(&rows_args).launch(cfg) }
+        .map_err(driver_error(name))?;
+
+    let reduce_args = XentDirReduceArgs {
+        delta_a_f64: delta_a_f64_ptr,
+        rho_a: rho_a_ptr,
+        normalized_step: step_ptr,
+        batch,
+        step: spec.step,
+    };
+    let cfg = kernels.single_block_config("xent_directional_reduce", &reduce)?;
+    // SAFETY: the argument block matches xent_directional_reduce's parameter.
+    // It reads the B f64 of scratch the row kernel wrote before it on this
+    // stream and writes one f32 each of rho_a and normalized_step, all checked
+    // above. One block, checked against the limits.
+    unsafe { stream.launch_builder(&reduce).arg(&reduce_args).launch(cfg) }
+        .map_err(driver_error("xent_directional_reduce"))?;
+    drop(p);
+    Ok(())
+}
+
+/// Runs a validated directional-radius call on `backend`.
+pub fn directional(
+    backend: &CudaBackend,
+    spec: &DirectionalSpec,
+    call: &Directional<'_>,
+) -> Result<DirectionalOutput> {
+    let logits = cuda_slice(call.logits, "logits")?.as_view();
+    let derivatives = cuda_slice(call.derivatives, "derivatives")?.as_view();
+    let stream = backend.stream();
+    let mut out = DirectionalBuffers::new(stream, spec)?;
+    directional_raw(stream, spec, &logits, &derivatives, &mut out)?;
+
+    let device = call.logits.device();
+    let tensor = |slice: CudaSlice<u8>, len: usize| {
+        Tensor::from_storage(device, Storage::Cuda(slice), vec![len], DType::F32)
+    };
+    Ok(DirectionalOutput {
+        delta_a: tensor(out.delta_a, spec.batch),
+        rho_a: tensor(out.rho_a, 1),
+        binary_radius: out.binary_radius.map(|r| tensor(r, spec.batch)),
+        normalized_step: tensor(out.normalized_step, 1),
     })
 }

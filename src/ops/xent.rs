@@ -301,6 +301,7 @@ pub fn directional(call: &Directional<'_>) -> Result<DirectionalOutput> {
     let spec = validate_directional(call)?;
     match call.logits.device() {
         Device::Cpu => crate::cpu::xent::directional(&spec, call),
+        Device::Cuda(b) => crate::cuda::xent::directional(b, &spec, call),
         device => Err(unsupported("xent::directional", device)),
     }
 }
