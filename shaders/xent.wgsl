@@ -1,13 +1,17 @@
 // xent: fused softmax / cross-entropy with entropy, argmax, gradient and the
 // softmax convergence radius rho = pi / Delta (semantics: reference/src/xent.rs).
 //
-// Three entry points, run in this order on one queue:
+// Four entry points, run in this order on one queue:
+//   xent_scale    one workgroup, only with the gradient: the reduction's grad scale
+//                 (1 / sum of row weights for mean) from the targets alone -> `red`.
 //   xent_forward  `row_threads` invocations per row (a whole workgroup for long rows):
-//                 a single pass over the row (online softmax) writes every per-row
-//                 output to `rows`.
-//   xent_reduce   one workgroup: loss and Delta reduced over rows, rho, grad scale -> `red`.
-//   xent_grad     one invocation per 32-bit word of the dense [B, V] gradient (one f32
-//                 or two 16-bit elements), so no two invocations write the same word.
+//                 a single pass over the row (online softmax, 16-byte loads) writes
+//                 every per-row output to `rows`; with the gradient, the same
+//                 invocations then re-read the row (from cache) and write its gradient.
+//   xent_reduce   one workgroup: loss and Delta reduced over rows, rho -> `red`.
+//   xent_grad     only for a 16-bit gradient with odd V: the gradient words shared by
+//                 two rows (one invocation per row), so no two invocations write the
+//                 same word.
 //
 // Portability rules this file keeps:
 // - WGSL has no 64-bit integers: element indices are u32 within one binding; the host
@@ -53,6 +57,7 @@ const F_INF_IF_SMALL: u32 = 32u;
 const F_HAS_CAP: u32 = 64u;
 const F_HAS_FLOOR: u32 = 128u;
 const F_FLOOR_INF: u32 = 256u;
+const F_GRAD: u32 = 512u;
 
 // Fields of `rows`: field f of row i is word f * batch + i; argmax takes two words per row.
 const ROW_LOSS: u32 = 0u;
@@ -109,7 +114,9 @@ struct Params {
     // Invocations per row in xent_forward (a power of two <= 256); a workgroup takes
     // 256 / row_threads rows, so short rows do not leave most invocations idle.
     row_threads: u32,
-    _pad1: u32,
+    // 16-byte units of `logits4` (the logits binding's whole 16-byte units; 0 when the
+    // binding is under 16 bytes and `logits4` is a placeholder).
+    vec_count: u32,
     _pad2: u32,
 }
 
@@ -123,6 +130,8 @@ struct Params {
 @group(0) @binding(5) var<storage, read_write> rows: array<u32>;
 @group(0) @binding(6) var<storage, read_write> red: array<u32>;
 @group(0) @binding(7) var<storage, read_write> grad: array<u32>;
+// The logits binding's range again, as 16-byte units (rounded down to a whole unit).
+@group(0) @binding(8) var<storage, read> logits4: array<vec4<u32>>;
 
 // ---------------------------------------------------------------- bits and specials
 
@@ -437,6 +446,410 @@ fn row_field(field: u32, row: u32) -> u32 {
     return field * P.batch + row;
 }
 
+// The running state of one invocation's part of a row (see the w_* arrays).
+var<private> st_m: f32;
+var<private> st_s: f32;
+var<private> st_t: f32;
+var<private> st_a: f32;
+var<private> st_cf: f32;
+var<private> st_call: f32;
+var<private> st_top1: u32;
+var<private> st_top2: u32;
+var<private> st_arg: u32;
+var<private> st_low: u32;
+var<private> st_nan: u32;
+var<private> st_bad: u32;
+var<private> st_flags: u32;
+// The row being walked: its class target, the soft-target offset of its class 0, and
+// whether the per-class coefficients are accumulated element by element. Without
+// soft targets, class weights or label smoothing, the only nonzero coefficient is
+// c_y = 1 - eps, which is added once per row after the reduction instead.
+var<private> row_y: u32;
+var<private> row_soft: u32;
+var<private> row_coef: bool;
+
+// Elements of 16 bytes of logits.
+fn elements_per_vec() -> u32 {
+    return select(8u, 4u, LOGITS_DT == DT_F32);
+}
+
+// Bits of x = z / T for the f32 bits `zb` of a logit; non-finite logits keep their bits.
+fn x_bits_of(zb: u32) -> u32 {
+    if !is_finite_bits(zb) {
+        return zb;
+    }
+    return bitcast<u32>(bitcast<f32>(zb) * P.inv_t);
+}
+
+// Bits of the (finite) coefficient of class k, or 0 with FL_COEF_NAN set for a non-finite one.
+fn step_coef(k: u32) -> f32 {
+    let cb = coef_bits(k, row_y, row_soft + k);
+    if is_finite_bits(cb) {
+        return bitcast<f32>(cb);
+    }
+    st_flags = st_flags | FL_COEF_NAN;
+    return 0.0;
+}
+
+// One element of the online pass, any value: class k, bits xb of x.
+fn step_any(k: u32, xb: u32) {
+    var c = 0.0;
+    if row_coef {
+        c = step_coef(k);
+    }
+    if is_nan_bits(xb) || xb == POS_INF_BITS {
+        st_bad = min(st_bad, k);
+        if is_nan_bits(xb) {
+            st_nan = min(st_nan, k);
+        }
+        return;
+    }
+    let xk = key(xb);
+    if st_arg == NONE || xk > st_top1 {
+        st_top2 = st_top1;
+        st_top1 = xk;
+        st_arg = k;
+    } else if xk > st_top2 {
+        st_top2 = xk;
+    }
+    st_low = min(st_low, xk);
+    st_call = st_call + c;
+    if xb == NEG_INF_BITS {
+        // p_k = 0: no softmax term; a nonzero coefficient makes the loss infinite.
+        if c > 0.0 {
+            st_flags = st_flags | FL_COEF_POS_INF;
+        } else if c < 0.0 {
+            st_flags = st_flags | FL_COEF_NEG_INF;
+        }
+        return;
+    }
+    let x = bitcast<f32>(xb);
+    if (st_flags & FL_FINITE) == 0u {
+        st_m = x;
+        st_s = 1.0;
+        st_t = 0.0;
+        st_flags = st_flags | FL_FINITE;
+    } else if x > st_m {
+        // The max moves: rescale s and t to the new max, shift a by (x - m) cf.
+        let d = st_m - x;
+        let e = exp(d);
+        st_t = (st_t + d * st_s) * e;
+        st_s = st_s * e + 1.0;
+        st_a = st_a + (x - st_m) * st_cf;
+        st_m = x;
+    } else {
+        let d = x - st_m;
+        let e = exp(d);
+        st_s = st_s + e;
+        st_t = st_t + e * d;
+    }
+    st_a = st_a + c * (st_m - x);
+    st_cf = st_cf + c;
+}
+
+// Bits of x = z / T for four logits' f32 bits (see `x_bits_of`).
+fn x_bits4(zb: vec4<u32>) -> vec4<u32> {
+    let finite = (zb & vec4<u32>(0x7fffffffu)) < vec4<u32>(POS_INF_BITS);
+    return select(zb, bitcast<vec4<u32>>(bitcast<vec4<f32>>(zb) * P.inv_t), finite);
+}
+
+fn key4(b: vec4<u32>) -> vec4<u32> {
+    let negative = (b >> vec4<u32>(31u)) == vec4<u32>(1u);
+    return b ^ select(vec4<u32>(0x80000000u), vec4<u32>(0xffffffffu), negative);
+}
+
+fn f16x4(h: vec4<u32>) -> vec4<u32> {
+    return vec4<u32>(
+        f16_to_f32_bits(h.x),
+        f16_to_f32_bits(h.y),
+        f16_to_f32_bits(h.z),
+        f16_to_f32_bits(h.w),
+    );
+}
+
+// One element of a finite group entering the top-2 (any order within the group: ties
+// on the value go to the smaller class).
+fn top_one(xk: u32, k: u32) {
+    if xk > st_top1 {
+        st_top2 = st_top1;
+        st_top1 = xk;
+        st_arg = k;
+    } else {
+        if xk == st_top1 && k < st_arg {
+            st_arg = k;
+        }
+        if xk > st_top2 {
+            st_top2 = xk;
+        }
+    }
+}
+
+fn coef_one(k: u32, xb: u32, m: f32) {
+    let c = step_coef(k);
+    st_a = st_a + c * (m - bitcast<f32>(xb));
+    st_cf = st_cf + c;
+    st_call = st_call + c;
+}
+
+// Four finite elements `a` (classes k0 + i * ks) against the running max m.
+fn sums4(a: vec4<u32>, m: f32) -> vec2<f32> {
+    let d = bitcast<vec4<f32>>(a) - vec4<f32>(m);
+    let e = exp(d);
+    return vec2<f32>((e.x + e.y) + (e.z + e.w), dot(e, d));
+}
+
+// The 4 (f32) or 8 (16-bit) logits of one 16-byte load, classes k0, k0 + 1, ...
+// When all are finite, the running max moves at most once for the group and the
+// top-2 is only walked when the group's max can enter it; otherwise each element
+// takes `step_any`, in class order. Written on vectors, with no per-element loop.
+fn step_vec(q: vec4<u32>, k0: u32) {
+    let wide = LOGITS_DT == DT_F32;
+    // 16-bit: a holds classes k0 + 2i, b classes k0 + 2i + 1; f32: a holds k0 + i.
+    var a: vec4<u32>;
+    var b: vec4<u32>;
+    if wide {
+        a = x_bits4(q);
+        b = a;
+    } else if LOGITS_DT == DT_BF16 {
+        a = x_bits4(q << vec4<u32>(16u));
+        b = x_bits4(q & vec4<u32>(0xffff0000u));
+    } else {
+        a = x_bits4(f16x4(q & vec4<u32>(0xffffu)));
+        b = x_bits4(f16x4(q >> vec4<u32>(16u)));
+    }
+    let ab = max(a & vec4<u32>(0x7fffffffu), b & vec4<u32>(0x7fffffffu));
+    if max(max(ab.x, ab.y), max(ab.z, ab.w)) >= POS_INF_BITS {
+        if wide {
+            step_any(k0, a.x);
+            step_any(k0 + 1u, a.y);
+            step_any(k0 + 2u, a.z);
+            step_any(k0 + 3u, a.w);
+        } else {
+            step_any(k0, a.x);
+            step_any(k0 + 1u, b.x);
+            step_any(k0 + 2u, a.y);
+            step_any(k0 + 3u, b.y);
+            step_any(k0 + 4u, a.z);
+            step_any(k0 + 5u, b.z);
+            step_any(k0 + 6u, a.w);
+            step_any(k0 + 7u, b.w);
+        }
+        return;
+    }
+    let ka = key4(a);
+    let kb = key4(b);
+    let hi4 = max(ka, kb);
+    let lo4 = min(ka, kb);
+    let kmax = max(max(hi4.x, hi4.y), max(hi4.z, hi4.w));
+    let kmin = min(min(lo4.x, lo4.y), min(lo4.z, lo4.w));
+    if kmax > st_top2 {
+        if wide {
+            top_one(ka.x, k0);
+            top_one(ka.y, k0 + 1u);
+            top_one(ka.z, k0 + 2u);
+            top_one(ka.w, k0 + 3u);
+        } else {
+            top_one(ka.x, k0);
+            top_one(kb.x, k0 + 1u);
+            top_one(ka.y, k0 + 2u);
+            top_one(kb.y, k0 + 3u);
+            top_one(ka.z, k0 + 4u);
+            top_one(kb.z, k0 + 5u);
+            top_one(ka.w, k0 + 6u);
+            top_one(kb.w, k0 + 7u);
+        }
+    }
+    st_low = min(st_low, kmin);
+    let gm = unkey(kmax);
+    if (st_flags & FL_FINITE) == 0u {
+        st_m = gm;
+        st_s = 0.0;
+        st_t = 0.0;
+        st_flags = st_flags | FL_FINITE;
+    } else if gm > st_m {
+        let d = st_m - gm;
+        let e = exp(d);
+        st_t = (st_t + d * st_s) * e;
+        st_s = st_s * e;
+        st_a = st_a + (gm - st_m) * st_cf;
+        st_m = gm;
+    }
+    let m = st_m;
+    var st = sums4(a, m);
+    if !wide {
+        st = st + sums4(b, m);
+    }
+    st_s = st_s + st.x;
+    st_t = st_t + st.y;
+    if row_coef {
+        if wide {
+            coef_one(k0, a.x, m);
+            coef_one(k0 + 1u, a.y, m);
+            coef_one(k0 + 2u, a.z, m);
+            coef_one(k0 + 3u, a.w, m);
+        } else {
+            coef_one(k0, a.x, m);
+            coef_one(k0 + 1u, b.x, m);
+            coef_one(k0 + 2u, a.y, m);
+            coef_one(k0 + 3u, b.y, m);
+            coef_one(k0 + 4u, a.z, m);
+            coef_one(k0 + 5u, b.z, m);
+            coef_one(k0 + 6u, a.w, m);
+            coef_one(k0 + 7u, b.w, m);
+        }
+    }
+}
+
+// Loads of the logits (element index e of the binding) for the gradient, kept apart
+// from the decode so that several loads are in flight before the arithmetic.
+// Two raw words holding elements e and e + 1.
+fn raw_pair(e: u32) -> vec2<u32> {
+    if LOGITS_DT == DT_F32 {
+        return vec2<u32>(logits[e], logits[e + 1u]);
+    }
+    if (e & 1u) == 0u {
+        let w = logits[e >> 1u];
+        return vec2<u32>(w, w);
+    }
+    return vec2<u32>(logits[e >> 1u], logits[(e >> 1u) + 1u]);
+}
+
+// Bits of x for elements e and e + 1 from `raw_pair(e)`.
+fn x_pair(r: vec2<u32>, e: u32) -> vec2<u32> {
+    if LOGITS_DT == DT_F32 {
+        return vec2<u32>(x_bits_of(r.x), x_bits_of(r.y));
+    }
+    let h = e & 1u;
+    return vec2<u32>(
+        x_bits_of(decode16(r.x, h, LOGITS_DT)),
+        x_bits_of(decode16(r.y, 1u - h, LOGITS_DT)),
+    );
+}
+
+fn raw_one(e: u32) -> u32 {
+    if LOGITS_DT == DT_F32 {
+        return logits[e];
+    }
+    return logits[e >> 1u];
+}
+
+fn x_one(r: u32, e: u32) -> u32 {
+    if LOGITS_DT == DT_F32 {
+        return x_bits_of(r);
+    }
+    return x_bits_of(decode16(r, e & 1u, LOGITS_DT));
+}
+
+// What the gradient of a valid row needs.
+struct GradRow {
+    lse: f32,
+    call: f32,
+    // 2 z_loss lse.
+    zz: f32,
+    scale_bits: u32,
+}
+
+// f32 bits of d(reduced loss)/dz_k for a valid row, from the bits xb of x_k.
+fn grad_bits(g: GradRow, k: u32, xb: u32) -> u32 {
+    var p = 0.0;
+    if xb != NEG_INF_BITS {
+        p = exp(bitcast<f32>(xb) - g.lse);
+    }
+    var c = 0.0;
+    if row_coef {
+        // A valid row has only finite coefficients.
+        c = bitcast<f32>(coef_bits(k, row_y, row_soft + k));
+    } else if k == row_y {
+        c = P.on_target;
+    }
+    // d loss_i / d x_k = (sum_j c_j) p_k - c_k + 2 c_z lse p_k, and dx/dz = 1/T.
+    let v = (g.call * p - c + g.zz * p) * P.inv_t;
+    return bitcast<u32>(mul_special(v, g.scale_bits));
+}
+
+// Writes the gradient of a row: chunk-relative gradient elements [g0, g0 + V), logits
+// elements [e0, e0 + V). `fill` (when not NONE) are the f32 bits of every element (an
+// ignored or NaN row). With a 16-bit gradient, only words holding two elements of this
+// row are written here; the words shared with a neighbour row (odd V) are xent_grad's.
+fn write_grad_row(g: GradRow, fill: u32, g0: u32, e0: u32, lane: u32, rt: u32) {
+    let classes = P.classes;
+    if GRAD_DT == DT_F32 {
+        var k = lane;
+        for (; k + 3u * rt < classes; k = k + 4u * rt) {
+            let r0 = raw_one(e0 + k);
+            let r1 = raw_one(e0 + k + rt);
+            let r2 = raw_one(e0 + k + 2u * rt);
+            let r3 = raw_one(e0 + k + 3u * rt);
+            var o = vec4<u32>(fill, fill, fill, fill);
+            if fill == NONE {
+                o = vec4<u32>(
+                    grad_bits(g, k, x_one(r0, e0 + k)),
+                    grad_bits(g, k + rt, x_one(r1, e0 + k + rt)),
+                    grad_bits(g, k + 2u * rt, x_one(r2, e0 + k + 2u * rt)),
+                    grad_bits(g, k + 3u * rt, x_one(r3, e0 + k + 3u * rt)),
+                );
+            }
+            let w = P.grad_base + g0 + k;
+            grad[w] = o.x;
+            grad[w + rt] = o.y;
+            grad[w + 2u * rt] = o.z;
+            grad[w + 3u * rt] = o.w;
+        }
+        for (; k < classes; k = k + rt) {
+            var o = fill;
+            if fill == NONE {
+                o = grad_bits(g, k, x_one(raw_one(e0 + k), e0 + k));
+            }
+            grad[P.grad_base + g0 + k] = o;
+        }
+        return;
+    }
+    // Words [wa, wb) of the chunk's gradient hold two elements of this row each.
+    let wa = (g0 + 1u) / 2u;
+    let wb = (g0 + classes) / 2u;
+    // Class of the low element of word w: 2 w - g0; its logit: e0 + 2 w - g0.
+    let eoff = e0 - g0;
+    var fill16 = 0u;
+    if fill != NONE {
+        let h = encode16(fill, GRAD_DT);
+        fill16 = h | (h << 16u);
+    }
+    var w = wa + lane;
+    for (; w + 3u * rt < wb; w = w + 4u * rt) {
+        let r0 = raw_pair(eoff + 2u * w);
+        let r1 = raw_pair(eoff + 2u * (w + rt));
+        let r2 = raw_pair(eoff + 2u * (w + 2u * rt));
+        let r3 = raw_pair(eoff + 2u * (w + 3u * rt));
+        var o = vec4<u32>(fill16, fill16, fill16, fill16);
+        if fill == NONE {
+            o = vec4<u32>(
+                grad_word(g, 2u * w - g0, x_pair(r0, eoff + 2u * w)),
+                grad_word(g, 2u * (w + rt) - g0, x_pair(r1, eoff + 2u * (w + rt))),
+                grad_word(g, 2u * (w + 2u * rt) - g0, x_pair(r2, eoff + 2u * (w + 2u * rt))),
+                grad_word(g, 2u * (w + 3u * rt) - g0, x_pair(r3, eoff + 2u * (w + 3u * rt))),
+            );
+        }
+        grad[P.grad_base + w] = o.x;
+        grad[P.grad_base + w + rt] = o.y;
+        grad[P.grad_base + w + 2u * rt] = o.z;
+        grad[P.grad_base + w + 3u * rt] = o.w;
+    }
+    for (; w < wb; w = w + rt) {
+        var o = fill16;
+        if fill == NONE {
+            o = grad_word(g, 2u * w - g0, x_pair(raw_pair(eoff + 2u * w), eoff + 2u * w));
+        }
+        grad[P.grad_base + w] = o;
+    }
+}
+
+// Two 16-bit gradient elements, classes k and k + 1, packed in a word.
+fn grad_word(g: GradRow, k: u32, xb: vec2<u32>) -> u32 {
+    let lo = encode16(grad_bits(g, k, xb.x), GRAD_DT);
+    let hi = encode16(grad_bits(g, k + 1u, xb.y), GRAD_DT);
+    return lo | (hi << 16u);
+}
+
 @compute @workgroup_size(256)
 fn xent_forward(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -468,101 +881,74 @@ fn xent_forward(
         label_bad = !ignored && (hi != 0u || lo >= classes);
     }
     let use_coef = !ignored && !label_bad;
+    row_y = y;
+    row_soft = P.soft_base + local_row * classes;
+    row_coef = use_coef
+        && ((P.flags & (F_SOFT | F_WEIGHTED)) != 0u || P.eps_over_v != 0.0);
 
-    var m = 0.0;
-    var s = 0.0;
-    var t = 0.0;
-    var a = 0.0;
-    var cf = 0.0;
-    var call = 0.0;
-    var top1 = KEY_NEG_INF;
-    var top2 = KEY_NEG_INF;
-    var arg = NONE;
-    var low = NONE;
-    var first_nan = NONE;
-    var first_bad = NONE;
-    var flags = 0u;
+    st_m = 0.0;
+    st_s = 0.0;
+    st_t = 0.0;
+    st_a = 0.0;
+    st_cf = 0.0;
+    st_call = 0.0;
+    st_top1 = KEY_NEG_INF;
+    st_top2 = KEY_NEG_INF;
+    st_arg = NONE;
+    st_low = NONE;
+    st_nan = NONE;
+    st_bad = NONE;
+    st_flags = 0u;
 
-    let logits_row = P.logits_base + local_row * P.stride;
-    let soft_row = P.soft_base + local_row * classes;
-    let end = select(0u, classes, in_chunk);
-    for (var k = lane; k < end; k = k + row_threads) {
-        let xb = logit_x_bits(logits_row + k);
-        var c = 0.0;
-        if use_coef {
-            let cb = coef_bits(k, y, soft_row + k);
-            if is_finite_bits(cb) {
-                c = bitcast<f32>(cb);
-            } else {
-                flags = flags | FL_COEF_NAN;
-            }
-        }
-        if is_nan_bits(xb) || xb == POS_INF_BITS {
-            // k only grows within an invocation, so the first hit is the smallest index.
-            if first_bad == NONE {
-                first_bad = k;
-            }
-            if first_nan == NONE && is_nan_bits(xb) {
-                first_nan = k;
-            }
-            continue;
-        }
-        let xk = key(xb);
-        if arg == NONE || xk > top1 {
-            top2 = top1;
-            top1 = xk;
-            arg = k;
-        } else if xk > top2 {
-            top2 = xk;
-        }
-        low = min(low, xk);
-        call = call + c;
-        if xb == NEG_INF_BITS {
-            // p_k = 0: no softmax term; a nonzero coefficient makes the loss infinite.
-            if c > 0.0 {
-                flags = flags | FL_COEF_POS_INF;
-            } else if c < 0.0 {
-                flags = flags | FL_COEF_NEG_INF;
-            }
-            continue;
-        }
-        let x = bitcast<f32>(xb);
-        if (flags & FL_FINITE) == 0u {
-            m = x;
-            s = 1.0;
-            t = 0.0;
-            flags = flags | FL_FINITE;
-        } else if x > m {
-            // The max moves: rescale s and t to the new max, shift a by (x - m) cf.
-            let d = m - x;
-            let e = exp(d);
-            t = (t + d * s) * e;
-            s = s * e + 1.0;
-            a = a + (x - m) * cf;
-            m = x;
-        } else {
-            let d = x - m;
-            let e = exp(d);
-            s = s + e;
-            t = t + e * d;
-        }
-        a = a + c * (m - x);
-        cf = cf + c;
+    // The row's logits are elements [e0, e1) of the binding: an unaligned head and tail
+    // element by element, the 16-byte-aligned middle through `logits4`.
+    let e0 = P.logits_base + local_row * P.stride;
+    var e1 = e0;
+    if in_chunk {
+        e1 = e0 + classes;
+    }
+    let epv = elements_per_vec();
+    var va = (e0 + epv - 1u) / epv;
+    var vb = min(e1 / epv, P.vec_count);
+    var head_end = e1;
+    var tail_start = e1;
+    if vb > va {
+        head_end = va * epv;
+        tail_start = vb * epv;
+    } else {
+        va = 0u;
+        vb = 0u;
+    }
+    for (var e = e0 + lane; e < head_end; e = e + row_threads) {
+        step_any(e - e0, logit_x_bits(e));
+    }
+    var j = va + lane;
+    for (; j + row_threads < vb; j = j + 2u * row_threads) {
+        let q0 = logits4[j];
+        let q1 = logits4[j + row_threads];
+        step_vec(q0, j * epv - e0);
+        step_vec(q1, (j + row_threads) * epv - e0);
+    }
+    if j < vb {
+        step_vec(logits4[j], j * epv - e0);
+    }
+    for (var e = tail_start + lane; e < e1; e = e + row_threads) {
+        step_any(e - e0, logit_x_bits(e));
     }
 
-    w_m[lid] = m;
-    w_s[lid] = s;
-    w_t[lid] = t;
-    w_a[lid] = a;
-    w_cf[lid] = cf;
-    w_call[lid] = call;
-    w_top1[lid] = top1;
-    w_top2[lid] = top2;
-    w_arg[lid] = arg;
-    w_min[lid] = low;
-    w_nan[lid] = first_nan;
-    w_bad[lid] = first_bad;
-    w_flags[lid] = flags;
+    w_m[lid] = st_m;
+    w_s[lid] = st_s;
+    w_t[lid] = st_t;
+    w_a[lid] = st_a;
+    w_cf[lid] = st_cf;
+    w_call[lid] = st_call;
+    w_top1[lid] = st_top1;
+    w_top2[lid] = st_top2;
+    w_arg[lid] = st_arg;
+    w_min[lid] = st_low;
+    w_nan[lid] = st_nan;
+    w_bad[lid] = st_bad;
+    w_flags[lid] = st_flags;
     workgroupBarrier();
     for (var stride = row_threads / 2u; stride > 0u; stride = stride >> 1u) {
         if lane < stride {
@@ -570,13 +956,35 @@ fn xent_forward(
         }
         workgroupBarrier();
     }
-    if lane != 0u || !in_chunk {
+    if !in_chunk {
         return;
     }
 
-    // This invocation's slot holds the whole row now.
-    let fl = w_flags[lid];
-    var argmax = w_arg[lid];
+    // Slot `base` holds the whole row now; every invocation of the row reads it (the
+    // same values, so the same results) and the first one writes the per-row outputs.
+    let base = lid - lane;
+    var fl = w_flags[base];
+    var sum_a = w_a[base];
+    var sum_cf = w_cf[base];
+    var sum_c = w_call[base];
+    if use_coef && !row_coef {
+        // The one coefficient c_y = 1 - eps (no weights, no smoothing).
+        let c = P.on_target;
+        let xb = logit_x_bits(e0 + y);
+        if is_finite_bits(xb) {
+            sum_a = sum_a + c * (w_m[base] - bitcast<f32>(xb));
+            sum_cf = sum_cf + c;
+            sum_c = sum_c + c;
+        } else if xb == NEG_INF_BITS {
+            sum_c = sum_c + c;
+            if c > 0.0 {
+                fl = fl | FL_COEF_POS_INF;
+            } else if c < 0.0 {
+                fl = fl | FL_COEF_NEG_INF;
+            }
+        }
+    }
+    var argmax = w_arg[base];
     var row_max = nan();
     var row_min = nan();
     var gap = nan();
@@ -585,18 +993,18 @@ fn xent_forward(
     var delta = nan();
     var log_s = 0.0;
     var valid = false;
-    if w_bad[lid] != NONE {
+    if w_bad[base] != NONE {
         // A NaN or +inf logit: every statistic is NaN; argmax is the first NaN, else the first +inf.
-        argmax = select(w_bad[lid], w_nan[lid], w_nan[lid] != NONE);
+        argmax = select(w_bad[base], w_nan[base], w_nan[base] != NONE);
     } else {
-        let t1 = w_top1[lid];
+        let t1 = w_top1[base];
         row_max = unkey(t1);
-        row_min = unkey(w_min[lid]);
-        gap = select(key_gap(t1, w_top2[lid]), 0.0, classes == 1u);
+        row_min = unkey(w_min[base]);
+        gap = select(key_gap(t1, w_top2[base]), 0.0, classes == 1u);
         if (fl & FL_FINITE) != 0u {
-            log_s = log(w_s[lid]);
-            lse = w_m[lid] + log_s;
-            entropy = log_s - w_t[lid] / w_s[lid];
+            log_s = log(w_s[base]);
+            lse = w_m[base] + log_s;
+            entropy = log_s - w_t[base] / w_s[base];
             valid = true;
         } else {
             // Only -inf: lse = -inf, entropy NaN.
@@ -605,7 +1013,7 @@ fn xent_forward(
         if (P.flags & F_GAP_TOP2) != 0u {
             delta = gap;
         } else {
-            delta = key_gap(t1, w_min[lid]);
+            delta = key_gap(t1, w_min[base]);
         }
     }
 
@@ -627,7 +1035,7 @@ fn xent_forward(
             status = STATUS_NAN;
         } else {
             // sum_k c_k (lse - x_k) = sum c_k (m - x_k) + (sum c_k) (lse - m), lse - m = log s.
-            loss = w_a[lid] + w_cf[lid] * log_s + P.z_loss * lse * lse;
+            loss = sum_a + sum_cf * log_s + P.z_loss * lse * lse;
             let pos = (fl & FL_COEF_POS_INF) != 0u;
             let neg = (fl & FL_COEF_NEG_INF) != 0u;
             if pos && neg {
@@ -641,20 +1049,36 @@ fn xent_forward(
         }
     }
 
-    rows[row_field(ROW_LOSS, row)] = bitcast<u32>(loss);
-    rows[row_field(ROW_LSE, row)] = bitcast<u32>(lse);
-    rows[row_field(ROW_ENTROPY, row)] = bitcast<u32>(entropy);
-    rows[row_field(ROW_MAX, row)] = bitcast<u32>(row_max);
-    rows[row_field(ROW_MIN, row)] = bitcast<u32>(row_min);
-    rows[row_field(ROW_GAP, row)] = bitcast<u32>(gap);
-    rows[row_field(ROW_DELTA, row)] = bitcast<u32>(delta);
-    rows[row_field(ROW_RHO, row)] = bitcast<u32>(rho_from_delta(bitcast<u32>(delta)));
-    rows[row_field(ROW_WEIGHT, row)] = bitcast<u32>(weight);
-    rows[row_field(ROW_CSUM, row)] = bitcast<u32>(w_call[lid]);
-    rows[row_field(ROW_STATUS, row)] = status;
-    // argmax as a little-endian i64: indices are below 2^32.
-    rows[ROW_ARGMAX * P.batch + 2u * row] = argmax;
-    rows[ROW_ARGMAX * P.batch + 2u * row + 1u] = 0u;
+    if lane == 0u {
+        rows[row_field(ROW_LOSS, row)] = bitcast<u32>(loss);
+        rows[row_field(ROW_LSE, row)] = bitcast<u32>(lse);
+        rows[row_field(ROW_ENTROPY, row)] = bitcast<u32>(entropy);
+        rows[row_field(ROW_MAX, row)] = bitcast<u32>(row_max);
+        rows[row_field(ROW_MIN, row)] = bitcast<u32>(row_min);
+        rows[row_field(ROW_GAP, row)] = bitcast<u32>(gap);
+        rows[row_field(ROW_DELTA, row)] = bitcast<u32>(delta);
+        rows[row_field(ROW_RHO, row)] = bitcast<u32>(rho_from_delta(bitcast<u32>(delta)));
+        rows[row_field(ROW_WEIGHT, row)] = bitcast<u32>(weight);
+        rows[row_field(ROW_CSUM, row)] = bitcast<u32>(sum_c);
+        rows[row_field(ROW_STATUS, row)] = status;
+        // argmax as a little-endian i64: indices are below 2^32.
+        rows[ROW_ARGMAX * P.batch + 2u * row] = argmax;
+        rows[ROW_ARGMAX * P.batch + 2u * row + 1u] = 0u;
+    }
+
+    if (P.flags & F_GRAD) == 0u {
+        return;
+    }
+    // The gradient, from the row just read (so mostly from cache), with the reduction's
+    // scale that xent_scale computed from the targets alone.
+    var fill = NONE;
+    if status == STATUS_IGNORED {
+        fill = 0u;
+    } else if status == STATUS_NAN {
+        fill = P.nan_bits;
+    }
+    let g = GradRow(lse, sum_c, 2.0 * P.z_loss * lse, red[RED_SCALE]);
+    write_grad_row(g, fill, local_row * classes, e0, lane, row_threads);
 }
 
 // ------------------------------------------------------------------------- reduce
@@ -739,14 +1163,12 @@ fn xent_reduce(@builtin(local_invocation_index) lid: u32) {
         total = neg_inf();
     }
     var reduced = total;
-    var scale = 1.0;
     if (P.flags & F_RED_MEAN) != 0u {
         var denominator = r_weight[0];
         if (fl & RF_WEIGHT_NAN) != 0u {
             denominator = nan();
         }
         reduced = div_special(bitcast<u32>(total), bitcast<u32>(denominator));
-        scale = div_special(0x3f800000u, bitcast<u32>(denominator));
     }
     var delta = nan();
     if (fl & RF_DELTA_NAN) == 0u {
@@ -760,6 +1182,55 @@ fn xent_reduce(@builtin(local_invocation_index) lid: u32) {
     }
     red[RED_LOSS] = bitcast<u32>(reduced);
     red[RED_RHO] = bitcast<u32>(rho_from_delta(bitcast<u32>(delta)));
+}
+
+// The grad scale before the forward pass: the row weights as xent_forward gives them
+// (ROW_WEIGHT), summed in xent_reduce's order, so 1 / (their sum) is the same number.
+@compute @workgroup_size(256)
+fn xent_scale(@builtin(local_invocation_index) lid: u32) {
+    var weight = 0.0;
+    var flags = 0u;
+    let is_soft = (P.flags & F_SOFT) != 0u;
+    for (var i = lid; i < P.batch; i = i + WG) {
+        var wb = 0x3f800000u;
+        if !is_soft {
+            let lo = labels[2u * i];
+            let hi = labels[2u * i + 1u];
+            if lo == P.ignore_lo && hi == P.ignore_hi {
+                wb = 0u;
+            } else if hi != 0u || lo >= P.classes {
+                wb = P.nan_bits;
+            } else if (P.flags & F_WEIGHTED) != 0u {
+                wb = weights[lo];
+            }
+        }
+        if is_finite_bits(wb) {
+            weight = weight + bitcast<f32>(wb);
+        } else {
+            flags = flags | RF_WEIGHT_NAN;
+        }
+    }
+    r_weight[lid] = weight;
+    r_flags[lid] = flags;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride = stride >> 1u) {
+        if lid < stride {
+            r_weight[lid] = r_weight[lid] + r_weight[lid + stride];
+            r_flags[lid] = r_flags[lid] | r_flags[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    if lid != 0u {
+        return;
+    }
+    var scale = 1.0;
+    if (P.flags & F_RED_MEAN) != 0u {
+        var denominator = r_weight[0];
+        if (r_flags[0] & RF_WEIGHT_NAN) != 0u {
+            denominator = nan();
+        }
+        scale = div_special(0x3f800000u, bitcast<u32>(denominator));
+    }
     red[RED_SCALE] = bitcast<u32>(scale);
 }
 
@@ -799,23 +1270,32 @@ fn grad_element(e: u32, scale_bits: u32) -> f32 {
     return mul_special(g, scale_bits);
 }
 
+// The words of a 16-bit gradient that hold elements of two rows (odd V), or the last
+// element and the padding: one invocation per row of the chunk takes the word holding
+// its first element when that is a high half, and the last row also its last word.
+fn grad_fix_word(word: u32, scale_bits: u32) {
+    let lo = encode16(bitcast<u32>(grad_element(2u * word, scale_bits)), GRAD_DT);
+    let hi = encode16(bitcast<u32>(grad_element(2u * word + 1u, scale_bits)), GRAD_DT);
+    grad[P.grad_base + word] = lo | (hi << 16u);
+}
+
 @compute @workgroup_size(256)
 fn xent_grad(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let word = (wg.y * nwg.x + wg.x) * WG + lid;
-    if word >= P.grad_words {
+    let local_row = (wg.y * nwg.x + wg.x) * WG + lid;
+    if GRAD_DT == DT_F32 || local_row >= P.rows {
         return;
     }
     let scale_bits = red[RED_SCALE];
-    if GRAD_DT == DT_F32 {
-        grad[P.grad_base + word] = bitcast<u32>(grad_element(word, scale_bits));
-        return;
+    let g0 = local_row * P.classes;
+    if (g0 & 1u) == 1u {
+        grad_fix_word(g0 / 2u, scale_bits);
     }
-    // Two 16-bit elements per word, written together so no other invocation touches it.
-    let lo = encode16(bitcast<u32>(grad_element(2u * word, scale_bits)), GRAD_DT);
-    let hi = encode16(bitcast<u32>(grad_element(2u * word + 1u, scale_bits)), GRAD_DT);
-    grad[P.grad_base + word] = lo | (hi << 16u);
+    let g1 = g0 + P.classes;
+    if local_row == P.rows - 1u && (g1 & 1u) == 1u {
+        grad_fix_word(g1 / 2u, scale_bits);
+    }
 }

@@ -1,8 +1,10 @@
 //! xent on wgpu: the host side of `shaders/xent.wgsl`.
 //!
-//! One submission runs `xent_forward` (one workgroup per row, per chunk of rows),
-//! `xent_reduce` (one workgroup), `xent_grad` (one invocation per gradient word, per
-//! chunk) and copies the per-row results from a scratch buffer into the outputs.
+//! One submission runs `xent_scale` (one workgroup, with the gradient), `xent_forward`
+//! (one workgroup per row or per few rows, per chunk of rows; it writes the gradient
+//! too), `xent_reduce` (one workgroup), `xent_grad` (only a 16-bit gradient with odd V:
+//! the words two rows share, per chunk) and copies the per-row results from a scratch
+//! buffer into the outputs.
 //! Tensors larger than one binding (2 GiB, or the device's limit) are processed in
 //! chunks of rows, each bound at its own offset; every index inside a shader is u32.
 
@@ -18,7 +20,8 @@ use crate::wgpu::{
     padded_size, BindingKind, PipelineKey, ShaderSource, WgpuBackend, WORKGROUP_SIZE,
 };
 
-/// Group 0 of `xent.wgsl`: params, logits, labels, soft targets, weights, rows, red, grad.
+/// Group 0 of `xent.wgsl`: params, logits, labels, soft targets, weights, rows, red, grad,
+/// and the logits again as 16-byte units.
 pub(crate) const BINDINGS: &[BindingKind] = &[
     BindingKind::Uniform,
     BindingKind::Read,
@@ -28,8 +31,10 @@ pub(crate) const BINDINGS: &[BindingKind] = &[
     BindingKind::ReadWrite,
     BindingKind::ReadWrite,
     BindingKind::ReadWrite,
+    BindingKind::Read,
 ];
 
+const SCALE: &str = "xent_scale";
 const FORWARD: &str = "xent_forward";
 const REDUCE: &str = "xent_reduce";
 const GRAD: &str = "xent_grad";
@@ -44,6 +49,7 @@ const F_INF_IF_SMALL: u32 = 32;
 const F_HAS_CAP: u32 = 64;
 const F_HAS_FLOOR: u32 = 128;
 const F_FLOOR_INF: u32 = 256;
+const F_GRAD: u32 = 512;
 
 // Fields of the scratch `rows` buffer (field f of row i is word f * B + i), as in the shader.
 const ROW_LOSS: u64 = 0;
@@ -88,7 +94,8 @@ struct Params {
     nan_bits: u32,
     inf_bits: u32,
     row_threads: u32,
-    pad: [u32; 2],
+    vec_count: u32,
+    pad: u32,
 }
 
 /// The targets of a raw call, on the backend's device.
@@ -140,18 +147,23 @@ fn key(entry: &'static str, constants: Vec<(&'static str, u32)>) -> PipelineKey 
     }
 }
 
-fn forward_key(logits: DType, soft: DType) -> Result<PipelineKey> {
+fn forward_key(logits: DType, soft: DType, grad: DType) -> Result<PipelineKey> {
     Ok(key(
         FORWARD,
         vec![
             ("LOGITS_DT", dtype_code(logits)?),
             ("SOFT_DT", dtype_code(soft)?),
+            ("GRAD_DT", dtype_code(grad)?),
         ],
     ))
 }
 
 fn reduce_key() -> PipelineKey {
     key(REDUCE, Vec::new())
+}
+
+fn scale_key() -> PipelineKey {
+    key(SCALE, Vec::new())
 }
 
 fn grad_key(logits: DType, soft: DType, grad: DType) -> Result<PipelineKey> {
@@ -168,7 +180,7 @@ fn grad_key(logits: DType, soft: DType, grad: DType) -> Result<PipelineKey> {
 /// Every pipeline xent can use: per logits dtype, soft targets in that dtype or f32 and
 /// a gradient in that dtype or f32.
 pub(crate) fn all_pipelines() -> Vec<PipelineKey> {
-    let mut keys = vec![reduce_key()];
+    let mut keys = vec![reduce_key(), scale_key()];
     for logits in [DType::F32, DType::F16, DType::BF16] {
         let others = if logits == DType::F32 {
             vec![DType::F32]
@@ -176,8 +188,8 @@ pub(crate) fn all_pipelines() -> Vec<PipelineKey> {
             vec![logits, DType::F32]
         };
         for &soft in &others {
-            keys.extend(forward_key(logits, soft));
             for &grad in &others {
+                keys.extend(forward_key(logits, soft, grad));
                 keys.extend(grad_key(logits, soft, grad));
             }
         }
@@ -456,9 +468,15 @@ pub fn xent_raw(
         });
     }
 
-    let forward = backend.pipeline(&forward_key(spec.dtype, soft_dtype)?)?;
+    let forward = backend.pipeline(&forward_key(spec.dtype, soft_dtype, spec.grad_dtype)?)?;
     let reduce = backend.pipeline(&reduce_key())?;
-    let grad = if spec.options.grad {
+    let scale = if spec.options.grad {
+        Some(backend.pipeline(&scale_key())?)
+    } else {
+        None
+    };
+    // Only a 16-bit gradient with odd V has words shared by two rows.
+    let grad = if spec.options.grad && grad_size == 2 && v % 2 == 1 {
         Some(backend.pipeline(&grad_key(spec.dtype, soft_dtype, spec.grad_dtype)?)?)
     } else {
         None
@@ -479,10 +497,10 @@ pub fn xent_raw(
     let unused = backend.create_buffer("xent unused input", 16, storage)?;
     let unused_grad = backend.create_buffer("xent unused grad", 16, storage)?;
 
-    // About four elements or more per invocation: a whole workgroup for rows of 1024
-    // classes and up, down to one invocation per row (256 rows per workgroup) for V <= 4.
+    // About sixteen elements or more per invocation: a whole workgroup for rows of 4096
+    // classes and up, down to one invocation per row (256 rows per workgroup) for V <= 16.
     let row_threads = v
-        .div_ceil(4)
+        .div_ceil(16)
         .next_power_of_two()
         .min(u64::from(WORKGROUP_SIZE));
     let rows_per_workgroup = u64::from(WORKGROUP_SIZE) / row_threads;
@@ -505,6 +523,9 @@ pub fn xent_raw(
     }
     if o.reduction == Reduction::Mean {
         flags |= F_RED_MEAN;
+    }
+    if o.grad {
+        flags |= F_GRAD;
     }
     if r.inf_if_small {
         flags |= F_INF_IF_SMALL;
@@ -546,13 +567,13 @@ pub fn xent_raw(
         nan_bits: 0x7fc0_0000,
         inf_bits: 0x7f80_0000,
         row_threads,
-        pad: [0; 2],
+        vec_count: 0,
+        pad: 0,
     };
 
     struct Chunk {
         bind_group: wgpu::BindGroup,
         rows: u64,
-        grad_words: u64,
     }
     let mut chunks = Vec::new();
     let mut row0 = 0;
@@ -570,7 +591,10 @@ pub fn xent_raw(
         } else {
             0
         };
+        // The logits window again as whole 16-byte units (offsets are 16-byte aligned).
+        let vec_bytes = logits_window.size / 16 * 16;
         let params = Params {
+            vec_count: index(vec_bytes / 16, "16-byte units")?,
             row0: index(row0, "first row")?,
             rows: index(row1 - row0, "rows")?,
             logits_base: index(logits_window.skip / logits_size, "logits offset")?,
@@ -603,6 +627,11 @@ pub fn xent_raw(
             Some(g) => (g, grad_window.offset, grad_window.size),
             None => whole(&unused_grad, 16),
         };
+        let logits4_binding = if vec_bytes > 0 {
+            (logits, logits_window.offset, vec_bytes)
+        } else {
+            whole(&unused, 16)
+        };
         let bind_group = backend.bind_group(
             ShaderSource::Xent,
             &[
@@ -614,12 +643,12 @@ pub fn xent_raw(
                 whole(&rows, rows_bytes),
                 whole(&red, RED_BYTES),
                 grad_binding,
+                logits4_binding,
             ],
         )?;
         chunks.push(Chunk {
             bind_group,
             rows: row1 - row0,
-            grad_words,
         });
         row0 = row1;
     }
@@ -627,7 +656,8 @@ pub fn xent_raw(
     let mut launches = Vec::with_capacity(chunks.len());
     for chunk in &chunks {
         let forward_grid = backend.grid(FORWARD, chunk.rows.div_ceil(rows_per_workgroup))?;
-        let grad_grid = backend.grid(GRAD, chunk.grad_words.div_ceil(u64::from(WORKGROUP_SIZE)))?;
+        // xent_grad: one invocation per row of the chunk.
+        let grad_grid = backend.grid(GRAD, chunk.rows.div_ceil(u64::from(WORKGROUP_SIZE)))?;
 
         launches.push((forward_grid, grad_grid));
     }
@@ -642,6 +672,12 @@ pub fn xent_raw(
                 label: Some("xent"),
                 timestamp_writes: None,
             });
+            if let Some(scale) = &scale {
+                // Reads only the whole-buffer bindings, which every chunk's group holds.
+                pass.set_pipeline(scale);
+                pass.set_bind_group(0, &chunks[0].bind_group, &[]);
+                pass.dispatch_workgroups(1, 1, 1);
+            }
             pass.set_pipeline(&forward);
             for (chunk, ((x, y), _)) in chunks.iter().zip(&launches) {
                 pass.set_bind_group(0, &chunk.bind_group, &[]);
