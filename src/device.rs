@@ -7,6 +7,21 @@ use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
 use crate::wgpu::WgpuBackend;
 
+static POISON_OUTPUTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// While on, the GPU backends fill every buffer they hand to a kernel with 0xFF bytes
+/// (NaN in every float dtype, -1 as i64) before the kernel runs, so a comparison with the
+/// reference sees any element a kernel did not write, even in memory reused from an
+/// earlier call that held the right value. It costs a write of every output: the
+/// correctness harness (`check`) and the tests turn it on, benchmarks leave it off.
+pub fn poison_outputs(on: bool) {
+    POISON_OUTPUTS.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub(crate) fn poisoning() -> bool {
+    POISON_OUTPUTS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The kind of backend a device belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Backend {
@@ -125,6 +140,14 @@ pub struct Tensor {
     dtype: DType,
     device: Device,
     pub(crate) storage: Storage,
+}
+
+impl Drop for Tensor {
+    fn drop(&mut self) {
+        if let (Storage::Wgpu(buffer), Device::Wgpu(backend)) = (&self.storage, &self.device) {
+            backend.recycle(buffer.clone());
+        }
+    }
 }
 
 impl std::fmt::Debug for Tensor {

@@ -288,7 +288,9 @@ fn dispatch(argv: &[String]) -> Result<(), Failure> {
 /// No arguments: the checks on every backend present, then the benchmark on the best
 /// device (run even when a check failed, so the numbers are still shown).
 fn default_run() -> Result<(), Failure> {
+    losskern::device::poison_outputs(true);
     let checks = run_checks(&devices_present());
+    losskern::device::poison_outputs(false);
     bench(&Device::best(), None, None, false, false)?;
     checks
 }
@@ -496,6 +498,7 @@ fn info(_: &Args) -> Result<(), Failure> {
 }
 
 fn check_command(args: &Args) -> Result<(), Failure> {
+    losskern::device::poison_outputs(true);
     let devices = match args.backend("backend", "all")? {
         Some(backend) => vec![open(backend)?],
         None => devices_present(),

@@ -5,7 +5,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use cudarc::driver::sys::CUdevice_attribute as Attr;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, DriverError, LaunchConfig};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtrMut, DriverError,
+    LaunchConfig,
+};
 
 use super::compile::{compiled, KernelSource};
 use crate::error::{Error, Result};
@@ -66,6 +69,25 @@ struct Loaded {
 
 /// The kernels of one CUDA context: modules compiled for its device's arch
 /// and loaded once, functions looked up once, and its launch limits.
+/// A device buffer of `len` bytes (1 at least: the driver refuses empty allocations)
+/// for a kernel to write; 0xFF bytes while output poisoning is on
+/// (`device::poison_outputs`), else whatever the memory pool held.
+pub(crate) fn alloc_output(stream: &Arc<CudaStream>, len: usize) -> Result<CudaSlice<u8>> {
+    // SAFETY: u8 has no invalid bit patterns, and every user of an output buffer has
+    // the kernels write each byte it reads.
+    let mut slice =
+        unsafe { stream.alloc::<u8>(len.max(1)) }.map_err(driver_error("cuMemAlloc"))?;
+    if crate::device::poisoning() {
+        let bytes = slice.len();
+        let (ptr, _guard) = slice.device_ptr_mut(stream);
+        // SAFETY: `ptr` addresses the `bytes` bytes just allocated on this stream,
+        // and the memset is ordered on the same stream before any kernel that uses them.
+        unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream()) }
+            .map_err(driver_error("cuMemsetD8Async"))?;
+    }
+    Ok(slice)
+}
+
 pub(crate) struct Kernels {
     ctx: Arc<CudaContext>,
     arch: String,

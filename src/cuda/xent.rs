@@ -34,7 +34,7 @@ use cudarc::driver::{
 };
 
 use super::compile::KernelSource;
-use super::launch::{driver_error, kernels, Kernels};
+use super::launch::{alloc_output, driver_error, kernels, Kernels};
 use super::CudaBackend;
 use crate::device::{Storage, Tensor};
 use crate::dtype::DType;
@@ -108,12 +108,7 @@ fn bytes(count: usize, size: usize, what: &str) -> Result<usize> {
 impl XentBuffers {
     /// Allocates the buffers for `spec` on `stream`.
     pub fn new(stream: &Arc<CudaStream>, spec: &XentSpec) -> Result<XentBuffers> {
-        let alloc = |len: usize| -> Result<CudaSlice<u8>> {
-            // SAFETY: u8 has no invalid bit patterns, and the kernels write
-            // every byte of every output before anything reads it; 1 byte at
-            // least because the driver refuses empty allocations.
-            unsafe { stream.alloc::<u8>(len.max(1)) }.map_err(driver_error("cuMemAlloc"))
-        };
+        let alloc = |len: usize| alloc_output(stream, len);
         let b = spec.batch;
         let per_row = bytes(b, 4, "per-row outputs")?;
         let grad = if spec.options.grad {
@@ -661,13 +656,7 @@ pub struct DirectionalBuffers {
 impl DirectionalBuffers {
     /// Allocates the buffers for `spec` on `stream`.
     pub fn new(stream: &Arc<CudaStream>, spec: &DirectionalSpec) -> Result<DirectionalBuffers> {
-        let alloc = |len: usize| -> Result<CudaSlice<u8>> {
-            // SAFETY: u8 has no invalid bit patterns, and the kernels write
-            // every byte of every output and of the scratch before anything
-            // reads it; 1 byte at least because the driver refuses empty
-            // allocations.
-            unsafe { stream.alloc::<u8>(len.max(1)) }.map_err(driver_error("cuMemAlloc"))
-        };
+        let alloc = |len: usize| alloc_output(stream, len);
         let per_row = bytes(spec.batch, 4, "delta_a")?;
         Ok(DirectionalBuffers {
             delta_a: alloc(per_row)?,

@@ -18,8 +18,10 @@ fn optional(name: &str, var: &str, device: Result<Device, Error>) -> Option<Devi
     }
 }
 
-/// The CPU, then CUDA device 0 and the first wgpu adapter where present.
+/// The CPU, then CUDA device 0 and the first wgpu adapter where present, with output
+/// poisoning on, so no test passes on a value left in reused memory.
 pub fn all() -> Vec<Device> {
+    losskern::device::poison_outputs(true);
     let mut devices = vec![Device::Cpu];
     devices.extend(optional("CUDA", "LOSSKERN_REQUIRE_CUDA", Device::cuda(0)));
     devices.extend(optional("wgpu", "LOSSKERN_REQUIRE_WGPU", Device::wgpu()));
