@@ -1299,3 +1299,351 @@ fn xent_grad(
         grad_fix_word(g1 / 2u, scale_bits);
     }
 }
+
+// -------------------------------------------------------------------- directional
+//
+// The directional radius along an update direction (reference `directional`), its own
+// call, two entry points in this order on one queue:
+//   xent_directional         `row_threads` invocations per row, as xent_forward: the
+//                            derivatives a are bound as `logits` / `logits4` (LOGITS_DT),
+//                            the logits z as `soft` (SOFT_DT, read only for V = 2).
+//                            Per row: Delta_a = max_k a - min_k a, and for V = 2 the binary
+//                            radius sqrt(delta^2 + pi^2) / |a_1 - a_0|, delta = z_1 - z_0.
+//   xent_directional_reduce  one workgroup: rho_a = pi / max_i Delta_a,i and the
+//                            normalised step tau / rho_a -> `red`.
+// max and min are exact (keys of the f32 bits); Delta_a is the exact difference rounded
+// once. Differences that pass the f32 range (|a| near 2^128) are taken on halves, and
+// every Delta_a is kept in an extended-exponent code (`ext`), so the max over rows and
+// rho_a are the reference's even where an f32 Delta_a would overflow. Products and
+// quotients that could overflow or underflow f32 are scaled by exponent arithmetic on
+// the bits (`ldexp_bits`), never by float arithmetic producing inf.
+//
+// Params as used here: batch, classes, row0, rows, logits_base (element offset of the
+// chunk's first row of a), soft_base (same for z), row_threads, vec_count, nan_bits,
+// inf_bits, and the step tau / pi = cap * 2^grad_base (cap in [1, 2), grad_base an i32)
+// with flags DF_STEP_NEG (tau < 0 or -0) and DF_STEP_ZERO (tau = 0).
+
+// Fields of `rows` for the directional radius (field f of row i is word f * batch + i).
+const DIR_EXT: u32 = 0u;
+const DIR_DELTA: u32 = 1u;
+const DIR_RADIUS: u32 = 2u;
+
+// Slots of `red` for the directional radius.
+const DIR_RED_RHO: u32 = 0u;
+const DIR_RED_STEP: u32 = 1u;
+
+const DF_STEP_NEG: u32 = 1u;
+const DF_STEP_ZERO: u32 = 2u;
+
+const PI_SQUARED: f32 = 9.86960440108936;
+
+// Extended code of a non-negative value v = m 2^e (m in [1, 2)): ((e + 159) << 23) | the
+// 23 fraction bits of m, 0 for zero, EXT_INF for +inf and EXT_NAN for NaN. e runs from
+// -149 (the smallest f32 subnormal) to 128 (a difference of halves beyond f32), so the
+// code orders like the value with NaN above everything: a u32 max over rows is the max
+// of the reference with NaN winning.
+const EXT_BIAS: i32 = 159;
+const EXT_INF: u32 = 0xfffffffeu;
+const EXT_NAN: u32 = 0xffffffffu;
+
+// The code of the non-negative finite f32 bits `b` times 2^`scale`.
+fn ext_of(b: u32, scale: i32) -> u32 {
+    if b == 0u {
+        return 0u;
+    }
+    var biased = i32(b >> 23u);
+    var fraction = b & 0x7fffffu;
+    if biased == 0 {
+        // Subnormal: the fraction as an integer is exact and normal in f32; b = it * 2^-149.
+        let nb = bitcast<u32>(f32(fraction));
+        biased = i32(nb >> 23u) - 149;
+        fraction = nb & 0x7fffffu;
+    }
+    return (u32(biased - 127 + EXT_BIAS + scale) << 23u) | fraction;
+}
+
+// m in [1, 2) of a finite, nonzero code.
+fn ext_mantissa(x: u32) -> f32 {
+    return bitcast<f32>((x & 0x7fffffu) | 0x3f800000u);
+}
+
+// e of a finite, nonzero code.
+fn ext_exponent(x: u32) -> i32 {
+    return i32(x >> 23u) - EXT_BIAS;
+}
+
+// f32 bits of x 2^n for a positive normal x, rounded to nearest even: +inf past the f32
+// range, subnormal or 0 below it.
+fn ldexp_bits(x: f32, n: i32) -> u32 {
+    let b = bitcast<u32>(x);
+    let biased = i32(b >> 23u) + n;
+    if biased >= 255 {
+        return POS_INF_BITS;
+    }
+    if biased >= 1 {
+        return (u32(biased) << 23u) | (b & 0x7fffffu);
+    }
+    let shift = u32(1 - biased);
+    if shift > 24u {
+        return 0u;
+    }
+    let mantissa = (b & 0x7fffffu) | 0x800000u;
+    var q = mantissa >> shift;
+    let rest = mantissa & ((1u << shift) - 1u);
+    let half = 1u << (shift - 1u);
+    if rest > half || (rest == half && (q & 1u) == 1u) {
+        q = q + 1u;
+    }
+    return q;
+}
+
+// f32 bits of a code (rounded once: codes of f32 results are exact).
+fn ext_to_bits(x: u32) -> u32 {
+    if x == EXT_NAN {
+        return P.nan_bits;
+    }
+    if x == EXT_INF {
+        return P.inf_bits;
+    }
+    if x == 0u {
+        return 0u;
+    }
+    return ldexp_bits(ext_mantissa(x), ext_exponent(x));
+}
+
+// The code of |x - y| for f32 bits x and y, with the reference's specials: NaN in, or
+// inf - inf of one sign, gives NaN; any other infinity +inf.
+fn abs_diff_ext(xb: u32, yb: u32) -> u32 {
+    if is_nan_bits(xb) || is_nan_bits(yb) {
+        return EXT_NAN;
+    }
+    let x_finite = is_finite_bits(xb);
+    let y_finite = is_finite_bits(yb);
+    if !x_finite || !y_finite {
+        if !x_finite && !y_finite && xb == yb {
+            return EXT_NAN;
+        }
+        return EXT_INF;
+    }
+    let x = bitcast<f32>(xb);
+    let y = bitcast<f32>(yb);
+    // Below 2^126 in magnitude the difference stays below 2^127: no overflow.
+    if max(xb & 0x7fffffffu, yb & 0x7fffffffu) < 0x7e800000u {
+        return ext_of(bitcast<u32>(abs(x - y)), 0);
+    }
+    // Halves of values this large are exact, and their difference below 2^128.
+    return ext_of(bitcast<u32>(abs(0.5 * x - 0.5 * y)), 1);
+}
+
+// f32 bits of sqrt(delta^2 + pi^2) / Delta_a from the codes of |delta| and Delta_a.
+fn binary_radius_bits(dz: u32, da: u32) -> u32 {
+    if dz == EXT_NAN || da == EXT_NAN {
+        return P.nan_bits;
+    }
+    if dz == EXT_INF {
+        if da == EXT_INF {
+            return P.nan_bits;
+        }
+        return P.inf_bits;
+    }
+    if da == EXT_INF {
+        return 0u;
+    }
+    if da == 0u {
+        return P.inf_bits;
+    }
+    // The numerator as n_m 2^n_e, n_m normal.
+    var n_m = PI;
+    var n_e = 0;
+    if dz != 0u {
+        let e = ext_exponent(dz);
+        if e >= 32 {
+            // pi^2 / delta^2 < 2^-60: the numerator is |delta| to far below f32 rounding.
+            n_m = ext_mantissa(dz);
+            n_e = e;
+        } else if e > -40 {
+            // Otherwise delta^2 / pi^2 < 2^-80 and the numerator is pi. Here |delta| is
+            // normal and its square cannot overflow.
+            let d = bitcast<f32>(ldexp_bits(ext_mantissa(dz), e));
+            n_m = sqrt(d * d + PI_SQUARED);
+        }
+    }
+    return ldexp_bits(n_m / ext_mantissa(da), n_e - ext_exponent(da));
+}
+
+// Running max / min keys of a row's derivatives and whether it holds a NaN.
+var<private> dir_hi: u32;
+var<private> dir_lo: u32;
+var<private> dir_nan: u32;
+
+fn dir_one(b: u32) {
+    if is_nan_bits(b) {
+        dir_nan = 1u;
+        return;
+    }
+    let k = key(b);
+    dir_hi = max(dir_hi, k);
+    dir_lo = min(dir_lo, k);
+}
+
+// The 4 (f32) or 8 (16-bit) derivatives of one 16-byte load.
+fn dir_vec(q: vec4<u32>) {
+    var a: vec4<u32>;
+    var b: vec4<u32>;
+    if LOGITS_DT == DT_F32 {
+        a = q;
+        b = q;
+    } else if LOGITS_DT == DT_BF16 {
+        a = q << vec4<u32>(16u);
+        b = q & vec4<u32>(0xffff0000u);
+    } else {
+        a = f16x4(q & vec4<u32>(0xffffu));
+        b = f16x4(q >> vec4<u32>(16u));
+    }
+    let magnitude = max(a & vec4<u32>(0x7fffffffu), b & vec4<u32>(0x7fffffffu));
+    if any(magnitude > vec4<u32>(POS_INF_BITS)) {
+        dir_nan = 1u;
+    }
+    // A NaN's key is taken too; the flag overrides the row's result.
+    let ka = key4(a);
+    let kb = key4(b);
+    let hi4 = max(ka, kb);
+    let lo4 = min(ka, kb);
+    dir_hi = max(dir_hi, max(max(hi4.x, hi4.y), max(hi4.z, hi4.w)));
+    dir_lo = min(dir_lo, min(min(lo4.x, lo4.y), min(lo4.z, lo4.w)));
+}
+
+@compute @workgroup_size(256)
+fn xent_directional(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row_threads = P.row_threads;
+    let first_row = (wg.y * nwg.x + wg.x) * (WG / row_threads);
+    if first_row >= P.rows {
+        return;
+    }
+    let lane = lid & (row_threads - 1u);
+    let local_row = first_row + lid / row_threads;
+    // Invocations of a row past the chunk's end take part in the barriers only.
+    let in_chunk = local_row < P.rows;
+    let row = P.row0 + min(local_row, P.rows - 1u);
+    let classes = P.classes;
+
+    dir_hi = 0u;
+    dir_lo = 0xffffffffu;
+    dir_nan = 0u;
+
+    // The row's derivatives are elements [e0, e1) of the binding: an unaligned head and
+    // tail element by element, the 16-byte-aligned middle through `logits4`.
+    let e0 = P.logits_base + local_row * classes;
+    var e1 = e0;
+    if in_chunk {
+        e1 = e0 + classes;
+    }
+    let epv = elements_per_vec();
+    var va = (e0 + epv - 1u) / epv;
+    var vb = min(e1 / epv, P.vec_count);
+    var head_end = e1;
+    var tail_start = e1;
+    if vb > va {
+        head_end = va * epv;
+        tail_start = vb * epv;
+    } else {
+        va = 0u;
+        vb = 0u;
+    }
+    for (var e = e0 + lane; e < head_end; e = e + row_threads) {
+        dir_one(load_logit_bits(e));
+    }
+    var j = va + lane;
+    for (; j + row_threads < vb; j = j + 2u * row_threads) {
+        let q0 = logits4[j];
+        let q1 = logits4[j + row_threads];
+        dir_vec(q0);
+        dir_vec(q1);
+    }
+    if j < vb {
+        dir_vec(logits4[j]);
+    }
+    for (var e = tail_start + lane; e < e1; e = e + row_threads) {
+        dir_one(load_logit_bits(e));
+    }
+
+    w_top1[lid] = dir_hi;
+    w_min[lid] = dir_lo;
+    w_flags[lid] = dir_nan;
+    workgroupBarrier();
+    for (var stride = row_threads / 2u; stride > 0u; stride = stride >> 1u) {
+        if lane < stride {
+            w_top1[lid] = max(w_top1[lid], w_top1[lid + stride]);
+            w_min[lid] = min(w_min[lid], w_min[lid + stride]);
+            w_flags[lid] = w_flags[lid] | w_flags[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    if !in_chunk || lane != 0u {
+        return;
+    }
+
+    var delta = EXT_NAN;
+    if w_flags[lid] == 0u {
+        delta = abs_diff_ext(bitcast<u32>(unkey(w_top1[lid])), bitcast<u32>(unkey(w_min[lid])));
+    }
+    rows[row_field(DIR_EXT, row)] = delta;
+    rows[row_field(DIR_DELTA, row)] = ext_to_bits(delta);
+    if classes == 2u {
+        // For V = 2, Delta_a is |a_1 - a_0| with the same specials.
+        let z = P.soft_base + 2u * local_row;
+        let dz = abs_diff_ext(load_soft_bits(z + 1u), load_soft_bits(z));
+        rows[row_field(DIR_RADIUS, row)] = binary_radius_bits(dz, delta);
+    }
+}
+
+@compute @workgroup_size(256)
+fn xent_directional_reduce(@builtin(local_invocation_index) lid: u32) {
+    var m = 0u;
+    for (var i = lid; i < P.batch; i = i + WG) {
+        m = max(m, rows[row_field(DIR_EXT, i)]);
+    }
+    r_flags[lid] = m;
+    workgroupBarrier();
+    for (var stride = WG / 2u; stride > 0u; stride = stride >> 1u) {
+        if lid < stride {
+            r_flags[lid] = max(r_flags[lid], r_flags[lid + stride]);
+        }
+        workgroupBarrier();
+    }
+    if lid != 0u {
+        return;
+    }
+    let delta = r_flags[0];
+    let sign = select(0u, 0x80000000u, (P.flags & DF_STEP_NEG) != 0u);
+    let zero_step = (P.flags & DF_STEP_ZERO) != 0u;
+    var rho = P.nan_bits;
+    var step = P.nan_bits;
+    if delta == EXT_INF {
+        // rho = pi / inf = 0 and tau / 0 = +-inf (NaN for tau = 0).
+        rho = 0u;
+        if !zero_step {
+            step = P.inf_bits | sign;
+        }
+    } else if delta == 0u {
+        // rho = +inf and tau / inf = +-0.
+        rho = P.inf_bits;
+        step = sign;
+    } else if delta != EXT_NAN {
+        let m_a = ext_mantissa(delta);
+        let e_a = ext_exponent(delta);
+        // pi / Delta and (tau / pi) Delta, each rounded once before exact scaling.
+        rho = ldexp_bits(PI / m_a, -e_a);
+        if zero_step {
+            step = sign;
+        } else {
+            step = ldexp_bits(P.cap * m_a, bitcast<i32>(P.grad_base) + e_a) | sign;
+        }
+    }
+    red[DIR_RED_RHO] = rho;
+    red[DIR_RED_STEP] = step;
+}

@@ -6,7 +6,7 @@ pub use losskern_reference::xent::{Gap, RadiusOptions, Reduction, RhoReduce, Xen
 use crate::device::{Device, Tensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::ops::{check_finite, check_same_device, float_dtype, unsupported};
+use crate::ops::{check_finite, check_same_device, float_dtype};
 
 /// The targets of a cross-entropy call.
 #[derive(Clone, Copy, Debug)]
@@ -302,6 +302,6 @@ pub fn directional(call: &Directional<'_>) -> Result<DirectionalOutput> {
     match call.logits.device() {
         Device::Cpu => crate::cpu::xent::directional(&spec, call),
         Device::Cuda(b) => crate::cuda::xent::directional(b, &spec, call),
-        device => Err(unsupported("xent::directional", device)),
+        Device::Wgpu(b) => crate::wgpu::xent::directional(b, &spec, call),
     }
 }

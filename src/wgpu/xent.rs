@@ -7,6 +7,11 @@
 //! buffer into the outputs.
 //! Tensors larger than one binding (2 GiB, or the device's limit) are processed in
 //! chunks of rows, each bound at its own offset; every index inside a shader is u32.
+//!
+//! The directional radius ([`directional`], [`directional_raw`]) is one submission too:
+//! `xent_directional` (per chunk of rows: Delta_a per row and, for V = 2, the binary
+//! radius), `xent_directional_reduce` (one workgroup: rho_a and the normalised step), then
+//! copies from the scratch buffers into the outputs.
 
 use bytemuck::{Pod, Zeroable};
 
@@ -14,7 +19,8 @@ use crate::device::{Storage, Tensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::ops::xent::{
-    Gap, Reduction, RhoReduce, TargetKind, Targets, Xent, XentOutput, XentSpec,
+    Directional, DirectionalOutput, DirectionalSpec, Gap, Reduction, RhoReduce, TargetKind,
+    Targets, Xent, XentOutput, XentSpec,
 };
 use crate::wgpu::{
     padded_size, BindingKind, PipelineKey, ShaderSource, WgpuBackend, WORKGROUP_SIZE,
@@ -38,6 +44,8 @@ const SCALE: &str = "xent_scale";
 const FORWARD: &str = "xent_forward";
 const REDUCE: &str = "xent_reduce";
 const GRAD: &str = "xent_grad";
+const DIRECTIONAL: &str = "xent_directional";
+const DIRECTIONAL_REDUCE: &str = "xent_directional_reduce";
 
 // Params.flags, as in the shader.
 const F_SOFT: u32 = 1;
@@ -177,10 +185,26 @@ fn grad_key(logits: DType, soft: DType, grad: DType) -> Result<PipelineKey> {
     ))
 }
 
+/// The directional row kernel: derivatives (as `logits`) and logits (as `soft`) in `dtype`.
+fn directional_key(dtype: DType) -> Result<PipelineKey> {
+    let code = dtype_code(dtype)?;
+    Ok(key(
+        DIRECTIONAL,
+        vec![("LOGITS_DT", code), ("SOFT_DT", code)],
+    ))
+}
+
+fn directional_reduce_key() -> PipelineKey {
+    key(DIRECTIONAL_REDUCE, Vec::new())
+}
+
 /// Every pipeline xent can use: per logits dtype, soft targets in that dtype or f32 and
-/// a gradient in that dtype or f32.
+/// a gradient in that dtype or f32; and the directional radius's, per dtype.
 pub(crate) fn all_pipelines() -> Vec<PipelineKey> {
-    let mut keys = vec![reduce_key(), scale_key()];
+    let mut keys = vec![reduce_key(), scale_key(), directional_reduce_key()];
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        keys.extend(directional_key(dtype));
+    }
     for logits in [DType::F32, DType::F16, DType::BF16] {
         let others = if logits == DType::F32 {
             vec![DType::F32]
@@ -714,6 +738,304 @@ pub fn xent_raw(
         } else {
             encoder.copy_buffer_to_buffer(&red, RED_RHO_OFFSET, out.rho, 0, 4);
         }
+        backend.queue().submit([encoder.finish()]);
+        Ok(())
+    })
+}
+
+// Fields of the directional scratch `rows` buffer (field f of row i is word f * B + i;
+// field 0 is the shader's extended code of Delta_a) and slots of its `red`, as in the
+// shader.
+const DIR_DELTA: u64 = 1;
+const DIR_RADIUS: u64 = 2;
+const DIR_ROW_WORDS: u64 = 3;
+const DIR_RED_RHO_OFFSET: u64 = 0;
+const DIR_RED_STEP_OFFSET: u64 = 4;
+const DIR_RED_BYTES: u64 = 16;
+// Params.flags of the directional reduce, as in the shader.
+const DF_STEP_NEG: u32 = 1;
+const DF_STEP_ZERO: u32 = 2;
+
+/// Output buffers of a raw directional call, f32, each needing COPY_DST (sizes in bytes,
+/// rounded up to a multiple of 4): `delta_a` 4 B, `rho_a` and `normalized_step` 4,
+/// `binary_radius` 4 B, present exactly when V = 2.
+#[derive(Clone, Copy, Debug)]
+pub struct DirectionalBuffers<'a> {
+    pub delta_a: &'a wgpu::Buffer,
+    pub rho_a: &'a wgpu::Buffer,
+    pub normalized_step: &'a wgpu::Buffer,
+    pub binary_radius: Option<&'a wgpu::Buffer>,
+}
+
+/// tau / pi as m 2^e with m in [1, 2) rounded once to f32 (from f64), and the shader's
+/// step flags. The reduce multiplies m by the mantissa of max Delta_a (one rounding) and
+/// scales by the exponents exactly, so tau / rho_a is rounded twice, not four times.
+fn step_factor(step: f64) -> (f32, i32, u32) {
+    let mut flags = 0;
+    if step.is_sign_negative() {
+        flags |= DF_STEP_NEG;
+    }
+    let c = step.abs() / std::f64::consts::PI;
+    if c == 0.0 {
+        return (1.0, 0, flags | DF_STEP_ZERO);
+    }
+    // Subnormal f64 values are normalised first (their exact scale is irrelevant to f32).
+    let (c, shift) = if c < f64::MIN_POSITIVE {
+        (c * 2f64.powi(64), -64)
+    } else {
+        (c, 0)
+    };
+    let bits = c.to_bits();
+    let exponent = ((bits >> 52) & 0x7ff) as i32 - 1023 + shift;
+    let mantissa = f64::from_bits((bits & ((1 << 52) - 1)) | (1023 << 52)) as f32;
+    if mantissa == 2.0 {
+        (1.0, exponent + 1, flags)
+    } else {
+        (mantissa, exponent, flags)
+    }
+}
+
+/// Runs the directional radius on wgpu tensors: allocates the outputs and calls
+/// [`directional_raw`].
+pub fn directional(
+    backend: &WgpuBackend,
+    spec: &DirectionalSpec,
+    call: &Directional<'_>,
+) -> Result<DirectionalOutput> {
+    let device = call.logits.device();
+    let logits = wgpu_buffer(call.logits, "logits")?;
+    let derivatives = wgpu_buffer(call.derivatives, "derivatives")?;
+    let b = spec.batch;
+    let usage =
+        wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST;
+    let output = |label: &str, elements: usize| -> Result<wgpu::Buffer> {
+        backend.create_buffer(label, (elements as u64).saturating_mul(4), usage)
+    };
+    let delta_a = output("xent delta_a", b)?;
+    let rho_a = output("xent rho_a", 1)?;
+    let normalized_step = output("xent normalized_step", 1)?;
+    let binary_radius = if spec.classes == 2 {
+        Some(output("xent binary_radius", b)?)
+    } else {
+        None
+    };
+    directional_raw(
+        backend,
+        spec,
+        logits,
+        derivatives,
+        &DirectionalBuffers {
+            delta_a: &delta_a,
+            rho_a: &rho_a,
+            normalized_step: &normalized_step,
+            binary_radius: binary_radius.as_ref(),
+        },
+    )?;
+    let tensor = |buffer: wgpu::Buffer, len: usize| {
+        Tensor::from_storage(device, Storage::Wgpu(buffer), vec![len], DType::F32)
+    };
+    Ok(DirectionalOutput {
+        delta_a: tensor(delta_a, b),
+        rho_a: tensor(rho_a, 1),
+        binary_radius: binary_radius.map(|r| tensor(r, b)),
+        normalized_step: tensor(normalized_step, 1),
+    })
+}
+
+/// Runs the directional radius on buffers of `backend`'s device with no copy of the
+/// inputs: logits z and derivatives a, both [B, V] dense in `spec.dtype` (STORAGE); writes
+/// `out` (see [`DirectionalBuffers`]). `spec` is trusted for semantics (build it with
+/// `ops::xent::validate_directional`), but every buffer's size and usage is checked
+/// against it. Work is queued, not waited for. Inputs beyond one binding are processed
+/// in chunks of rows; one row must fit one binding (2 GiB or the device's
+/// max_storage_buffer_binding_size), and the 12 B bytes of per-row scratch too.
+pub fn directional_raw(
+    backend: &WgpuBackend,
+    spec: &DirectionalSpec,
+    logits: &wgpu::Buffer,
+    derivatives: &wgpu::Buffer,
+    out: &DirectionalBuffers<'_>,
+) -> Result<()> {
+    backend.check_kernel_limits(ShaderSource::Xent)?;
+    let storage = wgpu::BufferUsages::STORAGE;
+    let copy_dst = wgpu::BufferUsages::COPY_DST;
+    let b = spec.batch as u64;
+    let v = spec.classes as u64;
+    if b == 0 || v == 0 {
+        return Err(Error::Shape(format!(
+            "xent::directional: B = {b}, V = {v} (need B, V >= 1)"
+        )));
+    }
+    let elem = spec.dtype.size() as u64;
+    let rows_pipeline = backend.pipeline(&directional_key(spec.dtype)?)?;
+    let reduce = backend.pipeline(&directional_reduce_key())?;
+    let elements = b
+        .checked_mul(v)
+        .ok_or_else(|| Error::Shape(format!("xent::directional: [{b}, {v}] overflows u64")))?;
+    let input_bytes = elements.saturating_mul(elem);
+    require(logits, "logits", input_bytes, storage)?;
+    require(derivatives, "derivatives", input_bytes, storage)?;
+    require(out.delta_a, "delta_a", 4 * b, copy_dst)?;
+    require(out.rho_a, "rho_a", 4, copy_dst)?;
+    require(out.normalized_step, "normalized_step", 4, copy_dst)?;
+    match (out.binary_radius, v == 2) {
+        (Some(r), true) => require(r, "binary_radius", 4 * b, copy_dst)?,
+        (None, false) => {}
+        _ => {
+            return Err(Error::Shape(format!(
+                "xent::directional: the binary radius buffer must be given exactly when \
+                 V = 2, got V = {v}"
+            )))
+        }
+    }
+
+    let rows_bytes = DIR_ROW_WORDS * 4 * b;
+    backend.check_binding(
+        DIRECTIONAL,
+        "the per-row scratch (12 bytes per row)",
+        rows_bytes,
+    )?;
+    // Chunks of rows whose derivatives (and logits) each fit one binding.
+    let limit = backend.binding_limit();
+    let align = backend.storage_alignment();
+    let row_bytes = v * elem;
+    let slack = align + 4;
+    if row_bytes + slack > limit {
+        return Err(Error::Launch {
+            kernel: DIRECTIONAL.into(),
+            reason: format!("one row takes {row_bytes} bytes; a binding holds at most {limit}"),
+        });
+    }
+    let chunk_rows = ((limit - slack) / row_bytes).min(b);
+
+    let rows = backend.create_buffer(
+        "xent directional rows",
+        rows_bytes,
+        storage | wgpu::BufferUsages::COPY_SRC,
+    )?;
+    let red = backend.create_buffer(
+        "xent directional reduced",
+        DIR_RED_BYTES,
+        storage | wgpu::BufferUsages::COPY_SRC,
+    )?;
+    let unused = backend.create_buffer("xent unused input", 16, storage)?;
+    let unused_grad = backend.create_buffer("xent unused grad", 16, storage)?;
+
+    // As xent_forward: about sixteen elements or more per invocation.
+    let row_threads = v
+        .div_ceil(16)
+        .next_power_of_two()
+        .min(u64::from(WORKGROUP_SIZE));
+    let rows_per_workgroup = u64::from(WORKGROUP_SIZE) / row_threads;
+    let (step_mantissa, step_exponent, flags) = step_factor(spec.step);
+    let base = Params {
+        batch: index(b, "B")?,
+        classes: index(v, "V")?,
+        stride: index(v, "V")?,
+        row0: 0,
+        rows: 0,
+        logits_base: 0,
+        soft_base: 0,
+        grad_base: step_exponent as u32,
+        grad_words: 0,
+        flags,
+        ignore_lo: 0,
+        ignore_hi: 0,
+        inv_t: 1.0,
+        on_target: 0.0,
+        eps_over_v: 0.0,
+        z_loss: 0.0,
+        rho_eps: 0.0,
+        cap: step_mantissa,
+        floor: 0.0,
+        nan_bits: 0x7fc0_0000,
+        inf_bits: 0x7f80_0000,
+        row_threads: index(row_threads, "row threads")?,
+        vec_count: 0,
+        pad: 0,
+    };
+
+    fn whole(buffer: &wgpu::Buffer, bytes: u64) -> (&wgpu::Buffer, u64, u64) {
+        (buffer, 0, padded_size(bytes))
+    }
+    let mut chunks = Vec::new();
+    let mut row0 = 0;
+    while row0 < b {
+        let row1 = (row0 + chunk_rows).min(b);
+        let a_window = window(row0 * v * elem, row1 * v * elem, align);
+        let z_window = window(row0 * v * elem, row1 * v * elem, align);
+        // The derivatives window again as whole 16-byte units (offsets are 16-byte aligned).
+        let vec_bytes = a_window.size / 16 * 16;
+        let params = Params {
+            vec_count: index(vec_bytes / 16, "16-byte units")?,
+            row0: index(row0, "first row")?,
+            rows: index(row1 - row0, "rows")?,
+            logits_base: index(a_window.skip / elem, "derivatives offset")?,
+            soft_base: index(z_window.skip / elem, "logits offset")?,
+            ..base
+        };
+        let uniform = backend.buffer_with(
+            "xent directional params",
+            bytemuck::bytes_of(&params),
+            wgpu::BufferUsages::UNIFORM,
+        )?;
+        // The logits are read only for the binary radius.
+        let z_binding = if v == 2 {
+            (logits, z_window.offset, z_window.size)
+        } else {
+            whole(&unused, 16)
+        };
+        let a4_binding = if vec_bytes > 0 {
+            (derivatives, a_window.offset, vec_bytes)
+        } else {
+            whole(&unused, 16)
+        };
+        let bind_group = backend.bind_group(
+            ShaderSource::Xent,
+            &[
+                whole(&uniform, std::mem::size_of::<Params>() as u64),
+                (derivatives, a_window.offset, a_window.size),
+                whole(&unused, 16),
+                z_binding,
+                whole(&unused, 16),
+                whole(&rows, rows_bytes),
+                whole(&red, DIR_RED_BYTES),
+                whole(&unused_grad, 16),
+                a4_binding,
+            ],
+        )?;
+        let grid = backend.grid(DIRECTIONAL, (row1 - row0).div_ceil(rows_per_workgroup))?;
+        chunks.push((bind_group, grid));
+        row0 = row1;
+    }
+
+    backend.scoped("xent::directional", || {
+        let device = backend.device();
+        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("xent::directional"),
+        });
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("xent::directional"),
+                timestamp_writes: None,
+            });
+            pass.set_pipeline(&rows_pipeline);
+            for (bind_group, (x, y)) in &chunks {
+                pass.set_bind_group(0, bind_group, &[]);
+                pass.dispatch_workgroups(*x, *y, 1);
+            }
+            // Reads only the whole-buffer bindings, which every chunk's group holds.
+            pass.set_pipeline(&reduce);
+            pass.set_bind_group(0, &chunks[0].0, &[]);
+            pass.dispatch_workgroups(1, 1, 1);
+        }
+        let field = |f: u64| f * 4 * b;
+        encoder.copy_buffer_to_buffer(&rows, field(DIR_DELTA), out.delta_a, 0, 4 * b);
+        if let Some(radius) = out.binary_radius {
+            encoder.copy_buffer_to_buffer(&rows, field(DIR_RADIUS), radius, 0, 4 * b);
+        }
+        encoder.copy_buffer_to_buffer(&red, DIR_RED_RHO_OFFSET, out.rho_a, 0, 4);
+        encoder.copy_buffer_to_buffer(&red, DIR_RED_STEP_OFFSET, out.normalized_step, 0, 4);
         backend.queue().submit([encoder.finish()]);
         Ok(())
     })
