@@ -448,6 +448,24 @@ __device__ __forceinline__ bool xent_step(XentAcc& a, const lk_u32x4 (&v)[NV], c
     return raised;
 }
 
+// The U vectors of the step at vector j (vectors j, j + NT, ..).
+template <int U>
+__device__ __forceinline__ void xent_ld_step(lk_u32x4 (&v)[U], const lk_u32x4* zv, int j, int NT) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) v[u] = lk_ld_nc_v4(zv + j + u * NT);
+}
+
+// xent_step over the vectors loaded by xent_ld_step(v, zv, j, NT).
+template <typename T, int U, typename P>
+__device__ __forceinline__ bool xent_step_at(XentAcc& a, const lk_u32x4 (&v)[U], int j, int NT, int head,
+                                             const P& pol, float lt) {
+    const int kVec = 4 * XentWord<T>::kLanes;
+    int col[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) col[u] = head + (j + u * NT) * kVec;
+    return xent_step<T, U>(a, v, col, pol, lt);
+}
+
 // The first column of a row holding a NaN (LK_I32_MAX: none), or the first
 // holding the max, by the whole block.
 struct XentFirst {
@@ -628,18 +646,45 @@ __device__ __forceinline__ void xent_row(const XentFwdArgs& a, lk_i64 row, const
     int best_n = 0;
     XentAcc acc = xent_acc_identity();
     if (tid < head && xent_scalar(acc, lk_to_f32(z[tid]), tid, pol, lt)) best = tid;
+    // Whole steps. Without per-column coefficients (the common case), software-
+    // pipelined: the loads of the next step go out before the current step is
+    // computed (two register sets, va and vb, used in turn), so each thread
+    // always has a step's loads in flight. The steps and their order are those
+    // of a plain loop either way: the result is unchanged.
     int j = tid;
-    for (; j + (U - 1) * NT < nvec; j += U * NT) {
-        lk_u32x4 v[U];
-        int col[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {
-            v[u] = lk_ld_nc_v4(zv + j + u * NT);
-            col[u] = head + (j + u * NT) * kVec;
+    if constexpr (P::kCoef) {
+        // The per-column coefficient paths have no registers to spare for a
+        // second set: a plain loop.
+        for (; j + (U - 1) * NT < nvec; j += U * NT) {
+            lk_u32x4 v[U];
+            xent_ld_step(v, zv, j, NT);
+            if (xent_step_at<T, U>(acc, v, j, NT, head, pol, lt)) {
+                best = j;
+                best_n = U;
+            }
         }
-        if (xent_step<T, U>(acc, v, col, pol, lt)) {
-            best = j;
-            best_n = U;
+    } else if (j + (U - 1) * NT < nvec) {
+        lk_u32x4 va[U], vb[U];
+        xent_ld_step(va, zv, j, NT);
+        for (;;) {
+            int jn = j + U * NT;
+            bool more = jn + (U - 1) * NT < nvec;
+            if (more) xent_ld_step(vb, zv, jn, NT);
+            if (xent_step_at<T, U>(acc, va, j, NT, head, pol, lt)) {
+                best = j;
+                best_n = U;
+            }
+            j = jn;
+            if (!more) break;
+            jn = j + U * NT;
+            more = jn + (U - 1) * NT < nvec;
+            if (more) xent_ld_step(va, zv, jn, NT);
+            if (xent_step_at<T, U>(acc, vb, j, NT, head, pol, lt)) {
+                best = j;
+                best_n = U;
+            }
+            j = jn;
+            if (!more) break;
         }
     }
     for (; j < nvec; j += NT) {
@@ -800,32 +845,48 @@ __device__ __forceinline__ XentClassRow xent_class_row(const lk_i64* labels, con
     return r;
 }
 
+// One row loop per kind of target, each with its policy fixed: a single
+// loop dispatching per row would keep every policy's values live at once,
+// which costs registers (spills under the 64 of 1024 threads) on the hot path.
 template <typename T, typename TG>
 __device__ __forceinline__ void xent_rows(const XentFwdArgs& a) {
     const T* logits = static_cast<const T*>(a.logits);
     // d(reduced loss)/dz carries the reduction's scale and the 1/T of x = z / T.
     const float factor = a.grad ? (float)(a.scale[0] / a.temperature_f64) : 0.0f;
-    for (lk_i64 row = blockIdx.x; row < a.batch; row += gridDim.x) {
-        const T* z = logits + row * a.row_stride;
-        if (a.labels) {
+    if (a.labels && a.eps_per_class == 0.0f) {
+        for (lk_i64 row = blockIdx.x; row < a.batch; row += gridDim.x) {
+            const T* z = logits + row * a.row_stride;
             const XentClassRow cr =
                 xent_class_row(a.labels, a.weights, row, a.classes, a.ignore_index, a.one_minus_eps);
-            if (cr.ignored || a.eps_per_class == 0.0f) {
-                xent_row<T, TG>(a, row, z, XentClassPlain(), cr.ignored, cr.y, cr.y_coef, cr.weight, factor);
+            xent_row<T, TG>(a, row, z, XentClassPlain(), cr.ignored, cr.y, cr.y_coef, cr.weight, factor);
+        }
+    } else if (a.labels) {
+        for (lk_i64 row = blockIdx.x; row < a.batch; row += gridDim.x) {
+            const T* z = logits + row * a.row_stride;
+            const XentClassRow cr =
+                xent_class_row(a.labels, a.weights, row, a.classes, a.ignore_index, a.one_minus_eps);
+            if (cr.ignored) {
+                xent_row<T, TG>(a, row, z, XentClassPlain(), true, cr.y, cr.y_coef, cr.weight, factor);
             } else {
                 XentClassSmooth pol;
                 pol.weights = a.weights;
                 pol.eps_per_class = a.eps_per_class;
                 xent_row<T, TG>(a, row, z, pol, false, cr.y, cr.y_coef, cr.weight, factor);
             }
-        } else if (a.soft_f32) {
+        }
+    } else if (a.soft_f32) {
+        for (lk_i64 row = blockIdx.x; row < a.batch; row += gridDim.x) {
+            const T* z = logits + row * a.row_stride;
             XentSoft<float> pol;
             pol.q = static_cast<const float*>(a.soft) + row * a.classes;
             pol.weights = a.weights;
             pol.one_minus_eps = a.one_minus_eps;
             pol.eps_per_class = a.eps_per_class;
             xent_row<T, TG>(a, row, z, pol, false, -1, 0.0f, 1.0f, factor);
-        } else {
+        }
+    } else {
+        for (lk_i64 row = blockIdx.x; row < a.batch; row += gridDim.x) {
+            const T* z = logits + row * a.row_stride;
             XentSoft<T> pol;
             pol.q = static_cast<const T*>(a.soft) + row * a.classes;
             pol.weights = a.weights;
