@@ -362,6 +362,40 @@ fn index(value: u64, what: &str) -> Result<u32> {
     })
 }
 
+/// The per-row scratch and reduction buffers of one call, and the placeholders for the
+/// bindings a problem does not use (a read-only one, which may fill several slots, and a
+/// separate writable one for an absent gradient).
+struct Scratch {
+    rows: wgpu::Buffer,
+    red: wgpu::Buffer,
+    unused: wgpu::Buffer,
+    unused_grad: wgpu::Buffer,
+}
+
+impl Scratch {
+    fn new(backend: &WgpuBackend, label: &str, rows_bytes: u64, red_bytes: u64) -> Result<Scratch> {
+        let storage = wgpu::BufferUsages::STORAGE;
+        let copy = storage | wgpu::BufferUsages::COPY_SRC;
+        Ok(Scratch {
+            rows: backend.create_buffer(&format!("{label} rows"), rows_bytes, copy)?,
+            red: backend.create_buffer(&format!("{label} reduced"), red_bytes, copy)?,
+            unused: backend.create_buffer("xent unused input", 16, storage)?,
+            unused_grad: backend.create_buffer("xent unused grad", 16, storage)?,
+        })
+    }
+}
+
+/// Invocations per row and rows per workgroup: about sixteen elements or more per
+/// invocation, a whole workgroup for rows of 4096 classes and up, down to one invocation
+/// per row (256 rows per workgroup) for V <= 16.
+fn row_layout(v: u64) -> (u64, u64) {
+    let row_threads = v
+        .div_ceil(16)
+        .next_power_of_two()
+        .min(u64::from(WORKGROUP_SIZE));
+    (row_threads, u64::from(WORKGROUP_SIZE) / row_threads)
+}
+
 /// Runs xent on buffers of `backend`'s device with no copy of the inputs (for
 /// frameworks linking the kernel; see [`WgpuBackend::from_device`]). `spec` describes
 /// the buffers and is trusted as validated: class targets outside [0, V) that are not
@@ -506,28 +540,13 @@ pub fn xent_raw(
         None
     };
 
-    let rows = backend.create_buffer(
-        "xent rows",
-        rows_bytes,
-        storage | wgpu::BufferUsages::COPY_SRC,
-    )?;
-    let red = backend.create_buffer(
-        "xent reduced",
-        RED_BYTES,
-        storage | wgpu::BufferUsages::COPY_SRC,
-    )?;
-    // Bindings the problem does not use still need a buffer: a read-only one (which
-    // may fill several slots) and a separate writable one for an absent gradient.
-    let unused = backend.create_buffer("xent unused input", 16, storage)?;
-    let unused_grad = backend.create_buffer("xent unused grad", 16, storage)?;
-
-    // About sixteen elements or more per invocation: a whole workgroup for rows of 4096
-    // classes and up, down to one invocation per row (256 rows per workgroup) for V <= 16.
-    let row_threads = v
-        .div_ceil(16)
-        .next_power_of_two()
-        .min(u64::from(WORKGROUP_SIZE));
-    let rows_per_workgroup = u64::from(WORKGROUP_SIZE) / row_threads;
+    let Scratch {
+        rows,
+        red,
+        unused,
+        unused_grad,
+    } = Scratch::new(backend, "xent", rows_bytes, RED_BYTES)?;
+    let (row_threads, rows_per_workgroup) = row_layout(v);
     let row_threads = index(row_threads, "row threads")?;
 
     let o = &spec.options;
@@ -908,25 +927,13 @@ pub fn directional_raw(
     }
     let chunk_rows = ((limit - slack) / row_bytes).min(b);
 
-    let rows = backend.create_buffer(
-        "xent directional rows",
-        rows_bytes,
-        storage | wgpu::BufferUsages::COPY_SRC,
-    )?;
-    let red = backend.create_buffer(
-        "xent directional reduced",
-        DIR_RED_BYTES,
-        storage | wgpu::BufferUsages::COPY_SRC,
-    )?;
-    let unused = backend.create_buffer("xent unused input", 16, storage)?;
-    let unused_grad = backend.create_buffer("xent unused grad", 16, storage)?;
-
-    // As xent_forward: about sixteen elements or more per invocation.
-    let row_threads = v
-        .div_ceil(16)
-        .next_power_of_two()
-        .min(u64::from(WORKGROUP_SIZE));
-    let rows_per_workgroup = u64::from(WORKGROUP_SIZE) / row_threads;
+    let Scratch {
+        rows,
+        red,
+        unused,
+        unused_grad,
+    } = Scratch::new(backend, "xent directional", rows_bytes, DIR_RED_BYTES)?;
+    let (row_threads, rows_per_workgroup) = row_layout(v);
     let (step_mantissa, step_exponent, flags) = step_factor(spec.step);
     let base = Params {
         batch: index(b, "B")?,
