@@ -200,6 +200,16 @@ struct lk_combine_op {
     }
 };
 
+// Combiners of plain scalars (sum and min are exact or order-fixed by the tree).
+struct lk_sum_op {
+    template <typename S>
+    __device__ __forceinline__ S operator()(S a, S b) const { return a + b; }
+};
+struct lk_min_op {
+    template <typename S>
+    __device__ __forceinline__ S operator()(S a, S b) const { return a < b ? a : b; }
+};
+
 template <typename S, typename Op>
 __device__ __forceinline__ S lk_warp_reduce(S v, const Op& op) {
 #pragma unroll

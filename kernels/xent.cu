@@ -468,26 +468,8 @@ __device__ __forceinline__ bool xent_step_at(XentAcc& a, const lk_u32x4 (&v)[U],
 
 // The first column of a row holding a NaN (LK_I32_MAX: none), or the first
 // holding the max, by the whole block.
-struct XentFirst {
-    int i;
-};
-
-__device__ __forceinline__ XentFirst lk_shfl_down(const XentFirst& a, int offset) {
-    XentFirst r;
-    r.i = lk_shfl_down(a.i, offset);
-    return r;
-}
-
-__device__ __forceinline__ XentFirst lk_combine(const XentFirst& a, const XentFirst& b) {
-    return a.i < b.i ? a : b;
-}
-
 __device__ __forceinline__ int xent_block_first(int i) {
-    XentFirst first;
-    first.i = i;
-    XentFirst none;
-    none.i = LK_I32_MAX;
-    return lk_block_reduce(first, none).i;
+    return lk_block_reduce(i, LK_I32_MAX, lk_min_op());
 }
 
 template <typename T>
@@ -923,35 +905,17 @@ extern "C" __global__ void __launch_bounds__(1024) xent_fwd_bf16(const XentFwdAr
 // one block, a fixed tree. All rows ignored: 1 / 0 = inf, and every grad row
 // is an exact zero anyway (the reference).
 
-struct XentWeightSum {
-    double w;
-};
-
-__device__ __forceinline__ XentWeightSum lk_shfl_down(const XentWeightSum& a, int offset) {
-    XentWeightSum r;
-    r.w = lk_shfl_down(a.w, offset);
-    return r;
-}
-
-__device__ __forceinline__ XentWeightSum lk_combine(const XentWeightSum& a, const XentWeightSum& b) {
-    XentWeightSum r;
-    r.w = a.w + b.w;
-    return r;
-}
-
 extern "C" __global__ void __launch_bounds__(1024) xent_scale(const XentScaleArgs a) {
-    XentWeightSum sum;
-    sum.w = 0.0;
-    const XentWeightSum identity = sum;
+    double sum = 0.0;
     for (lk_i64 i = threadIdx.x; i < a.batch; i += blockDim.x) {
         if (a.labels) {
-            sum.w += (double)xent_class_row(a.labels, a.weights, i, a.classes, a.ignore_index, 1.0f).weight;
+            sum += (double)xent_class_row(a.labels, a.weights, i, a.classes, a.ignore_index, 1.0f).weight;
         } else {
-            sum.w += 1.0;
+            sum += 1.0;
         }
     }
-    sum = lk_block_reduce(sum, identity);
-    if (threadIdx.x == 0) a.scale[0] = a.reduction == 1 ? 1.0 / sum.w : 1.0;
+    sum = lk_block_reduce(sum, 0.0, lk_sum_op());
+    if (threadIdx.x == 0) a.scale[0] = a.reduction == 1 ? 1.0 / sum : 1.0;
 }
 
 // ---------------------------------------------------------------------------
