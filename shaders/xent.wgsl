@@ -850,22 +850,42 @@ fn grad_word(g: GradRow, k: u32, xb: vec2<u32>) -> u32 {
     return lo | (hi << 16u);
 }
 
+// Where an invocation of the row kernels works, in the workgroup whose first row in the
+// chunk is `first_row`: P.row_threads invocations per row, WG / row_threads rows each.
+struct RowSlot {
+    lane: u32,       // index among the row's invocations
+    local_row: u32,  // the row in the chunk
+    in_chunk: bool,  // rows past the chunk's end take part in the barriers only
+    row: u32,        // the row in the whole problem (clamped for those past the end)
+}
+
+fn row_slot(first_row: u32, lid: u32) -> RowSlot {
+    let local_row = first_row + lid / P.row_threads;
+    return RowSlot(
+        lid & (P.row_threads - 1u),
+        local_row,
+        local_row < P.rows,
+        P.row0 + min(local_row, P.rows - 1u),
+    );
+}
+
 @compute @workgroup_size(256)
 fn xent_forward(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    // From workgroup-uniform values only, so the early return keeps the barriers uniform.
     let row_threads = P.row_threads;
     let first_row = (wg.y * nwg.x + wg.x) * (WG / row_threads);
     if first_row >= P.rows {
         return;
     }
-    let lane = lid & (row_threads - 1u);
-    let local_row = first_row + lid / row_threads;
-    // Invocations of a row past the chunk's end take part in the barriers only.
-    let in_chunk = local_row < P.rows;
-    let row = P.row0 + min(local_row, P.rows - 1u);
+    let slot = row_slot(first_row, lid);
+    let lane = slot.lane;
+    let local_row = slot.local_row;
+    let in_chunk = slot.in_chunk;
+    let row = slot.row;
     let classes = P.classes;
     let is_soft = (P.flags & F_SOFT) != 0u;
 
@@ -1519,16 +1539,17 @@ fn xent_directional(
     @builtin(num_workgroups) nwg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
+    // From workgroup-uniform values only, so the early return keeps the barriers uniform.
     let row_threads = P.row_threads;
     let first_row = (wg.y * nwg.x + wg.x) * (WG / row_threads);
     if first_row >= P.rows {
         return;
     }
-    let lane = lid & (row_threads - 1u);
-    let local_row = first_row + lid / row_threads;
-    // Invocations of a row past the chunk's end take part in the barriers only.
-    let in_chunk = local_row < P.rows;
-    let row = P.row0 + min(local_row, P.rows - 1u);
+    let slot = row_slot(first_row, lid);
+    let lane = slot.lane;
+    let local_row = slot.local_row;
+    let in_chunk = slot.in_chunk;
+    let row = slot.row;
     let classes = P.classes;
 
     dir_hi = 0u;
