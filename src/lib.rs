@@ -34,8 +34,10 @@ pub mod dtype;
 pub mod error;
 pub mod npy;
 pub mod ops;
+pub mod support;
 pub mod wgpu;
 
 pub use device::{Backend, Device, Tensor};
 pub use dtype::{DType, Element};
 pub use error::{Error, Result};
+pub use support::Op;
