@@ -1,10 +1,13 @@
 //! Where data lives: `Device` (CPU, CUDA or wgpu) and `Tensor` (a shaped, typed buffer on a device).
 
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 use std::sync::Arc;
 
+#[cfg(feature = "cuda")]
 use crate::cuda::CudaBackend;
 use crate::dtype::{DType, Element};
 use crate::error::{Error, Result};
+#[cfg(feature = "wgpu")]
 use crate::wgpu::WgpuBackend;
 
 static POISON_OUTPUTS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
@@ -18,6 +21,7 @@ pub fn poison_outputs(on: bool) {
     POISON_OUTPUTS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) fn poisoning() -> bool {
     POISON_OUTPUTS.load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -51,7 +55,9 @@ impl std::fmt::Display for Backend {
 #[derive(Clone)]
 pub enum Device {
     Cpu,
+    #[cfg(feature = "cuda")]
     Cuda(Arc<CudaBackend>),
+    #[cfg(feature = "wgpu")]
     Wgpu(Arc<WgpuBackend>),
 }
 
@@ -65,8 +71,11 @@ impl PartialEq for Device {
     fn eq(&self, other: &Self) -> bool {
         match (self, other) {
             (Device::Cpu, Device::Cpu) => true,
+            #[cfg(feature = "cuda")]
             (Device::Cuda(a), Device::Cuda(b)) => Arc::ptr_eq(a, b),
+            #[cfg(feature = "wgpu")]
             (Device::Wgpu(a), Device::Wgpu(b)) => Arc::ptr_eq(a, b),
+            #[cfg(any(feature = "cuda", feature = "wgpu"))]
             _ => false,
         }
     }
@@ -74,27 +83,49 @@ impl PartialEq for Device {
 
 impl Device {
     /// The CUDA device with this ordinal; `Error::CudaUnavailable` when libcuda,
-    /// libnvrtc or the device cannot be had.
+    /// libnvrtc or the device cannot be had, or the crate was built without `cuda`.
     pub fn cuda(ordinal: usize) -> Result<Device> {
-        Ok(Device::Cuda(crate::cuda::backend(ordinal)?))
+        #[cfg(feature = "cuda")]
+        return Ok(Device::Cuda(crate::cuda::backend(ordinal)?));
+        #[cfg(not(feature = "cuda"))]
+        return Err(Error::CudaUnavailable(format!(
+            "device {ordinal}: losskern was built without the `cuda` feature"
+        )));
     }
 
-    /// The first WebGPU adapter (high performance preferred); `Error::WgpuUnavailable` when none.
+    /// The first WebGPU adapter (high performance preferred); `Error::WgpuUnavailable`
+    /// when none, or the crate was built without `wgpu`.
     pub fn wgpu() -> Result<Device> {
-        Ok(Device::Wgpu(crate::wgpu::backend()?))
+        #[cfg(feature = "wgpu")]
+        return Ok(Device::Wgpu(crate::wgpu::backend()?));
+        #[cfg(not(feature = "wgpu"))]
+        return Err(Error::WgpuUnavailable(
+            "losskern was built without the `wgpu` feature".into(),
+        ));
     }
 
-    /// CUDA device 0 if present, else a wgpu adapter, else the CPU.
+    /// CUDA device 0 if present, else a hardware wgpu adapter, else the CPU. A software
+    /// adapter (lavapipe, llvmpipe) runs the shaders for testing, never as the best
+    /// device: the native CPU path is faster there.
     pub fn best() -> Device {
-        Device::cuda(0)
-            .or_else(|_| Device::wgpu())
-            .unwrap_or(Device::Cpu)
+        if let Ok(device) = Device::cuda(0) {
+            return device;
+        }
+        #[cfg(feature = "wgpu")]
+        if let Ok(backend) = crate::wgpu::backend() {
+            if !backend.is_software() {
+                return Device::Wgpu(backend);
+            }
+        }
+        Device::Cpu
     }
 
     pub fn backend(&self) -> Backend {
         match self {
             Device::Cpu => Backend::Cpu,
+            #[cfg(feature = "cuda")]
             Device::Cuda(_) => Backend::Cuda,
+            #[cfg(feature = "wgpu")]
             Device::Wgpu(_) => Backend::Wgpu,
         }
     }
@@ -103,24 +134,44 @@ impl Device {
     pub fn name(&self) -> String {
         match self {
             Device::Cpu => "cpu".to_string(),
+            #[cfg(feature = "cuda")]
             Device::Cuda(b) => format!("cuda:{}", b.describe()),
+            #[cfg(feature = "wgpu")]
             Device::Wgpu(b) => format!("wgpu:{}", b.describe()),
         }
     }
 
-    /// Waits until all work queued on the device has finished.
+    /// Waits until all work queued on the device has finished; reports what the kernels
+    /// found in the data since the last readback (`Error::Target`).
     pub fn synchronize(&self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
             Device::Cuda(b) => b.synchronize(),
+            #[cfg(feature = "wgpu")]
             Device::Wgpu(b) => b.synchronize(),
+        }
+    }
+
+    /// Hands memory that the device keeps for reuse (freed tensors' buffers) back to
+    /// the driver. Each GPU backend keeps a bounded amount (see `CudaBackend::trim` and
+    /// `WgpuBackend::trim`); this is for a caller that needs the memory elsewhere now.
+    pub fn trim(&self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(b) => b.trim(),
+            #[cfg(feature = "wgpu")]
+            Device::Wgpu(b) => b.trim(),
         }
     }
 
     pub(crate) fn upload_bytes(&self, bytes: &[u8]) -> Result<Storage> {
         Ok(match self {
             Device::Cpu => Storage::Cpu(bytes.to_vec()),
+            #[cfg(feature = "cuda")]
             Device::Cuda(b) => Storage::Cuda(b.upload(bytes)?),
+            #[cfg(feature = "wgpu")]
             Device::Wgpu(b) => Storage::Wgpu(b.upload(bytes)?),
         })
     }
@@ -129,8 +180,10 @@ impl Device {
 /// The bytes of a tensor, on its device.
 pub(crate) enum Storage {
     Cpu(Vec<u8>),
+    #[cfg(feature = "cuda")]
     Cuda(cudarc::driver::CudaSlice<u8>),
     /// A storage buffer whose size is the tensor's byte length rounded up to 4.
+    #[cfg(feature = "wgpu")]
     Wgpu(::wgpu::Buffer),
 }
 
@@ -142,6 +195,7 @@ pub struct Tensor {
     pub(crate) storage: Storage,
 }
 
+#[cfg(feature = "wgpu")]
 impl Drop for Tensor {
     fn drop(&mut self) {
         if let (Storage::Wgpu(buffer), Device::Wgpu(backend)) = (&self.storage, &self.device) {
@@ -251,11 +305,13 @@ impl Tensor {
     }
 
     fn to_bytes(&self) -> Result<Vec<u8>> {
-        let len = self.byte_len();
         match (&self.storage, &self.device) {
             (Storage::Cpu(bytes), _) => Ok(bytes.clone()),
-            (Storage::Cuda(slice), Device::Cuda(b)) => b.download(slice, len),
-            (Storage::Wgpu(buffer), Device::Wgpu(b)) => b.download(buffer, len),
+            #[cfg(feature = "cuda")]
+            (Storage::Cuda(slice), Device::Cuda(b)) => b.download(slice, self.byte_len()),
+            #[cfg(feature = "wgpu")]
+            (Storage::Wgpu(buffer), Device::Wgpu(b)) => b.download(buffer, self.byte_len()),
+            #[cfg(any(feature = "cuda", feature = "wgpu"))]
             _ => Err(Error::DeviceMismatch(
                 "tensor storage does not match its device".into(),
             )),
@@ -288,8 +344,10 @@ impl Tensor {
         self.len() * self.dtype.size()
     }
 
-    /// The tensor's CUDA memory, for the zero-copy entries (`cuda::xent::xent_raw`);
-    /// None on another device.
+    /// The tensor's CUDA memory, for the zero-copy entries (`cuda::xent::xent_raw`) and
+    /// for frameworks; None on another device. cudarc's stream tracking stays on for it,
+    /// so using it on another stream of the context is ordered after our kernels.
+    #[cfg(feature = "cuda")]
     pub fn cuda_slice(&self) -> Option<&cudarc::driver::CudaSlice<u8>> {
         match &self.storage {
             Storage::Cuda(slice) => Some(slice),
@@ -299,6 +357,7 @@ impl Tensor {
 
     /// The tensor's wgpu buffer (its size rounded up to 4 bytes), for the zero-copy
     /// entries (`wgpu::xent::xent_raw`); None on another device.
+    #[cfg(feature = "wgpu")]
     pub fn wgpu_buffer(&self) -> Option<&::wgpu::Buffer> {
         match &self.storage {
             Storage::Wgpu(buffer) => Some(buffer),
@@ -306,6 +365,7 @@ impl Tensor {
         }
     }
 
+    #[cfg(any(feature = "cuda", feature = "wgpu"))]
     pub(crate) fn from_storage(
         device: &Device,
         storage: Storage,

@@ -14,11 +14,12 @@ pub enum Error {
     /// An option is out of its range or not finite.
     #[error("invalid option: {0}")]
     Option(String),
-    /// A class target is outside [0, V) and is not the ignore index.
-    #[error("target {target} at row {row} is outside [0, {classes}) and is not ignore_index {ignore_index}")]
-    TargetOutOfRange {
+    /// A class target is outside [0, V) and is not the ignore index. On a GPU the
+    /// kernel finds it (that row's outputs are NaN) and the error comes at the next
+    /// readback or synchronize of the device; `row` is the first such row.
+    #[error("the class target of row {row} is outside [0, {classes}) and is not ignore_index {ignore_index}")]
+    Target {
         row: usize,
-        target: i64,
         classes: usize,
         ignore_index: i64,
     },

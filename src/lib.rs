@@ -3,8 +3,14 @@
 //! adapter and in the f64 CPU reference (`losskern_reference`).
 //!
 //! Data flows one way: a host slice becomes a [`Tensor`] on a [`Device`]; an op in [`ops`]
-//! validates its inputs once into a spec; the device's backend launches its kernels; the
-//! op returns an output struct of tensors on the same device.
+//! validates its inputs once into a spec; the device's backend launches its kernels
+//! (without waiting for them); the op returns an output struct of tensors on the same
+//! device, which wait for the kernels when read.
+//!
+//! Cargo features: `cuda` (the CUDA backend), `wgpu` (the WebGPU backend), `cli` (the
+//! `losskern` command line, with `check`), `check` (the correctness harness
+//! [`check`] as public API). All but `check` are on by default;
+//! `--no-default-features` is the CPU-only library.
 //!
 //! ```
 //! use losskern::ops::xent::{self, RhoReduce, Targets, Xent, XentOptions};
@@ -26,15 +32,19 @@
 //! # }
 //! ```
 
+#[cfg(feature = "check")]
 pub mod check;
-pub mod cpu;
+mod cpu;
+#[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod device;
 pub mod dtype;
 pub mod error;
 pub mod npy;
 pub mod ops;
+mod spec;
 pub mod support;
+#[cfg(feature = "wgpu")]
 pub mod wgpu;
 
 pub use device::{Backend, Device, Tensor};

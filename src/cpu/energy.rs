@@ -1,60 +1,61 @@
 use losskern_reference::energy as reference;
 
+use crate::cpu::CpuBackend;
 use crate::cpu::{scalar, tensor};
 use crate::device::Tensor;
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::ops::energy::{
-    EnergyDistance, EnergyDistanceOutput, EnergyDistanceSpec, EnergyScore, EnergyScoreOutput,
-    EnergyScoreSpec,
+use crate::spec::energy::{
+    EnergyDistanceCall, EnergyDistanceOutput, EnergyKernels, EnergyScoreCall, EnergyScoreOutput,
 };
 
-pub fn energy_score(spec: &EnergyScoreSpec, call: &EnergyScore<'_>) -> Result<EnergyScoreOutput> {
-    let y = call.y.to_f64_vec()?;
-    let preds = call.preds.to_f64_vec()?;
-    let out = reference::energy_score(&reference::EnergyScoreProblem {
-        y: &y,
-        preds: &preds,
-        n: spec.n,
-        m: spec.m,
-        d: spec.d,
-        beta: spec.beta,
-        grad: spec.grad,
-    });
-    Ok(EnergyScoreOutput {
-        term1: scalar(out.term1)?,
-        term2: scalar(out.term2)?,
-        loss: scalar(out.loss)?,
-        grad: out
-            .grad
-            .map(|g| tensor(&g, &[spec.n, spec.m, spec.d], DType::F32))
-            .transpose()?,
-    })
-}
+impl EnergyKernels for CpuBackend {
+    fn energy_score(&self, bound: &EnergyScoreCall<'_>) -> Result<EnergyScoreOutput> {
+        let (spec, call) = (bound.spec(), bound.call());
+        let y = call.y.to_f64_vec()?;
+        let preds = call.preds.to_f64_vec()?;
+        let out = reference::energy_score(&reference::EnergyScoreProblem {
+            y: &y,
+            preds: &preds,
+            n: spec.n,
+            m: spec.m,
+            d: spec.d,
+            beta: spec.beta,
+            grad: spec.grad,
+        });
+        Ok(EnergyScoreOutput {
+            term1: scalar(out.term1)?,
+            term2: scalar(out.term2)?,
+            loss: scalar(out.loss)?,
+            grad: out
+                .grad
+                .map(|g| tensor(&g, &[spec.n, spec.m, spec.d], DType::F32))
+                .transpose()?,
+        })
+    }
 
-pub fn energy_distance(
-    spec: &EnergyDistanceSpec,
-    call: &EnergyDistance<'_>,
-) -> Result<EnergyDistanceOutput> {
-    let x = call.x.to_f64_vec()?;
-    let y = call.y.to_f64_vec()?;
-    let weights_x = call.weights_x.map(Tensor::to_f64_vec).transpose()?;
-    let weights_y = call.weights_y.map(Tensor::to_f64_vec).transpose()?;
-    let out = reference::energy_distance(&reference::EnergyDistanceProblem {
-        x: &x,
-        y: &y,
-        n: spec.n,
-        m: spec.m,
-        d: spec.d,
-        weights_x: weights_x.as_deref(),
-        weights_y: weights_y.as_deref(),
-        beta: spec.beta,
-        statistic: spec.statistic,
-    });
-    Ok(EnergyDistanceOutput {
-        distance: scalar(out.distance)?,
-        cross: scalar(out.cross)?,
-        within_x: scalar(out.within_x)?,
-        within_y: scalar(out.within_y)?,
-    })
+    fn energy_distance(&self, bound: &EnergyDistanceCall<'_>) -> Result<EnergyDistanceOutput> {
+        let (spec, call) = (bound.spec(), bound.call());
+        let x = call.x.to_f64_vec()?;
+        let y = call.y.to_f64_vec()?;
+        let weights_x = call.weights_x.map(Tensor::to_f64_vec).transpose()?;
+        let weights_y = call.weights_y.map(Tensor::to_f64_vec).transpose()?;
+        let out = reference::energy_distance(&reference::EnergyDistanceProblem {
+            x: &x,
+            y: &y,
+            n: spec.n,
+            m: spec.m,
+            d: spec.d,
+            weights_x: weights_x.as_deref(),
+            weights_y: weights_y.as_deref(),
+            beta: spec.beta,
+            statistic: spec.statistic,
+        });
+        Ok(EnergyDistanceOutput {
+            distance: scalar(out.distance)?,
+            cross: scalar(out.cross)?,
+            within_x: scalar(out.within_x)?,
+            within_y: scalar(out.within_y)?,
+        })
+    }
 }

@@ -1,10 +1,13 @@
 use losskern_reference::ensemble as reference;
 
 use crate::cpu::tensor;
+use crate::cpu::CpuBackend;
 use crate::device::Tensor;
 use crate::dtype::DType;
 use crate::error::Result;
-use crate::ops::ensemble::{Ensemble, EnsembleOutput, EnsembleSpec, Landscape};
+use crate::spec::ensemble::{
+    EnsembleCall, EnsembleKernels, EnsembleOutput, EnsembleSpec, LandscapeCall,
+};
 
 fn widen_all(tensors: &[&Tensor]) -> Result<Vec<Vec<f64>>> {
     tensors.iter().map(|t| t.to_f64_vec()).collect()
@@ -28,51 +31,55 @@ fn output(spec: &EnsembleSpec, out: reference::EnsembleOutput) -> Result<Ensembl
     })
 }
 
-pub fn forward(spec: &EnsembleSpec, call: &Ensemble<'_>) -> Result<EnsembleOutput> {
-    let weights = widen_all(call.weights)?;
-    let biases = widen_all(call.biases)?;
-    let x = call.input.to_f64_vec()?;
-    let labels = call.labels.to_vec::<i64>()?;
-    let params = reference::EnsembleParams {
-        widths: &spec.widths,
-        models: spec.models,
-        weights: weights.iter().map(Vec::as_slice).collect(),
-        biases: biases.iter().map(Vec::as_slice).collect(),
-    };
-    let input = if spec.shared_input {
-        reference::EnsembleInput::Shared(&x)
-    } else {
-        reference::EnsembleInput::PerModel(&x)
-    };
-    output(
-        spec,
-        reference::forward(&params, input, spec.batch, &labels),
-    )
-}
+impl EnsembleKernels for CpuBackend {
+    fn forward(&self, bound: &EnsembleCall<'_>) -> Result<EnsembleOutput> {
+        let (spec, call) = (bound.spec(), bound.call());
+        let weights = widen_all(call.weights)?;
+        let biases = widen_all(call.biases)?;
+        let x = call.input.to_f64_vec()?;
+        let labels = call.labels.to_vec::<i64>()?;
+        let params = reference::EnsembleParams {
+            widths: &spec.widths,
+            models: spec.models,
+            weights: weights.iter().map(Vec::as_slice).collect(),
+            biases: biases.iter().map(Vec::as_slice).collect(),
+        };
+        let input = if spec.shared_input {
+            reference::EnsembleInput::Shared(&x)
+        } else {
+            reference::EnsembleInput::PerModel(&x)
+        };
+        output(
+            spec,
+            reference::forward(&params, input, spec.batch, &labels),
+        )
+    }
 
-pub fn landscape(spec: &EnsembleSpec, call: &Landscape<'_>) -> Result<EnsembleOutput> {
-    let center_weights = widen_all(call.center_weights)?;
-    let center_biases = widen_all(call.center_biases)?;
-    let direction_weights = widen_all(call.direction_weights)?;
-    let direction_biases = widen_all(call.direction_biases)?;
-    let direction_of: Vec<usize> = call
-        .direction_of
-        .to_vec::<i64>()?
-        .into_iter()
-        .map(|k| k as usize)
-        .collect();
-    let distance = call.distance.to_f64_vec()?;
-    let x = call.input.to_f64_vec()?;
-    let labels = call.labels.to_vec::<i64>()?;
-    let scan = reference::Landscape {
-        widths: &spec.widths,
-        center_weights: center_weights.iter().map(Vec::as_slice).collect(),
-        center_biases: center_biases.iter().map(Vec::as_slice).collect(),
-        directions: spec.directions.unwrap_or(0),
-        direction_weights: direction_weights.iter().map(Vec::as_slice).collect(),
-        direction_biases: direction_biases.iter().map(Vec::as_slice).collect(),
-        direction_of: &direction_of,
-        distance: &distance,
-    };
-    output(spec, reference::landscape(&scan, &x, spec.batch, &labels))
+    fn landscape(&self, bound: &LandscapeCall<'_>) -> Result<EnsembleOutput> {
+        let (spec, call) = (bound.spec(), bound.call());
+        let center_weights = widen_all(call.center_weights)?;
+        let center_biases = widen_all(call.center_biases)?;
+        let direction_weights = widen_all(call.direction_weights)?;
+        let direction_biases = widen_all(call.direction_biases)?;
+        let direction_of: Vec<usize> = call
+            .direction_of
+            .to_vec::<i64>()?
+            .into_iter()
+            .map(|k| k as usize)
+            .collect();
+        let distance = call.distance.to_f64_vec()?;
+        let x = call.input.to_f64_vec()?;
+        let labels = call.labels.to_vec::<i64>()?;
+        let scan = reference::Landscape {
+            widths: &spec.widths,
+            center_weights: center_weights.iter().map(Vec::as_slice).collect(),
+            center_biases: center_biases.iter().map(Vec::as_slice).collect(),
+            directions: spec.directions.unwrap_or(0),
+            direction_weights: direction_weights.iter().map(Vec::as_slice).collect(),
+            direction_biases: direction_biases.iter().map(Vec::as_slice).collect(),
+            direction_of: &direction_of,
+            distance: &distance,
+        };
+        output(spec, reference::landscape(&scan, &x, spec.batch, &labels))
+    }
 }

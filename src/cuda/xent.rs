@@ -39,9 +39,9 @@ use super::CudaBackend;
 use crate::device::{Storage, Tensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::ops::xent::{
-    Directional, DirectionalOutput, DirectionalSpec, Gap, Reduction, RhoReduce, TargetKind,
-    Targets, Xent, XentOutput, XentSpec,
+use crate::spec::xent::{
+    DirectionalCall, DirectionalOutput, DirectionalSpec, Gap, Reduction, RhoReduce, TargetKind,
+    Targets, XentCall, XentKernels, XentOutput, XentSpec,
 };
 
 /// Device inputs of one call, as byte views of the caller's memory. Each view
@@ -594,47 +594,6 @@ fn cuda_slice<'t>(tensor: &'t Tensor, what: &str) -> Result<&'t CudaSlice<u8>> {
     }
 }
 
-/// Runs a validated xent call on `backend`.
-pub fn xent(backend: &CudaBackend, spec: &XentSpec, call: &Xent<'_>) -> Result<XentOutput> {
-    let targets = match call.targets {
-        Targets::Classes(y) => XentTargets::Classes(cuda_slice(y, "class targets")?.as_view()),
-        Targets::Soft(q) => XentTargets::Soft(cuda_slice(q, "soft targets")?.as_view()),
-    };
-    let inputs = XentInputs {
-        logits: cuda_slice(call.logits, "logits")?.as_view(),
-        targets,
-        class_weights: call
-            .class_weights
-            .map(|w| cuda_slice(w, "class weights").map(CudaSlice::as_view))
-            .transpose()?,
-    };
-    let stream = backend.stream();
-    let mut out = XentBuffers::new(stream, spec)?;
-    xent_raw(stream, spec, &inputs, &mut out)?;
-
-    let device = call.logits.device();
-    let b = spec.batch;
-    let tensor = |slice: CudaSlice<u8>, shape: Vec<usize>, dtype: DType| {
-        Tensor::from_storage(device, Storage::Cuda(slice), shape, dtype)
-    };
-    let rho_shape = vec![rho_len(spec)];
-    Ok(XentOutput {
-        loss: tensor(out.loss, vec![1], DType::F32),
-        loss_per_row: tensor(out.loss_per_row, vec![b], DType::F32),
-        lse: tensor(out.lse, vec![b], DType::F32),
-        entropy: tensor(out.entropy, vec![b], DType::F32),
-        argmax: tensor(out.argmax, vec![b], DType::I64),
-        max: tensor(out.max, vec![b], DType::F32),
-        min: tensor(out.min, vec![b], DType::F32),
-        top2_gap: tensor(out.top2_gap, vec![b], DType::F32),
-        delta: tensor(out.delta, vec![b], DType::F32),
-        rho: tensor(out.rho, rho_shape, DType::F32),
-        grad: out
-            .grad
-            .map(|g| tensor(g, vec![b, spec.classes], spec.grad_dtype)),
-    })
-}
-
 /// Device outputs (and scratch) of one directional problem shape; reusable
 /// across calls with the same B and V. Outputs are f32, laid out as
 /// `DirectionalOutput` says.
@@ -827,26 +786,67 @@ pub fn directional_raw(
     Ok(())
 }
 
-/// Runs a validated directional-radius call on `backend`.
-pub fn directional(
-    backend: &CudaBackend,
-    spec: &DirectionalSpec,
-    call: &Directional<'_>,
-) -> Result<DirectionalOutput> {
-    let logits = cuda_slice(call.logits, "logits")?.as_view();
-    let derivatives = cuda_slice(call.derivatives, "derivatives")?.as_view();
-    let stream = backend.stream();
-    let mut out = DirectionalBuffers::new(stream, spec)?;
-    directional_raw(stream, spec, &logits, &derivatives, &mut out)?;
+impl XentKernels for CudaBackend {
+    /// The Tensor entry: allocates the outputs and runs [`xent_raw`] on the backend's
+    /// stream; nothing waits for the device.
+    fn xent(&self, bound: &XentCall<'_>) -> Result<XentOutput> {
+        let (spec, call) = (bound.spec(), bound.call());
+        let targets = match call.targets {
+            Targets::Classes(y) => XentTargets::Classes(cuda_slice(y, "class targets")?.as_view()),
+            Targets::Soft(q) => XentTargets::Soft(cuda_slice(q, "soft targets")?.as_view()),
+        };
+        let inputs = XentInputs {
+            logits: cuda_slice(call.logits, "logits")?.as_view(),
+            targets,
+            class_weights: call
+                .class_weights
+                .map(|w| cuda_slice(w, "class weights").map(CudaSlice::as_view))
+                .transpose()?,
+        };
+        let stream = self.stream();
+        let mut out = XentBuffers::new(stream, spec)?;
+        xent_raw(stream, spec, &inputs, &mut out)?;
 
-    let device = call.logits.device();
-    let tensor = |slice: CudaSlice<u8>, len: usize| {
-        Tensor::from_storage(device, Storage::Cuda(slice), vec![len], DType::F32)
-    };
-    Ok(DirectionalOutput {
-        delta_a: tensor(out.delta_a, spec.batch),
-        rho_a: tensor(out.rho_a, 1),
-        binary_radius: out.binary_radius.map(|r| tensor(r, spec.batch)),
-        normalized_step: tensor(out.normalized_step, 1),
-    })
+        let device = call.logits.device();
+        let b = spec.batch;
+        let tensor = |slice: CudaSlice<u8>, shape: Vec<usize>, dtype: DType| {
+            Tensor::from_storage(device, Storage::Cuda(slice), shape, dtype)
+        };
+        let rho_shape = vec![rho_len(spec)];
+        Ok(XentOutput {
+            loss: tensor(out.loss, vec![1], DType::F32),
+            loss_per_row: tensor(out.loss_per_row, vec![b], DType::F32),
+            lse: tensor(out.lse, vec![b], DType::F32),
+            entropy: tensor(out.entropy, vec![b], DType::F32),
+            argmax: tensor(out.argmax, vec![b], DType::I64),
+            max: tensor(out.max, vec![b], DType::F32),
+            min: tensor(out.min, vec![b], DType::F32),
+            top2_gap: tensor(out.top2_gap, vec![b], DType::F32),
+            delta: tensor(out.delta, vec![b], DType::F32),
+            rho: tensor(out.rho, rho_shape, DType::F32),
+            grad: out
+                .grad
+                .map(|g| tensor(g, vec![b, spec.classes], spec.grad_dtype)),
+        })
+    }
+
+    fn directional(&self, bound: &DirectionalCall<'_>) -> Result<DirectionalOutput> {
+        let (spec, call) = (bound.spec(), bound.call());
+        let logits = cuda_slice(call.logits, "logits")?.as_view();
+        let derivatives = cuda_slice(call.derivatives, "derivatives")?.as_view();
+        let stream = self.stream();
+        let mut out = DirectionalBuffers::new(stream, spec)?;
+        directional_raw(stream, spec, &logits, &derivatives, &mut out)?;
+
+        let device = call.logits.device();
+        let tensor = |slice: CudaSlice<u8>, len: usize| {
+            Tensor::from_storage(device, Storage::Cuda(slice), vec![len], DType::F32)
+        };
+        Ok(DirectionalOutput {
+            delta_a: tensor(out.delta_a, spec.batch),
+            rho_a: tensor(out.rho_a, 1),
+            binary_radius: out.binary_radius.map(|r| tensor(r, spec.batch)),
+            normalized_step: tensor(out.normalized_step, 1),
+        })
+    }
 }

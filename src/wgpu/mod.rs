@@ -11,7 +11,12 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::device::Backend;
 use crate::error::{Error, Result};
+use crate::spec::bnstats::BnStatsKernels;
+use crate::spec::energy::EnergyKernels;
+use crate::spec::ensemble::EnsembleKernels;
+use crate::spec::BackendKind;
 
 pub mod xent;
 
@@ -119,13 +124,24 @@ pub struct WgpuBackend {
     uncaptured: Arc<Mutex<Vec<String>>>,
     /// Buffers of dropped tensors, by (size, usage), for the next buffer of that kind.
     free: Mutex<BufferPool>,
+    /// Status words of ops queued since the last readback, checked at the next one.
+    watched: Mutex<Vec<TargetWatch>>,
+}
+
+/// A status word (u32) an op's kernels write: 0, or !row for the first row whose class
+/// target is out of range.
+pub(crate) struct TargetWatch {
+    pub status: wgpu::Buffer,
+    pub classes: usize,
+    pub ignore_index: i64,
 }
 
 /// Buffers kept for reuse. Creating a buffer makes wgpu zero it (about 40 GB/s on the
 /// H200's Vulkan driver: 100 ms for a 4 GB gradient, against 8 ms for the kernels), so
 /// tensors' buffers are kept, as PyTorch's caching allocator keeps CUDA memory. Reuse is
-/// ordered by the queue like any other use of a buffer. Bounded, so a long run of
-/// different shapes cannot hold the device's memory.
+/// ordered by the queue like any other use of a buffer. Bounded ([`POOL_BYTES`] in all,
+/// [`POOL_PER_KIND`] of one size and usage), so a long run of different shapes cannot
+/// hold the device's memory; [`WgpuBackend::trim`] empties it.
 #[derive(Default)]
 struct BufferPool {
     buffers: HashMap<(u64, u32), Vec<wgpu::Buffer>>,
@@ -133,9 +149,9 @@ struct BufferPool {
 }
 
 /// At most this many bytes wait in the pool; a buffer that would pass it is freed.
-const POOL_BYTES: u64 = 16 << 30;
+pub const POOL_BYTES: u64 = 16 << 30;
 /// At most this many buffers of one size and usage wait in the pool.
-const POOL_PER_KIND: usize = 4;
+pub const POOL_PER_KIND: usize = 4;
 
 static BACKEND: OnceLock<std::result::Result<Arc<WgpuBackend>, String>> = OnceLock::new();
 
@@ -286,7 +302,49 @@ impl WgpuBackend {
             pipelines: Mutex::new(HashMap::new()),
             uncaptured,
             free: Mutex::new(BufferPool::default()),
+            watched: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Whether the adapter is a software rasteriser (lavapipe, llvmpipe, WARP).
+    pub fn is_software(&self) -> bool {
+        self.adapter.device_type == wgpu::DeviceType::Cpu
+    }
+
+    /// Frees every buffer the pool keeps for reuse.
+    pub fn trim(&self) -> Result<()> {
+        let mut pool = self.pool();
+        pool.buffers.clear();
+        pool.bytes = 0;
+        Ok(())
+    }
+
+    fn watched(&self) -> std::sync::MutexGuard<'_, Vec<TargetWatch>> {
+        // Entries are pushed and drained whole, so a poisoned list is still consistent.
+        self.watched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks `watch` at the next readback or synchronisation.
+    pub(crate) fn watch_targets(&self, watch: TargetWatch) {
+        self.watched().push(watch);
+    }
+
+    /// Reads the status word of every op queued since the last check and reports the
+    /// first op's first bad row.
+    fn check_targets(&self) -> Result<()> {
+        let watched = std::mem::take(&mut *self.watched());
+        for watch in watched {
+            let word = self.read_back(&watch.status, 4)?;
+            let status = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
+            if status != 0 {
+                return Err(Error::Target {
+                    row: (!status) as usize,
+                    classes: watch.classes,
+                    ignore_index: watch.ignore_index,
+                });
+            }
+        }
+        Ok(())
     }
 
     /// A backend on a device the caller created (e.g. a framework's own), so that its
@@ -367,7 +425,8 @@ impl WgpuBackend {
         }
     }
 
-    /// Waits until all submitted work has finished.
+    /// Waits until all submitted work has finished; `Error::Target` when a kernel since
+    /// the last check found a class target out of range.
     pub fn synchronize(&self) -> Result<()> {
         self.scoped("synchronize", || {
             // Flushes pending `write_buffer`s, which are only scheduled with the next submit.
@@ -376,7 +435,8 @@ impl WgpuBackend {
                 .poll(wgpu::PollType::wait_indefinitely())
                 .map_err(|e| Error::Wgpu(format!("waiting for the queue: {e}")))?;
             Ok(())
-        })
+        })?;
+        self.check_targets()
     }
 
     /// A new buffer of `size` bytes (rounded up to 4, at least 4).
@@ -387,6 +447,14 @@ impl WgpuBackend {
         usage: wgpu::BufferUsages,
     ) -> Result<wgpu::Buffer> {
         let size = padded_size(size);
+        // A kernel's buffer (outputs and scratch alike) is poisoned while poisoning is
+        // on, which needs COPY_DST.
+        let poisoned = usage.contains(wgpu::BufferUsages::STORAGE) && crate::device::poisoning();
+        let usage = if poisoned {
+            usage | wgpu::BufferUsages::COPY_DST
+        } else {
+            usage
+        };
         if size > self.limits.max_buffer_size {
             return Err(Error::Wgpu(format!(
                 "{label}: a buffer of {size} bytes exceeds the device's max_buffer_size {}",
@@ -415,9 +483,7 @@ impl WgpuBackend {
                 }))
             })?,
         };
-        let kernel_buffer =
-            usage.contains(wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST);
-        if kernel_buffer && crate::device::poisoning() {
+        if poisoned {
             self.scoped(label, || {
                 // 0xFF bytes: NaN in every float dtype, -1 as i64 (device::poison_outputs).
                 let poison = usize::try_from(size).map_err(|_| {
@@ -489,8 +555,15 @@ impl WgpuBackend {
         )
     }
 
-    /// Reads the first `len` bytes of `buffer` (which needs COPY_SRC) back to the host.
+    /// Reads the first `len` bytes of `buffer` (which needs COPY_SRC) back to the host;
+    /// `Error::Target` as [`WgpuBackend::synchronize`].
     pub fn download(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<u8>> {
+        let bytes = self.read_back(buffer, len)?;
+        self.check_targets()?;
+        Ok(bytes)
+    }
+
+    fn read_back(&self, buffer: &wgpu::Buffer, len: usize) -> Result<Vec<u8>> {
         if len == 0 {
             return Ok(Vec::new());
         }
@@ -789,3 +862,14 @@ impl WgpuBackend {
         }
     }
 }
+
+impl BackendKind for WgpuBackend {
+    fn kind(&self) -> Backend {
+        Backend::Wgpu
+    }
+}
+
+// Families without WGSL kernels yet: every op answers Error::Unsupported.
+impl EnsembleKernels for WgpuBackend {}
+impl EnergyKernels for WgpuBackend {}
+impl BnStatsKernels for WgpuBackend {}

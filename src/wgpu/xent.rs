@@ -18,9 +18,9 @@ use bytemuck::{Pod, Zeroable};
 use crate::device::{Storage, Tensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::ops::xent::{
-    Directional, DirectionalOutput, DirectionalSpec, Gap, Reduction, RhoReduce, TargetKind,
-    Targets, Xent, XentOutput, XentSpec,
+use crate::spec::xent::{
+    DirectionalCall, DirectionalOutput, DirectionalSpec, Gap, Reduction, RhoReduce, TargetKind,
+    Targets, XentCall, XentKernels, XentOutput, XentSpec,
 };
 use crate::wgpu::{
     padded_size, BindingKind, PipelineKey, ShaderSource, WgpuBackend, WORKGROUP_SIZE,
@@ -239,7 +239,8 @@ fn wgpu_buffer<'t>(tensor: &'t Tensor, what: &str) -> Result<&'t wgpu::Buffer> {
 }
 
 /// Runs xent on wgpu tensors: allocates the outputs and calls [`xent_raw`].
-pub fn xent(backend: &WgpuBackend, spec: &XentSpec, call: &Xent<'_>) -> Result<XentOutput> {
+fn xent_tensors(backend: &WgpuBackend, bound: &XentCall<'_>) -> Result<XentOutput> {
+    let (spec, call) = (bound.spec(), bound.call());
     let device = call.logits.device();
     let logits = wgpu_buffer(call.logits, "logits")?;
     let targets = match call.targets {
@@ -816,11 +817,11 @@ fn step_factor(step: f64) -> (f32, i32, u32) {
 
 /// Runs the directional radius on wgpu tensors: allocates the outputs and calls
 /// [`directional_raw`].
-pub fn directional(
+fn directional_tensors(
     backend: &WgpuBackend,
-    spec: &DirectionalSpec,
-    call: &Directional<'_>,
+    bound: &DirectionalCall<'_>,
 ) -> Result<DirectionalOutput> {
+    let (spec, call) = (bound.spec(), bound.call());
     let device = call.logits.device();
     let logits = wgpu_buffer(call.logits, "logits")?;
     let derivatives = wgpu_buffer(call.derivatives, "derivatives")?;
@@ -1046,4 +1047,14 @@ pub fn directional_raw(
         backend.queue().submit([encoder.finish()]);
         Ok(())
     })
+}
+
+impl XentKernels for WgpuBackend {
+    fn xent(&self, call: &XentCall<'_>) -> Result<XentOutput> {
+        xent_tensors(self, call)
+    }
+
+    fn directional(&self, call: &DirectionalCall<'_>) -> Result<DirectionalOutput> {
+        directional_tensors(self, call)
+    }
 }

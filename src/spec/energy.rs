@@ -1,0 +1,246 @@
+//! energy: energy-score / engression loss and two-sample energy distance, with
+//! gradient, never materialising the n x m distance matrix.
+
+pub use losskern_reference::energy::Statistic;
+
+use super::{check_finite, check_same_device, float_dtype, BackendKind, Bound};
+use crate::device::Tensor;
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::support::Op;
+
+fn check_beta(beta: f64) -> Result<()> {
+    check_finite("beta", beta)?;
+    if beta > 0.0 && beta <= 2.0 {
+        Ok(())
+    } else {
+        Err(Error::Option(format!("beta must be in (0, 2], got {beta}")))
+    }
+}
+
+/// Engression / energy-score loss of predictions preds [n, m, d] for targets y [n, d].
+#[derive(Clone, Copy, Debug)]
+pub struct EnergyScore<'a> {
+    pub y: &'a Tensor,
+    pub preds: &'a Tensor,
+    /// Distances enter as ||.||^beta, beta in (0, 2]; 1 is the energy score.
+    pub beta: f64,
+    /// Also compute d loss / d preds.
+    pub grad: bool,
+}
+
+/// A validated energy-score problem.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EnergyScoreSpec {
+    pub(crate) n: usize,
+    pub(crate) m: usize,
+    pub(crate) d: usize,
+    pub(crate) dtype: DType,
+    pub(crate) beta: f64,
+    pub(crate) grad: bool,
+}
+
+impl EnergyScoreSpec {
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn m(&self) -> usize {
+        self.m
+    }
+
+    pub fn d(&self) -> usize {
+        self.d
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn beta(&self) -> f64 {
+        self.beta
+    }
+
+    pub fn grad(&self) -> bool {
+        self.grad
+    }
+}
+
+/// Outputs on the inputs' device: the scalars are [1] f32, `grad` is [n, m, d] f32.
+#[derive(Debug)]
+pub struct EnergyScoreOutput {
+    pub term1: Tensor,
+    pub term2: Tensor,
+    pub loss: Tensor,
+    pub grad: Option<Tensor>,
+}
+
+pub fn validate_score(call: &EnergyScore<'_>) -> Result<EnergyScoreSpec> {
+    let dtype = float_dtype("preds", call.preds)?;
+    check_same_device(call.preds, call.y, "y")?;
+    let [n, m, d] = *call.preds.shape() else {
+        return Err(Error::Shape(format!(
+            "preds must be [n, m, d], got {:?}",
+            call.preds.shape()
+        )));
+    };
+    if n == 0 || m == 0 || d == 0 {
+        return Err(Error::Empty(format!(
+            "preds [n = {n}, m = {m}, d = {d}] need every size >= 1"
+        )));
+    }
+    if call.y.shape() != [n, d] || call.y.dtype() != dtype {
+        return Err(Error::Shape(format!(
+            "y must be [{n}, {d}] {dtype}, got {:?} {}",
+            call.y.shape(),
+            call.y.dtype()
+        )));
+    }
+    check_beta(call.beta)?;
+    Ok(EnergyScoreSpec {
+        n,
+        m,
+        d,
+        dtype,
+        beta: call.beta,
+        grad: call.grad,
+    })
+}
+
+/// A validated energy-score call, as the backends receive it.
+pub(crate) type EnergyScoreCall<'a> = Bound<EnergyScore<'a>, EnergyScoreSpec>;
+
+pub(crate) fn bind_score<'a>(call: &EnergyScore<'a>) -> Result<EnergyScoreCall<'a>> {
+    Ok(Bound::new(*call, validate_score(call)?))
+}
+
+/// Two-sample energy distance between X [N, d] and Y [M, d].
+#[derive(Clone, Copy, Debug)]
+pub struct EnergyDistance<'a> {
+    pub x: &'a Tensor,
+    pub y: &'a Tensor,
+    /// Non-negative sample weights [N] f32 (normalised to sum 1); uniform when absent.
+    pub weights_x: Option<&'a Tensor>,
+    /// Non-negative sample weights [M] f32; uniform when absent.
+    pub weights_y: Option<&'a Tensor>,
+    pub beta: f64,
+    pub statistic: Statistic,
+}
+
+/// A validated energy-distance problem.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EnergyDistanceSpec {
+    pub(crate) n: usize,
+    pub(crate) m: usize,
+    pub(crate) d: usize,
+    pub(crate) dtype: DType,
+    pub(crate) beta: f64,
+    pub(crate) statistic: Statistic,
+}
+
+impl EnergyDistanceSpec {
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    pub fn m(&self) -> usize {
+        self.m
+    }
+
+    pub fn d(&self) -> usize {
+        self.d
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn beta(&self) -> f64 {
+        self.beta
+    }
+
+    pub fn statistic(&self) -> Statistic {
+        self.statistic
+    }
+}
+
+/// Outputs on the inputs' device, each [1] f32.
+#[derive(Debug)]
+pub struct EnergyDistanceOutput {
+    pub distance: Tensor,
+    pub cross: Tensor,
+    pub within_x: Tensor,
+    pub within_y: Tensor,
+}
+
+pub fn validate_distance(call: &EnergyDistance<'_>) -> Result<EnergyDistanceSpec> {
+    let dtype = float_dtype("x", call.x)?;
+    check_same_device(call.x, call.y, "y")?;
+    let (&[n, d], &[m, dy]) = (call.x.shape(), call.y.shape()) else {
+        return Err(Error::Shape(format!(
+            "x and y must be [N, d] and [M, d], got {:?} and {:?}",
+            call.x.shape(),
+            call.y.shape()
+        )));
+    };
+    if n == 0 || m == 0 || d == 0 {
+        return Err(Error::Empty(format!(
+            "x [{n}, {d}] and y [{m}, {dy}] need every size >= 1"
+        )));
+    }
+    if dy != d || call.y.dtype() != dtype {
+        return Err(Error::Shape(format!(
+            "y must be [M, {d}] {dtype}, got {:?} {}",
+            call.y.shape(),
+            call.y.dtype()
+        )));
+    }
+    for (name, weights, len) in [
+        ("weights_x", call.weights_x, n),
+        ("weights_y", call.weights_y, m),
+    ] {
+        let Some(w) = weights else { continue };
+        check_same_device(call.x, w, name)?;
+        if w.dtype() != DType::F32 || w.shape() != [len] {
+            return Err(Error::Shape(format!(
+                "{name} must be [{len}] f32, got {:?} {}",
+                w.shape(),
+                w.dtype()
+            )));
+        }
+        let values = w.to_vec::<f32>()?;
+        if values.iter().any(|v| !v.is_finite() || *v < 0.0) {
+            return Err(Error::Option(format!("{name} must be finite and >= 0")));
+        }
+        if values.iter().all(|v| *v == 0.0) {
+            return Err(Error::Option(format!("{name} must not all be 0")));
+        }
+    }
+    check_beta(call.beta)?;
+    Ok(EnergyDistanceSpec {
+        n,
+        m,
+        d,
+        dtype,
+        beta: call.beta,
+        statistic: call.statistic,
+    })
+}
+
+/// A validated energy-distance call, as the backends receive it.
+pub(crate) type EnergyDistanceCall<'a> = Bound<EnergyDistance<'a>, EnergyDistanceSpec>;
+
+pub(crate) fn bind_distance<'a>(call: &EnergyDistance<'a>) -> Result<EnergyDistanceCall<'a>> {
+    Ok(Bound::new(*call, validate_distance(call)?))
+}
+
+/// The energy family's kernels on one backend; an op without a kernel there is refused.
+pub(crate) trait EnergyKernels: BackendKind {
+    fn energy_score(&self, _call: &EnergyScoreCall<'_>) -> Result<EnergyScoreOutput> {
+        Err(self.unsupported(Op::EnergyScore))
+    }
+
+    fn energy_distance(&self, _call: &EnergyDistanceCall<'_>) -> Result<EnergyDistanceOutput> {
+        Err(self.unsupported(Op::EnergyDistance))
+    }
+}
