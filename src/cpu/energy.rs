@@ -6,7 +6,8 @@ use crate::device::Tensor;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::spec::energy::{
-    EnergyDistanceCall, EnergyDistanceOutput, EnergyKernels, EnergyScoreCall, EnergyScoreOutput,
+    check_weight_values, EnergyDistanceCall, EnergyDistanceOutput, EnergyKernels, EnergyScoreCall,
+    EnergyScoreOutput,
 };
 
 impl EnergyKernels for CpuBackend {
@@ -40,6 +41,11 @@ impl EnergyKernels for CpuBackend {
         let y = call.y.to_f64_vec()?;
         let weights_x = call.weights_x.map(Tensor::to_f64_vec).transpose()?;
         let weights_y = call.weights_y.map(Tensor::to_f64_vec).transpose()?;
+        for (name, weights) in [("weights_x", &weights_x), ("weights_y", &weights_y)] {
+            if let Some(values) = weights {
+                check_weight_values(name, values)?;
+            }
+        }
         let out = reference::energy_distance(&reference::EnergyDistanceProblem {
             x: &x,
             y: &y,

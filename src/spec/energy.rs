@@ -208,13 +208,6 @@ pub fn validate_distance(call: &EnergyDistance<'_>) -> Result<EnergyDistanceSpec
                 w.dtype()
             )));
         }
-        let values = w.to_vec::<f32>()?;
-        if values.iter().any(|v| !v.is_finite() || *v < 0.0) {
-            return Err(Error::Option(format!("{name} must be finite and >= 0")));
-        }
-        if values.iter().all(|v| *v == 0.0) {
-            return Err(Error::Option(format!("{name} must not all be 0")));
-        }
     }
     check_beta(call.beta)?;
     Ok(EnergyDistanceSpec {
@@ -225,6 +218,20 @@ pub fn validate_distance(call: &EnergyDistance<'_>) -> Result<EnergyDistanceSpec
         beta: call.beta,
         statistic: call.statistic,
     })
+}
+
+/// The check of an energy-distance call that needs the data's values, for a backend
+/// that has them on the host (the CPU); a GPU kernel must find it itself and flag it on
+/// the device, since validation never waits for a device. Sample weights must be finite,
+/// >= 0 and not all 0.
+pub(crate) fn check_weight_values(name: &str, values: &[f64]) -> Result<()> {
+    if values.iter().any(|v| !v.is_finite() || *v < 0.0) {
+        return Err(Error::Option(format!("{name} must be finite and >= 0")));
+    }
+    if values.iter().all(|v| *v == 0.0) {
+        return Err(Error::Option(format!("{name} must not all be 0")));
+    }
+    Ok(())
 }
 
 /// A validated energy-distance call, as the backends receive it.

@@ -161,7 +161,7 @@ fn layer_widths(
     Ok(widths)
 }
 
-fn check_labels(labels: &Tensor, batch: usize, classes: usize, anchor: &Tensor) -> Result<()> {
+fn check_labels(labels: &Tensor, batch: usize, anchor: &Tensor) -> Result<()> {
     check_same_device(anchor, labels, "labels")?;
     if labels.dtype() != DType::I64 || labels.shape() != [batch] {
         return Err(Error::Shape(format!(
@@ -170,14 +170,42 @@ fn check_labels(labels: &Tensor, batch: usize, classes: usize, anchor: &Tensor) 
             labels.dtype()
         )));
     }
-    for (row, &target) in labels.to_vec::<i64>()?.iter().enumerate() {
-        if !usize::try_from(target).is_ok_and(|t| t < classes) {
+    Ok(())
+}
+
+/// The checks of an ensemble call that need the data's values, for a backend that has
+/// them on the host (the CPU); a GPU kernel must find them itself and flag them on the
+/// device, since validation never waits for a device. Labels must lie in [0, C).
+pub(crate) fn check_label_values(labels: &[i64], classes: usize) -> Result<()> {
+    for (row, &label) in labels.iter().enumerate() {
+        if !usize::try_from(label).is_ok_and(|t| t < classes) {
             return Err(Error::LabelOutOfRange {
                 row,
-                label: target,
+                label,
                 classes,
             });
         }
+    }
+    Ok(())
+}
+
+/// As [`check_label_values`], for a landscape scan's distances (finite) and direction
+/// indices (in [0, K)).
+pub(crate) fn check_scan_values(
+    distance: &[f64],
+    direction_of: &[i64],
+    directions: usize,
+) -> Result<()> {
+    if distance.iter().any(|t| !t.is_finite()) {
+        return Err(Error::Option("distances must be finite".into()));
+    }
+    if direction_of
+        .iter()
+        .any(|&k| !usize::try_from(k).is_ok_and(|k| k < directions))
+    {
+        return Err(Error::Option(format!(
+            "direction_of must be in [0, {directions})"
+        )));
     }
     Ok(())
 }
@@ -214,7 +242,7 @@ pub fn validate(call: &Ensemble<'_>) -> Result<EnsembleSpec> {
     if batch == 0 {
         return Err(Error::Empty("the batch has B = 0 rows".into()));
     }
-    check_labels(call.labels, batch, widths[widths.len() - 1], call.input)?;
+    check_labels(call.labels, batch, call.input)?;
     Ok(EnsembleSpec {
         widths,
         models,
@@ -274,29 +302,11 @@ pub fn validate_landscape(call: &Landscape<'_>) -> Result<EnsembleSpec> {
             call.distance.dtype()
         )));
     }
-    if call
-        .distance
-        .to_vec::<f32>()?
-        .iter()
-        .any(|t| !t.is_finite())
-    {
-        return Err(Error::Option("distances must be finite".into()));
-    }
     if call.direction_of.dtype() != DType::I64 || call.direction_of.shape() != [models] {
         return Err(Error::Shape(format!(
             "direction_of must be [{models}] i64, got {:?} {}",
             call.direction_of.shape(),
             call.direction_of.dtype()
-        )));
-    }
-    if call
-        .direction_of
-        .to_vec::<i64>()?
-        .iter()
-        .any(|&k| !usize::try_from(k).is_ok_and(|k| k < directions))
-    {
-        return Err(Error::Option(format!(
-            "direction_of must be in [0, {directions})"
         )));
     }
     let batch = match *call.input.shape() {
@@ -311,7 +321,7 @@ pub fn validate_landscape(call: &Landscape<'_>) -> Result<EnsembleSpec> {
     if batch == 0 {
         return Err(Error::Empty("the batch has B = 0 rows".into()));
     }
-    check_labels(call.labels, batch, widths[widths.len() - 1], call.input)?;
+    check_labels(call.labels, batch, call.input)?;
     Ok(EnsembleSpec {
         widths,
         models,
