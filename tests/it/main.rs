@@ -4,5 +4,6 @@ mod backends;
 mod bad_input;
 mod compile;
 mod families;
+mod nvrtc_cache;
 mod roundtrip;
 mod xent;
