@@ -37,6 +37,9 @@ mod compile;
 mod launch;
 pub mod xent;
 
+pub use compile::{
+    cache_dir, compile_cached_in, compile_records, CacheOutcome, CachedImage, CompileRecord,
+};
 pub use compile::{compile, compile_with_log, nvrtc_version, KernelSource};
 use compile::{lib_candidates, no_panic, require_nvrtc};
 use launch::{arch_of, driver_error, kernels};

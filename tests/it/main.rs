@@ -4,6 +4,7 @@ mod backends;
 mod bad_input;
 mod compile;
 mod families;
+mod nvrtc_cache;
 mod raw_entries;
 mod roundtrip;
 mod xent;
