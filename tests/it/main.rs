@@ -5,4 +5,5 @@ mod bad_input;
 mod compile;
 mod families;
 mod roundtrip;
+mod targets;
 mod xent;
