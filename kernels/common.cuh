@@ -26,6 +26,15 @@ struct lk_bf16 {
 #define LK_INF_D __longlong_as_double(0x7ff0000000000000LL)
 #define LK_I32_MAX 0x7fffffff
 
+// Pins a field of a kernel argument struct to the byte offset its #[repr(C)]
+// Rust twin asserts with offset_of!, so a field moved on one side only fails
+// the build of that side. NVRTC has neither <cstddef> nor __builtin_offsetof;
+// its front end's __INTADDR__ makes the null-pointer member address a
+// constant expression (checked: a wrong offset fails the static_assert).
+#define LK_FIELD_AT(T, field, offset)                                     \
+    static_assert(__INTADDR__(&(((T*)0)->field)) == (offset),             \
+                  #T "." #field " is not at byte " #offset " as in its Rust twin")
+
 // ---------------------------------------------------------------------------
 // dtype conversions (exact widening; round-to-nearest-even narrowing)
 

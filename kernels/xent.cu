@@ -24,7 +24,10 @@
 // Every thread walks its columns in ascending order, then the block reduces
 // with common.cuh's fixed tree: deterministic. Row offsets are 64-bit (B * V
 // may pass 2^31); column indices within a row are 32-bit (the host refuses
-// V >= 2^31). A NaN or +inf is not tested per column: it makes s NaN, and only
+// V >= 2^31), and every loop over columns is written so that it cannot wrap
+// near 2^31: strided loops count in unsigned (k < V < 2^31, so k + blockDim
+// stays below 2^32), vector indices stay below V / 4, and a tail test is
+// tid < V - tail0 rather than tail0 + tid < V. A NaN or +inf is not tested per column: it makes s NaN, and only
 // such a row is read a second time, for the index of its first NaN (its
 // argmax).
 //
@@ -46,7 +49,8 @@
 // For class targets, the (1 - eps) w_y part of c_y is added by thread 0 from
 // z_y directly, so the common unsmoothed case accumulates no c at all.
 
-// Must match XentFwdArgs in src/cuda/xent.rs field for field.
+// Must match XentFwdArgs in src/cuda/xent.rs field for field (size and
+// every offset asserted on both sides).
 struct XentFwdArgs {
     const void* logits;           // [B, row_stride] of T
     const lk_i64* labels;         // [B] or null (soft targets)
@@ -64,6 +68,7 @@ struct XentFwdArgs {
     float* rho;                   // [B] when rho_per_sample, else null
     const double* scale;          // [1] from xent_scale, or null without grad
     void* grad;                   // [B, V] of T (f32 when grad_f32), or null
+    unsigned long long* status;   // [1], zeroed before the launch: ~(first bad-target row)
     lk_i64 batch;
     lk_i64 classes;
     lk_i64 row_stride;
@@ -85,7 +90,44 @@ struct XentFwdArgs {
     int has_floor;
     int grad_f32;
 };
-static_assert(sizeof(XentFwdArgs) == 240, "XentFwdArgs layout drifted from src/cuda/xent.rs");
+static_assert(sizeof(XentFwdArgs) == 248, "XentFwdArgs layout drifted from src/cuda/xent.rs");
+LK_FIELD_AT(XentFwdArgs, logits, 0);
+LK_FIELD_AT(XentFwdArgs, labels, 8);
+LK_FIELD_AT(XentFwdArgs, soft, 16);
+LK_FIELD_AT(XentFwdArgs, weights, 24);
+LK_FIELD_AT(XentFwdArgs, loss_row, 32);
+LK_FIELD_AT(XentFwdArgs, lse, 40);
+LK_FIELD_AT(XentFwdArgs, entropy, 48);
+LK_FIELD_AT(XentFwdArgs, max, 56);
+LK_FIELD_AT(XentFwdArgs, min, 64);
+LK_FIELD_AT(XentFwdArgs, top2_gap, 72);
+LK_FIELD_AT(XentFwdArgs, delta, 80);
+LK_FIELD_AT(XentFwdArgs, argmax, 88);
+LK_FIELD_AT(XentFwdArgs, row_weight, 96);
+LK_FIELD_AT(XentFwdArgs, rho, 104);
+LK_FIELD_AT(XentFwdArgs, scale, 112);
+LK_FIELD_AT(XentFwdArgs, grad, 120);
+LK_FIELD_AT(XentFwdArgs, status, 128);
+LK_FIELD_AT(XentFwdArgs, batch, 136);
+LK_FIELD_AT(XentFwdArgs, classes, 144);
+LK_FIELD_AT(XentFwdArgs, row_stride, 152);
+LK_FIELD_AT(XentFwdArgs, ignore_index, 160);
+LK_FIELD_AT(XentFwdArgs, rho_eps, 168);
+LK_FIELD_AT(XentFwdArgs, rho_cap, 176);
+LK_FIELD_AT(XentFwdArgs, rho_floor, 184);
+LK_FIELD_AT(XentFwdArgs, temperature_f64, 192);
+LK_FIELD_AT(XentFwdArgs, temperature, 200);
+LK_FIELD_AT(XentFwdArgs, lt, 204);
+LK_FIELD_AT(XentFwdArgs, one_minus_eps, 208);
+LK_FIELD_AT(XentFwdArgs, eps_per_class, 212);
+LK_FIELD_AT(XentFwdArgs, z_loss, 216);
+LK_FIELD_AT(XentFwdArgs, soft_f32, 220);
+LK_FIELD_AT(XentFwdArgs, gap_top2, 224);
+LK_FIELD_AT(XentFwdArgs, rho_per_sample, 228);
+LK_FIELD_AT(XentFwdArgs, rho_inf_if_small, 232);
+LK_FIELD_AT(XentFwdArgs, has_cap, 236);
+LK_FIELD_AT(XentFwdArgs, has_floor, 240);
+LK_FIELD_AT(XentFwdArgs, grad_f32, 244);
 
 // Must match XentScaleArgs in src/cuda/xent.rs.
 struct XentScaleArgs {
@@ -99,6 +141,14 @@ struct XentScaleArgs {
     int pad_;
 };
 static_assert(sizeof(XentScaleArgs) == 56, "XentScaleArgs layout drifted from src/cuda/xent.rs");
+LK_FIELD_AT(XentScaleArgs, labels, 0);
+LK_FIELD_AT(XentScaleArgs, weights, 8);
+LK_FIELD_AT(XentScaleArgs, scale, 16);
+LK_FIELD_AT(XentScaleArgs, batch, 24);
+LK_FIELD_AT(XentScaleArgs, classes, 32);
+LK_FIELD_AT(XentScaleArgs, ignore_index, 40);
+LK_FIELD_AT(XentScaleArgs, reduction, 48);
+LK_FIELD_AT(XentScaleArgs, pad_, 52);
 
 // Must match XentReduceArgs in src/cuda/xent.rs.
 struct XentReduceArgs {
@@ -119,6 +169,21 @@ struct XentReduceArgs {
     int pad_;
 };
 static_assert(sizeof(XentReduceArgs) == 96, "XentReduceArgs layout drifted from src/cuda/xent.rs");
+LK_FIELD_AT(XentReduceArgs, loss_row, 0);
+LK_FIELD_AT(XentReduceArgs, row_weight, 8);
+LK_FIELD_AT(XentReduceArgs, delta, 16);
+LK_FIELD_AT(XentReduceArgs, loss, 24);
+LK_FIELD_AT(XentReduceArgs, rho, 32);
+LK_FIELD_AT(XentReduceArgs, batch, 40);
+LK_FIELD_AT(XentReduceArgs, rho_eps, 48);
+LK_FIELD_AT(XentReduceArgs, rho_cap, 56);
+LK_FIELD_AT(XentReduceArgs, rho_floor, 64);
+LK_FIELD_AT(XentReduceArgs, reduction, 72);
+LK_FIELD_AT(XentReduceArgs, rho_max, 76);
+LK_FIELD_AT(XentReduceArgs, rho_inf_if_small, 80);
+LK_FIELD_AT(XentReduceArgs, has_cap, 84);
+LK_FIELD_AT(XentReduceArgs, has_floor, 88);
+LK_FIELD_AT(XentReduceArgs, pad_, 92);
 
 // rho = pi / (delta + eps), then inf_if_small, cap, floor (reference
 // rho_from_delta); NaN stays NaN since every test is a plain comparison.
@@ -475,10 +540,10 @@ __device__ __forceinline__ int xent_block_first(int i) {
 template <typename T>
 __device__ __forceinline__ int xent_first_nan(const T* z, int V) {
     int first = LK_I32_MAX;
-    for (int k = threadIdx.x; k < V; k += blockDim.x) {
+    for (unsigned int k = threadIdx.x; k < (unsigned int)V; k += blockDim.x) {
         const float v = lk_to_f32(z[k]);
         if (v != v) {
-            first = k;
+            first = (int)k;
             break;
         }
     }
@@ -589,17 +654,26 @@ __device__ __forceinline__ void xent_grad_row(const XentGradRow& r, const P& pol
         xent_load<T, N>(z + head + j * N, zvec, x);
         lk_st_cs_v4(gv + j, xent_grad_vec<TG, N>(r, pol, x, head + j * N));
     }
-    const int k = tail0 + tid;
-    if (k < V) g[k] = lk_from_f32<TG>(r.zero ? 0.0f : xent_grad_value(r, pol, lk_to_f32(z[k]), k));
+    if (tid < V - tail0) {
+        const int k = tail0 + tid;
+        g[k] = lk_from_f32<TG>(r.zero ? 0.0f : xent_grad_value(r, pol, lk_to_f32(z[k]), k));
+    }
 }
 
 // ---------------------------------------------------------------------------
 // One row: the forward pass over HBM, the block reduction, the per-row
 // outputs by thread 0, then (with a grad) the gradient pass.
 
+// A bad target (a class label outside [0, V) that is not ignore_index; see
+// XentClassRow) gives the row NaN in every per-row output, argmax -1 (no
+// class: the row's argmax is not computed from a row whose target is
+// unusable) and a NaN grad row, and records the row in a.status. The
+// forward pass still runs: its block shape and reductions are those of
+// every row, so no neighbour row changes.
 template <typename T, typename TG, typename P>
 __device__ __forceinline__ void xent_row(const XentFwdArgs& a, lk_i64 row, const T* z, const P& pol,
-                                         bool ignored, int y, float y_coef, float weight, float factor) {
+                                         bool ignored, bool bad_target, int y, float y_coef, float weight,
+                                         float factor) {
     typedef XentWord<T> W;
     const int kVec = 4 * W::kLanes;  // columns per 16-byte vector
     // Per-column coefficients (label smoothing, soft targets) need more
@@ -624,7 +698,7 @@ __device__ __forceinline__ void xent_row(const XentFwdArgs& a, lk_i64 row, const
     // threads holding it look there for its first column. Until then best is
     // the thread's first column, which names the row's first column when the
     // row is all -inf (argmax 0, like the reference).
-    int best = tid < head ? tid : (tid < nvec ? head + tid * kVec : (tail0 + tid < V ? tail0 + tid : LK_I32_MAX));
+    int best = tid < head ? tid : (tid < nvec ? head + tid * kVec : (tid < V - tail0 ? tail0 + tid : LK_I32_MAX));
     int best_n = 0;
     XentAcc acc = xent_acc_identity();
     if (tid < head && xent_scalar(acc, lk_to_f32(z[tid]), tid, pol, lt)) best = tid;
@@ -677,7 +751,7 @@ __device__ __forceinline__ void xent_row(const XentFwdArgs& a, lk_i64 row, const
             best_n = 1;
         }
     }
-    if (tail0 + tid < V && xent_scalar(acc, lk_to_f32(z[tail0 + tid]), tail0 + tid, pol, lt)) {
+    if (tid < V - tail0 && xent_scalar(acc, lk_to_f32(z[tail0 + tid]), tail0 + tid, pol, lt)) {
         best = tail0 + tid;
         best_n = 0;
     }
@@ -752,14 +826,14 @@ __device__ __forceinline__ void xent_row(const XentFwdArgs& a, lk_i64 row, const
         float mn = acc.mn / T_;
         float gap = V == 1 ? 0.0f : (m - acc.top2) / T_;
         float spread = (m - acc.mn) / T_;
-        if (bad) {
+        if (bad || bad_target) {
             lse = entropy = mx = mn = gap = spread = LK_NAN_F;
         }
         const float delta = a.gap_top2 ? gap : spread;
 
         float loss = 0.0f;
         if (!ignored) {
-            // y < 0 (not ignored) marks a target the kernel could not index; see the raw API.
+            // A bad target has a NaN y_coef (and never indexes z).
             if (bad || m == -LK_INF_F || y_coef != y_coef) {
                 loss = LK_NAN_F;
             } else {
@@ -779,8 +853,12 @@ __device__ __forceinline__ void xent_row(const XentFwdArgs& a, lk_i64 row, const
         a.min[row] = mn;
         a.top2_gap[row] = gap;
         a.delta[row] = delta;
-        a.argmax[row] = arg;
+        a.argmax[row] = bad_target ? -1 : arg;
+        // NaN for a bad target: the mean's denominator, so the reduced loss, is NaN.
         a.row_weight[row] = ignored ? 0.0f : weight;
+        // The largest ~row is the smallest bad row, whatever the order the
+        // blocks run in: the status names the first one, deterministically.
+        if (bad_target) atomicMax(a.status, ~(unsigned long long)row);
         if (a.rho_per_sample) {
             a.rho[row] = xent_rho((double)delta, a.rho_eps, a.rho_inf_if_small, a.has_cap, a.rho_cap,
                                   a.has_floor, a.rho_floor);
@@ -794,12 +872,13 @@ __device__ __forceinline__ void xent_row(const XentFwdArgs& a, lk_i64 row, const
 }
 
 // The class-target bookkeeping of one row: whether it is ignored, its label,
-// the (1 - eps) w_y coefficient and its denominator weight w_y. A label
-// outside [0, V) that is not ignore_index cannot happen after ops validation;
-// should it reach the kernel through the raw API anyway, the row gets a NaN
-// coefficient (NaN loss and grad) instead of an out-of-bounds read.
+// the (1 - eps) w_y coefficient and its denominator weight w_y. Targets are
+// not checked on the host: a label outside [0, V) that is not ignore_index
+// is `bad`, never used as an index (y = 0), and gets a NaN coefficient and
+// weight, so its loss, grad row and the reduced loss are NaN.
 struct XentClassRow {
     bool ignored;
+    bool bad;
     int y;
     float y_coef;
     float weight;
@@ -811,11 +890,13 @@ __device__ __forceinline__ XentClassRow xent_class_row(const lk_i64* labels, con
     XentClassRow r;
     const lk_i64 label = labels[row];
     r.ignored = label == ignore_index;
+    r.bad = false;
     r.y = 0;
     r.y_coef = 0.0f;
     r.weight = 0.0f;
     if (!r.ignored) {
         if (label < 0 || label >= V) {
+            r.bad = true;
             r.y_coef = LK_NAN_F;
             r.weight = LK_NAN_F;
         } else {
@@ -840,7 +921,8 @@ __device__ __forceinline__ void xent_rows(const XentFwdArgs& a) {
             const T* z = logits + row * a.row_stride;
             const XentClassRow cr =
                 xent_class_row(a.labels, a.weights, row, a.classes, a.ignore_index, a.one_minus_eps);
-            xent_row<T, TG>(a, row, z, XentClassPlain(), cr.ignored, cr.y, cr.y_coef, cr.weight, factor);
+            xent_row<T, TG>(a, row, z, XentClassPlain(), cr.ignored, cr.bad, cr.y, cr.y_coef, cr.weight,
+                            factor);
         }
     } else if (a.labels) {
         for (lk_i64 row = blockIdx.x; row < a.batch; row += gridDim.x) {
@@ -848,12 +930,13 @@ __device__ __forceinline__ void xent_rows(const XentFwdArgs& a) {
             const XentClassRow cr =
                 xent_class_row(a.labels, a.weights, row, a.classes, a.ignore_index, a.one_minus_eps);
             if (cr.ignored) {
-                xent_row<T, TG>(a, row, z, XentClassPlain(), true, cr.y, cr.y_coef, cr.weight, factor);
+                xent_row<T, TG>(a, row, z, XentClassPlain(), true, false, cr.y, cr.y_coef, cr.weight,
+                                factor);
             } else {
                 XentClassSmooth pol;
                 pol.weights = a.weights;
                 pol.eps_per_class = a.eps_per_class;
-                xent_row<T, TG>(a, row, z, pol, false, cr.y, cr.y_coef, cr.weight, factor);
+                xent_row<T, TG>(a, row, z, pol, false, cr.bad, cr.y, cr.y_coef, cr.weight, factor);
             }
         }
     } else if (a.soft_f32) {
@@ -864,7 +947,7 @@ __device__ __forceinline__ void xent_rows(const XentFwdArgs& a) {
             pol.weights = a.weights;
             pol.one_minus_eps = a.one_minus_eps;
             pol.eps_per_class = a.eps_per_class;
-            xent_row<T, TG>(a, row, z, pol, false, -1, 0.0f, 1.0f, factor);
+            xent_row<T, TG>(a, row, z, pol, false, false, -1, 0.0f, 1.0f, factor);
         }
     } else {
         for (lk_i64 row = blockIdx.x; row < a.batch; row += gridDim.x) {
@@ -874,7 +957,7 @@ __device__ __forceinline__ void xent_rows(const XentFwdArgs& a) {
             pol.weights = a.weights;
             pol.one_minus_eps = a.one_minus_eps;
             pol.eps_per_class = a.eps_per_class;
-            xent_row<T, TG>(a, row, z, pol, false, -1, 0.0f, 1.0f, factor);
+            xent_row<T, TG>(a, row, z, pol, false, false, -1, 0.0f, 1.0f, factor);
         }
     }
 }
@@ -903,13 +986,16 @@ extern "C" __global__ void __launch_bounds__(1024) xent_fwd_bf16(const XentFwdAr
 // The grad's reduction scale before the row kernel: 1 / sum of the row
 // weights of non-ignored rows for mean (B for soft targets), else 1. In f64,
 // one block, a fixed tree. All rows ignored: 1 / 0 = inf, and every grad row
-// is an exact zero anyway (the reference).
+// is an exact zero anyway (the reference). A bad target adds 0, as an ignored
+// row would: its own grad row is NaN, and the other rows keep the grad they
+// have with that row ignored (xent_class_row never indexes with it).
 
 extern "C" __global__ void __launch_bounds__(1024) xent_scale(const XentScaleArgs a) {
     double sum = 0.0;
     for (lk_i64 i = threadIdx.x; i < a.batch; i += blockDim.x) {
         if (a.labels) {
-            sum += (double)xent_class_row(a.labels, a.weights, i, a.classes, a.ignore_index, 1.0f).weight;
+            const XentClassRow cr = xent_class_row(a.labels, a.weights, i, a.classes, a.ignore_index, 1.0f);
+            sum += cr.bad ? 0.0 : (double)cr.weight;
         } else {
             sum += 1.0;
         }
@@ -1000,6 +1086,13 @@ struct XentDirArgs {
     lk_i64 classes;
 };
 static_assert(sizeof(XentDirArgs) == 56, "XentDirArgs layout drifted from src/cuda/xent.rs");
+LK_FIELD_AT(XentDirArgs, logits, 0);
+LK_FIELD_AT(XentDirArgs, derivatives, 8);
+LK_FIELD_AT(XentDirArgs, delta_a, 16);
+LK_FIELD_AT(XentDirArgs, delta_a_f64, 24);
+LK_FIELD_AT(XentDirArgs, binary_radius, 32);
+LK_FIELD_AT(XentDirArgs, batch, 40);
+LK_FIELD_AT(XentDirArgs, classes, 48);
 
 // Must match XentDirReduceArgs in src/cuda/xent.rs.
 struct XentDirReduceArgs {
@@ -1010,6 +1103,11 @@ struct XentDirReduceArgs {
     double step;
 };
 static_assert(sizeof(XentDirReduceArgs) == 40, "XentDirReduceArgs layout drifted from src/cuda/xent.rs");
+LK_FIELD_AT(XentDirReduceArgs, delta_a_f64, 0);
+LK_FIELD_AT(XentDirReduceArgs, rho_a, 8);
+LK_FIELD_AT(XentDirReduceArgs, normalized_step, 16);
+LK_FIELD_AT(XentDirReduceArgs, batch, 24);
+LK_FIELD_AT(XentDirReduceArgs, step, 32);
 
 // A thread's (then the block's) span of a row: fmaxf / fminf skip NaN, so a
 // NaN is recorded in its own flag (the reference's row test).
@@ -1037,7 +1135,8 @@ __device__ __forceinline__ XentSpan lk_combine(const XentSpan& a, const XentSpan
 
 // One read of a: consecutive threads take consecutive columns (coalesced),
 // and the unrolled loop keeps several loads in flight per thread. Column
-// indices are 32-bit (the host refuses V >= 2^31), row offsets 64-bit.
+// indices are unsigned 32-bit (the host refuses V >= 2^31, so k + blockDim
+// cannot wrap), row offsets 64-bit.
 template <typename T>
 __device__ __forceinline__ void xent_directional_rows(const XentDirArgs& a) {
     const int V = (int)a.classes;
@@ -1049,7 +1148,7 @@ __device__ __forceinline__ void xent_directional_rows(const XentDirArgs& a) {
         const T* d = static_cast<const T*>(a.derivatives) + row * a.classes;
         XentSpan s = identity;
 #pragma unroll 4
-        for (int k = threadIdx.x; k < V; k += blockDim.x) {
+        for (unsigned int k = threadIdx.x; k < (unsigned int)V; k += blockDim.x) {
             const float x = lk_to_f32(d[k]);
             s.nan |= x != x;
             s.mx = fmaxf(s.mx, x);

@@ -8,7 +8,12 @@
 //                 a single pass over the row (online softmax, 16-byte loads) writes
 //                 every per-row output to `rows`; with the gradient, the same
 //                 invocations then re-read the row (from cache) and write its gradient.
-//   xent_reduce   one workgroup: loss and Delta reduced over rows, rho -> `red`.
+//   xent_reduce   one workgroup: loss and Delta reduced over rows, rho -> `red`; and the
+//                 status word: ~(the first row whose class target is out of range), 0 if
+//                 none. Found by a fixed-order min over the rows' ROW_STATUS rather than
+//                 by an atomic in xent_forward: no extra binding (the 8 storage buffers
+//                 are WebGPU's default limit), deterministic, and written by every call,
+//                 so the host needs no clear.
 //   xent_grad     only for a 16-bit gradient with odd V: the gradient words shared by
 //                 two rows (one invocation per row), so no two invocations write the
 //                 same word.
@@ -25,6 +30,16 @@
 //   nearest even, subnormals and specials kept), so `shader-f16` is not needed and no
 //   adapter flushes or saturates differently.
 // - Reductions are fixed-order trees in workgroup memory: bitwise deterministic.
+//
+// Units (as kernels/xent.cu). The forward pass works on the raw logits z, not on
+// x = z / T: for a small T, z / T overflows f32 where the outputs do not (a loss or
+// entropy of a row with |z| ~ 1e4 at T = 1e-35). The order statistics are taken on z
+// (T > 0 keeps the order); every exponent argument is (z - m) / T, the difference
+// first, clamped below at P.exp_floor (about -128 T, where e^((z - m) / T) is 0 in f32)
+// so the product cannot overflow either; t = sum e^dx dx is kept in units of x (its
+// terms are bounded by the clamp); the loss part D = sum c_k (m - z_k) in units of z.
+// Each per-row output is divided by T once at the end (`over_t`), overflowing to +-inf
+// by bits only when the output itself is beyond f32.
 
 // Element types of the bindings, set per pipeline: 0 = f32, 1 = f16, 2 = bf16.
 override LOGITS_DT: u32 = 0u;
@@ -73,15 +88,23 @@ const ROW_CSUM: u32 = 9u;
 const ROW_STATUS: u32 = 10u;
 const ROW_ARGMAX: u32 = 11u;
 
-// ROW_STATUS values: the gradient row is 0, computed, or NaN.
+// ROW_STATUS values: the gradient row is 0, computed, or NaN; a row whose class target is
+// outside [0, V) and not ignore_index (never used as an index) has a NaN gradient row too.
 const STATUS_IGNORED: u32 = 0u;
 const STATUS_VALID: u32 = 1u;
 const STATUS_NAN: u32 = 2u;
+const STATUS_BAD_TARGET: u32 = 3u;
+
+// Fields of `rows` the gradient of xent_grad reads besides ROW_LSE and ROW_CSUM: the row
+// max m of z and 1 / s.
+const ROW_SHIFT: u32 = 13u;
+const ROW_INV_S: u32 = 14u;
 
 // Slots of `red`.
 const RED_LOSS: u32 = 0u;
 const RED_RHO: u32 = 1u;
 const RED_SCALE: u32 = 2u;
+const RED_STATUS: u32 = 3u;
 
 struct Params {
     batch: u32,
@@ -117,7 +140,8 @@ struct Params {
     // 16-byte units of `logits4` (the logits binding's whole 16-byte units; 0 when the
     // binding is under 16 bytes and `logits4` is a placeholder).
     vec_count: u32,
-    _pad2: u32,
+    // The least z - m an exponent argument takes: -128 T (e^-128 is 0 in f32).
+    exp_floor: f32,
 }
 
 @group(0) @binding(0) var<uniform> P: Params;
@@ -267,13 +291,38 @@ fn load_soft_bits(idx: u32) -> u32 {
     return decode16(soft[idx >> 1u], idx & 1u, SOFT_DT);
 }
 
-// Bits of x = z / T for the logit at `idx`; non-finite logits keep their bits (T > 0).
-fn logit_x_bits(idx: u32) -> u32 {
-    let zb = load_logit_bits(idx);
-    if !is_finite_bits(zb) {
-        return zb;
+// (z - m) / T for finite z <= m, as an exponent argument (see Units): never below
+// exp_floor / T (about -128), so it cannot overflow however small T is.
+fn dx_of(z: f32, m: f32) -> f32 {
+    return max(z - m, P.exp_floor) * P.inv_t;
+}
+
+// Bits of v / T (as v * inv_t) for the f32 bits `b`; non-finite values keep their bits.
+// A product beyond f32 is made +-inf from bits, not by overflowing arithmetic: below an
+// exponent sum of 126 the product is under 2^127; above 127 it is at least 2^128; in
+// between it is formed as 4 ((v / 4) * inv_t), exact scalings of a normal number.
+fn over_t_bits(b: u32) -> u32 {
+    if !is_finite_bits(b) {
+        return b;
     }
-    return bitcast<u32>(bitcast<f32>(zb) * P.inv_t);
+    let v = bitcast<f32>(b);
+    let e = i32((b >> 23u) & 0xffu) + i32((bitcast<u32>(P.inv_t) >> 23u) & 0xffu) - 254;
+    if e <= 125 {
+        return bitcast<u32>(v * P.inv_t);
+    }
+    let sign = b & 0x80000000u;
+    if e >= 128 {
+        return sign | POS_INF_BITS;
+    }
+    let h = (0.25 * v) * P.inv_t;
+    if (bitcast<u32>(h) & 0x7fffffffu) >= 0x7e800000u {
+        return sign | POS_INF_BITS;
+    }
+    return bitcast<u32>(4.0 * h);
+}
+
+fn over_t(v: f32) -> f32 {
+    return bitcast<f32>(over_t_bits(bitcast<u32>(v)));
 }
 
 // Bits of the coefficient c_k of -log p_k in the row's loss (row not ignored):
@@ -377,8 +426,9 @@ fn mul_special(g: f32, sb: u32) -> f32 {
 // ------------------------------------------------------------------------ forward
 
 // Per-invocation state of the online pass, tree-reduced in workgroup memory.
-// Softmax part, over finite x only: m = max, s = sum e^(x-m), t = sum e^(x-m)(x-m),
-// a = sum c_k (m - x_k), cf = sum c_k (both over finite x), valid when FL_FINITE is set.
+// Softmax part, over finite z only: m = max of z, s = sum e^(x-m/T), t = sum e^(x-m/T)(x-m/T)
+// (units of x), a = sum c_k (m - z_k) (units of z), cf = sum c_k (both over finite z),
+// valid when FL_FINITE is set.
 var<workgroup> w_m: array<f32, WG>;
 var<workgroup> w_s: array<f32, WG>;
 var<workgroup> w_t: array<f32, WG>;
@@ -417,11 +467,13 @@ fn merge_forward(i: u32, j: u32) {
             let mi = w_m[i];
             let mj = w_m[j];
             let m = max(mi, mj);
-            let ei = exp(mi - m);
-            let ej = exp(mj - m);
+            let di = dx_of(mi, m);
+            let dj = dx_of(mj, m);
+            let ei = exp(di);
+            let ej = exp(dj);
             // Rescale each part to the common max: e^(x-m) = e^(x-m_i) e^(m_i-m), and
-            // (x - m) = (x - m_i) + (m_i - m).
-            w_t[i] = ei * (w_t[i] + (mi - m) * w_s[i]) + ej * (w_t[j] + (mj - m) * w_s[j]);
+            // (x - m) = (x - m_i) + (m_i - m), in units of x.
+            w_t[i] = ei * (w_t[i] + di * w_s[i]) + ej * (w_t[j] + dj * w_s[j]);
             w_s[i] = w_s[i] * ei + w_s[j] * ej;
             w_a[i] = w_a[i] + (m - mi) * w_cf[i] + w_a[j] + (m - mj) * w_cf[j];
             w_cf[i] = w_cf[i] + w_cf[j];
@@ -473,14 +525,6 @@ fn elements_per_vec() -> u32 {
     return select(8u, 4u, LOGITS_DT == DT_F32);
 }
 
-// Bits of x = z / T for the f32 bits `zb` of a logit; non-finite logits keep their bits.
-fn x_bits_of(zb: u32) -> u32 {
-    if !is_finite_bits(zb) {
-        return zb;
-    }
-    return bitcast<u32>(bitcast<f32>(zb) * P.inv_t);
-}
-
 // Bits of the (finite) coefficient of class k, or 0 with FL_COEF_NAN set for a non-finite one.
 fn step_coef(k: u32) -> f32 {
     let cb = coef_bits(k, row_y, row_soft + k);
@@ -491,7 +535,7 @@ fn step_coef(k: u32) -> f32 {
     return 0.0;
 }
 
-// One element of the online pass, any value: class k, bits xb of x.
+// One element of the online pass, any value: class k, bits xb of z.
 fn step_any(k: u32, xb: u32) {
     var c = 0.0;
     if row_coef {
@@ -531,26 +575,20 @@ fn step_any(k: u32, xb: u32) {
         st_flags = st_flags | FL_FINITE;
     } else if x > st_m {
         // The max moves: rescale s and t to the new max, shift a by (x - m) cf.
-        let d = st_m - x;
+        let d = dx_of(st_m, x);
         let e = exp(d);
         st_t = (st_t + d * st_s) * e;
         st_s = st_s * e + 1.0;
         st_a = st_a + (x - st_m) * st_cf;
         st_m = x;
     } else {
-        let d = x - st_m;
+        let d = dx_of(x, st_m);
         let e = exp(d);
         st_s = st_s + e;
         st_t = st_t + e * d;
     }
     st_a = st_a + c * (st_m - x);
     st_cf = st_cf + c;
-}
-
-// Bits of x = z / T for four logits' f32 bits (see `x_bits_of`).
-fn x_bits4(zb: vec4<u32>) -> vec4<u32> {
-    let finite = (zb & vec4<u32>(0x7fffffffu)) < vec4<u32>(POS_INF_BITS);
-    return select(zb, bitcast<vec4<u32>>(bitcast<vec4<f32>>(zb) * P.inv_t), finite);
 }
 
 fn key4(b: vec4<u32>) -> vec4<u32> {
@@ -591,9 +629,9 @@ fn coef_one(k: u32, xb: u32, m: f32) {
     st_call = st_call + c;
 }
 
-// Four finite elements `a` (classes k0 + i * ks) against the running max m.
+// Four finite elements `a` (classes k0 + i * ks) against the running max m (see `dx_of`).
 fn sums4(a: vec4<u32>, m: f32) -> vec2<f32> {
-    let d = bitcast<vec4<f32>>(a) - vec4<f32>(m);
+    let d = max(bitcast<vec4<f32>>(a) - vec4<f32>(m), vec4<f32>(P.exp_floor)) * P.inv_t;
     let e = exp(d);
     return vec2<f32>((e.x + e.y) + (e.z + e.w), dot(e, d));
 }
@@ -608,14 +646,14 @@ fn step_vec(q: vec4<u32>, k0: u32) {
     var a: vec4<u32>;
     var b: vec4<u32>;
     if wide {
-        a = x_bits4(q);
+        a = q;
         b = a;
     } else if LOGITS_DT == DT_BF16 {
-        a = x_bits4(q << vec4<u32>(16u));
-        b = x_bits4(q & vec4<u32>(0xffff0000u));
+        a = q << vec4<u32>(16u);
+        b = q & vec4<u32>(0xffff0000u);
     } else {
-        a = x_bits4(f16x4(q & vec4<u32>(0xffffu)));
-        b = x_bits4(f16x4(q >> vec4<u32>(16u)));
+        a = f16x4(q & vec4<u32>(0xffffu));
+        b = f16x4(q >> vec4<u32>(16u));
     }
     let ab = max(a & vec4<u32>(0x7fffffffu), b & vec4<u32>(0x7fffffffu));
     if max(max(ab.x, ab.y), max(ab.z, ab.w)) >= POS_INF_BITS {
@@ -667,7 +705,7 @@ fn step_vec(q: vec4<u32>, k0: u32) {
         st_t = 0.0;
         st_flags = st_flags | FL_FINITE;
     } else if gm > st_m {
-        let d = st_m - gm;
+        let d = dx_of(st_m, gm);
         let e = exp(d);
         st_t = (st_t + d * st_s) * e;
         st_s = st_s * e;
@@ -714,16 +752,13 @@ fn raw_pair(e: u32) -> vec2<u32> {
     return vec2<u32>(logits[e >> 1u], logits[(e >> 1u) + 1u]);
 }
 
-// Bits of x for elements e and e + 1 from `raw_pair(e)`.
-fn x_pair(r: vec2<u32>, e: u32) -> vec2<u32> {
+// f32 bits of z for elements e and e + 1 from `raw_pair(e)`.
+fn z_pair(r: vec2<u32>, e: u32) -> vec2<u32> {
     if LOGITS_DT == DT_F32 {
-        return vec2<u32>(x_bits_of(r.x), x_bits_of(r.y));
+        return r;
     }
     let h = e & 1u;
-    return vec2<u32>(
-        x_bits_of(decode16(r.x, h, LOGITS_DT)),
-        x_bits_of(decode16(r.y, 1u - h, LOGITS_DT)),
-    );
+    return vec2<u32>(decode16(r.x, h, LOGITS_DT), decode16(r.y, 1u - h, LOGITS_DT));
 }
 
 fn raw_one(e: u32) -> u32 {
@@ -733,28 +768,44 @@ fn raw_one(e: u32) -> u32 {
     return logits[e >> 1u];
 }
 
-fn x_one(r: u32, e: u32) -> u32 {
+fn z_one(r: u32, e: u32) -> u32 {
     if LOGITS_DT == DT_F32 {
-        return x_bits_of(r);
+        return r;
     }
-    return x_bits_of(decode16(r, e & 1u, LOGITS_DT));
+    return decode16(r, e & 1u, LOGITS_DT);
 }
 
 // What the gradient of a valid row needs.
 struct GradRow {
-    lse: f32,
+    // The row max of z and 1 / s: p_k = e^((z_k - m) / T) / s, never overflowing.
+    shift: f32,
+    inv_s: f32,
     call: f32,
     // 2 z_loss lse.
     zz: f32,
     scale_bits: u32,
 }
 
-// f32 bits of d(reduced loss)/dz_k for a valid row, from the bits xb of x_k.
-fn grad_bits(g: GradRow, k: u32, xb: u32) -> u32 {
-    var p = 0.0;
-    if xb != NEG_INF_BITS {
-        p = exp(bitcast<f32>(xb) - g.lse);
+// d(z_loss lse^2) / d lse = 2 z_loss lse; 0 without a z-loss even where lse is +inf (m / T
+// beyond f32 in a valid row), which 0 * inf would make NaN.
+fn z_loss_slope(lse: f32) -> f32 {
+    if P.z_loss == 0.0 {
+        return 0.0;
     }
+    return 2.0 * P.z_loss * lse;
+}
+
+// p_k for the f32 bits zb of z_k (finite or -inf) of a valid row.
+fn grad_p(g: GradRow, zb: u32) -> f32 {
+    if zb == NEG_INF_BITS {
+        return 0.0;
+    }
+    return exp(dx_of(bitcast<f32>(zb), g.shift)) * g.inv_s;
+}
+
+// f32 bits of d(reduced loss)/dz_k for a valid row, from the bits xb of z_k.
+fn grad_bits(g: GradRow, k: u32, xb: u32) -> u32 {
+    let p = grad_p(g, xb);
     var c = 0.0;
     if row_coef {
         // A valid row has only finite coefficients.
@@ -783,10 +834,10 @@ fn write_grad_row(g: GradRow, fill: u32, g0: u32, e0: u32, lane: u32, rt: u32) {
             var o = vec4<u32>(fill, fill, fill, fill);
             if fill == NONE {
                 o = vec4<u32>(
-                    grad_bits(g, k, x_one(r0, e0 + k)),
-                    grad_bits(g, k + rt, x_one(r1, e0 + k + rt)),
-                    grad_bits(g, k + 2u * rt, x_one(r2, e0 + k + 2u * rt)),
-                    grad_bits(g, k + 3u * rt, x_one(r3, e0 + k + 3u * rt)),
+                    grad_bits(g, k, z_one(r0, e0 + k)),
+                    grad_bits(g, k + rt, z_one(r1, e0 + k + rt)),
+                    grad_bits(g, k + 2u * rt, z_one(r2, e0 + k + 2u * rt)),
+                    grad_bits(g, k + 3u * rt, z_one(r3, e0 + k + 3u * rt)),
                 );
             }
             let w = P.grad_base + g0 + k;
@@ -798,7 +849,7 @@ fn write_grad_row(g: GradRow, fill: u32, g0: u32, e0: u32, lane: u32, rt: u32) {
         for (; k < classes; k = k + rt) {
             var o = fill;
             if fill == NONE {
-                o = grad_bits(g, k, x_one(raw_one(e0 + k), e0 + k));
+                o = grad_bits(g, k, z_one(raw_one(e0 + k), e0 + k));
             }
             grad[P.grad_base + g0 + k] = o;
         }
@@ -823,10 +874,10 @@ fn write_grad_row(g: GradRow, fill: u32, g0: u32, e0: u32, lane: u32, rt: u32) {
         var o = vec4<u32>(fill16, fill16, fill16, fill16);
         if fill == NONE {
             o = vec4<u32>(
-                grad_word(g, 2u * w - g0, x_pair(r0, eoff + 2u * w)),
-                grad_word(g, 2u * (w + rt) - g0, x_pair(r1, eoff + 2u * (w + rt))),
-                grad_word(g, 2u * (w + 2u * rt) - g0, x_pair(r2, eoff + 2u * (w + 2u * rt))),
-                grad_word(g, 2u * (w + 3u * rt) - g0, x_pair(r3, eoff + 2u * (w + 3u * rt))),
+                grad_word(g, 2u * w - g0, z_pair(r0, eoff + 2u * w)),
+                grad_word(g, 2u * (w + rt) - g0, z_pair(r1, eoff + 2u * (w + rt))),
+                grad_word(g, 2u * (w + 2u * rt) - g0, z_pair(r2, eoff + 2u * (w + 2u * rt))),
+                grad_word(g, 2u * (w + 3u * rt) - g0, z_pair(r3, eoff + 2u * (w + 3u * rt))),
             );
         }
         grad[P.grad_base + w] = o.x;
@@ -837,7 +888,7 @@ fn write_grad_row(g: GradRow, fill: u32, g0: u32, e0: u32, lane: u32, rt: u32) {
     for (; w < wb; w = w + rt) {
         var o = fill16;
         if fill == NONE {
-            o = grad_word(g, 2u * w - g0, x_pair(raw_pair(eoff + 2u * w), eoff + 2u * w));
+            o = grad_word(g, 2u * w - g0, z_pair(raw_pair(eoff + 2u * w), eoff + 2u * w));
         }
         grad[P.grad_base + w] = o;
     }
@@ -897,7 +948,7 @@ fn xent_forward(
         let hi = labels[2u * row + 1u];
         ignored = lo == P.ignore_lo && hi == P.ignore_hi;
         y = lo;
-        // Validation keeps targets in [0, V); this guards the raw entry point.
+        // Targets are not checked on the host: an out-of-range one is never an index.
         label_bad = !ignored && (hi != 0u || lo >= classes);
     }
     let use_coef = !ignored && !label_bad;
@@ -940,7 +991,7 @@ fn xent_forward(
         vb = 0u;
     }
     for (var e = e0 + lane; e < head_end; e = e + row_threads) {
-        step_any(e - e0, logit_x_bits(e));
+        step_any(e - e0, load_logit_bits(e));
     }
     var j = va + lane;
     for (; j + row_threads < vb; j = j + 2u * row_threads) {
@@ -953,7 +1004,7 @@ fn xent_forward(
         step_vec(logits4[j], j * epv - e0);
     }
     for (var e = tail_start + lane; e < e1; e = e + row_threads) {
-        step_any(e - e0, logit_x_bits(e));
+        step_any(e - e0, load_logit_bits(e));
     }
 
     w_m[lid] = st_m;
@@ -990,7 +1041,7 @@ fn xent_forward(
     if use_coef && !row_coef {
         // The one coefficient c_y = 1 - eps (no weights, no smoothing).
         let c = P.on_target;
-        let xb = logit_x_bits(e0 + y);
+        let xb = load_logit_bits(e0 + y);
         if is_finite_bits(xb) {
             sum_a = sum_a + c * (w_m[base] - bitcast<f32>(xb));
             sum_cf = sum_cf + c;
@@ -1018,12 +1069,16 @@ fn xent_forward(
         argmax = select(w_bad[base], w_nan[base], w_nan[base] != NONE);
     } else {
         let t1 = w_top1[base];
-        row_max = unkey(t1);
-        row_min = unkey(w_min[base]);
-        gap = select(key_gap(t1, w_top2[base]), 0.0, classes == 1u);
+        row_max = over_t(unkey(t1));
+        row_min = over_t(unkey(w_min[base]));
+        gap = select(over_t(key_gap(t1, w_top2[base])), 0.0, classes == 1u);
         if (fl & FL_FINITE) != 0u {
             log_s = log(w_s[base]);
-            lse = w_m[base] + log_s;
+            // m / T + log s: beyond f32 only when m / T is (log s <= log V is small).
+            lse = over_t(w_m[base]);
+            if is_finite_bits(bitcast<u32>(lse)) {
+                lse = lse + log_s;
+            }
             entropy = log_s - w_t[base] / w_s[base];
             valid = true;
         } else {
@@ -1033,8 +1088,19 @@ fn xent_forward(
         if (P.flags & F_GAP_TOP2) != 0u {
             delta = gap;
         } else {
-            delta = key_gap(t1, w_min[base]);
+            delta = over_t(key_gap(t1, w_min[base]));
         }
+    }
+
+    if label_bad {
+        // A bad target: every per-row output NaN (rho too, from Delta), argmax -1.
+        row_max = nan();
+        row_min = nan();
+        gap = nan();
+        lse = nan();
+        entropy = nan();
+        delta = nan();
+        argmax = NONE;
     }
 
     var loss = 0.0;
@@ -1044,18 +1110,25 @@ fn xent_forward(
         if is_soft {
             weight = 1.0;
         } else if label_bad {
+            // The mean's denominator, so the reduced loss, becomes NaN.
             weight = nan();
         } else if (P.flags & F_WEIGHTED) != 0u {
             weight = bitcast<f32>(weights[y]);
         } else {
             weight = 1.0;
         }
-        if label_bad || !valid || (fl & FL_COEF_NAN) != 0u {
+        if label_bad {
+            loss = nan();
+            status = STATUS_BAD_TARGET;
+        } else if !valid || (fl & FL_COEF_NAN) != 0u {
             loss = nan();
             status = STATUS_NAN;
         } else {
-            // sum_k c_k (lse - x_k) = sum c_k (m - x_k) + (sum c_k) (lse - m), lse - m = log s.
-            loss = sum_a + sum_cf * log_s + P.z_loss * lse * lse;
+            // sum_k c_k (lse - x_k) = sum c_k (m - z_k) / T + (sum c_k) log s.
+            loss = over_t(sum_a) + sum_cf * log_s;
+            if P.z_loss != 0.0 {
+                loss = loss + P.z_loss * lse * lse;
+            }
             let pos = (fl & FL_COEF_POS_INF) != 0u;
             let neg = (fl & FL_COEF_NEG_INF) != 0u;
             if pos && neg {
@@ -1081,9 +1154,11 @@ fn xent_forward(
         rows[row_field(ROW_WEIGHT, row)] = bitcast<u32>(weight);
         rows[row_field(ROW_CSUM, row)] = bitcast<u32>(sum_c);
         rows[row_field(ROW_STATUS, row)] = status;
-        // argmax as a little-endian i64: indices are below 2^32.
+        rows[row_field(ROW_SHIFT, row)] = bitcast<u32>(w_m[base]);
+        rows[row_field(ROW_INV_S, row)] = bitcast<u32>(1.0 / w_s[base]);
+        // argmax as a little-endian i64: indices are below 2^32, NONE stands for -1.
         rows[ROW_ARGMAX * P.batch + 2u * row] = argmax;
-        rows[ROW_ARGMAX * P.batch + 2u * row + 1u] = 0u;
+        rows[ROW_ARGMAX * P.batch + 2u * row + 1u] = select(0u, NONE, argmax == NONE);
     }
 
     if (P.flags & F_GRAD) == 0u {
@@ -1094,10 +1169,10 @@ fn xent_forward(
     var fill = NONE;
     if status == STATUS_IGNORED {
         fill = 0u;
-    } else if status == STATUS_NAN {
+    } else if status == STATUS_NAN || status == STATUS_BAD_TARGET {
         fill = P.nan_bits;
     }
-    let g = GradRow(lse, sum_c, 2.0 * P.z_loss * lse, red[RED_SCALE]);
+    let g = GradRow(w_m[base], 1.0 / w_s[base], sum_c, z_loss_slope(lse), red[RED_SCALE]);
     write_grad_row(g, fill, local_row * classes, e0, lane, row_threads);
 }
 
@@ -1108,6 +1183,8 @@ var<workgroup> r_weight: array<f32, WG>;
 var<workgroup> r_dsum: array<f32, WG>;
 var<workgroup> r_dmax: array<f32, WG>;
 var<workgroup> r_flags: array<u32, WG>;
+// The first row with a bad class target (NONE: none).
+var<workgroup> r_bad: array<u32, WG>;
 
 const RF_LOSS_NAN: u32 = 1u;
 const RF_LOSS_POS_INF: u32 = 2u;
@@ -1124,7 +1201,11 @@ fn xent_reduce(@builtin(local_invocation_index) lid: u32) {
     // Delta >= 0 on every row where it is finite.
     var dmax = 0.0;
     var flags = 0u;
+    var bad = NONE;
     for (var i = lid; i < P.batch; i = i + WG) {
+        if bad == NONE && rows[row_field(ROW_STATUS, i)] == STATUS_BAD_TARGET {
+            bad = i;
+        }
         let lb = rows[row_field(ROW_LOSS, i)];
         if is_nan_bits(lb) {
             flags = flags | RF_LOSS_NAN;
@@ -1157,9 +1238,11 @@ fn xent_reduce(@builtin(local_invocation_index) lid: u32) {
     r_dsum[lid] = dsum;
     r_dmax[lid] = dmax;
     r_flags[lid] = flags;
+    r_bad[lid] = bad;
     workgroupBarrier();
     for (var stride = WG / 2u; stride > 0u; stride = stride >> 1u) {
         if lid < stride {
+            r_bad[lid] = min(r_bad[lid], r_bad[lid + stride]);
             r_loss[lid] = r_loss[lid] + r_loss[lid + stride];
             r_weight[lid] = r_weight[lid] + r_weight[lid + stride];
             r_dsum[lid] = r_dsum[lid] + r_dsum[lid + stride];
@@ -1202,10 +1285,13 @@ fn xent_reduce(@builtin(local_invocation_index) lid: u32) {
     }
     red[RED_LOSS] = bitcast<u32>(reduced);
     red[RED_RHO] = bitcast<u32>(rho_from_delta(bitcast<u32>(delta)));
+    // ~NONE = 0: no bad target.
+    red[RED_STATUS] = ~r_bad[0];
 }
 
 // The grad scale before the forward pass: the row weights as xent_forward gives them
-// (ROW_WEIGHT), summed in xent_reduce's order, so 1 / (their sum) is the same number.
+// (ROW_WEIGHT), summed in xent_reduce's order, so 1 / (their sum) is the same number
+// (but for a bad target, NaN there and 0 here, so that only its own row's gradient is NaN).
 @compute @workgroup_size(256)
 fn xent_scale(@builtin(local_invocation_index) lid: u32) {
     var weight = 0.0;
@@ -1216,10 +1302,10 @@ fn xent_scale(@builtin(local_invocation_index) lid: u32) {
         if !is_soft {
             let lo = labels[2u * i];
             let hi = labels[2u * i + 1u];
-            if lo == P.ignore_lo && hi == P.ignore_hi {
+            // A bad target adds 0, as an ignored row would (and is never an index): its
+            // own gradient row is NaN, the others keep theirs with that row ignored.
+            if (lo == P.ignore_lo && hi == P.ignore_hi) || hi != 0u || lo >= P.classes {
                 wb = 0u;
-            } else if hi != 0u || lo >= P.classes {
-                wb = P.nan_bits;
             } else if (P.flags & F_WEIGHTED) != 0u {
                 wb = weights[lo];
             }
@@ -1269,16 +1355,19 @@ fn grad_element(e: u32, scale_bits: u32) -> f32 {
     if status == STATUS_IGNORED {
         return 0.0;
     }
-    if status == STATUS_NAN {
+    if status == STATUS_NAN || status == STATUS_BAD_TARGET {
         return nan();
     }
     let lse = bitcast<f32>(rows[row_field(ROW_LSE, row)]);
     let call = bitcast<f32>(rows[row_field(ROW_CSUM, row)]);
-    let xb = logit_x_bits(P.logits_base + local_row * P.stride + k);
-    var p = 0.0;
-    if xb != NEG_INF_BITS {
-        p = exp(bitcast<f32>(xb) - lse);
-    }
+    let g = GradRow(
+        bitcast<f32>(rows[row_field(ROW_SHIFT, row)]),
+        bitcast<f32>(rows[row_field(ROW_INV_S, row)]),
+        call,
+        z_loss_slope(lse),
+        scale_bits,
+    );
+    let p = grad_p(g, load_logit_bits(P.logits_base + local_row * P.stride + k));
     var y = 0u;
     if (P.flags & F_SOFT) == 0u {
         y = labels[2u * row];
@@ -1286,8 +1375,8 @@ fn grad_element(e: u32, scale_bits: u32) -> f32 {
     // A valid row has only finite coefficients.
     let c = bitcast<f32>(coef_bits(k, y, P.soft_base + local_row * classes + k));
     // d loss_i / d x_k = (sum_j c_j) p_k - c_k + 2 c_z lse p_k, and dx/dz = 1/T.
-    let g = (call * p - c + 2.0 * P.z_loss * lse * p) * P.inv_t;
-    return mul_special(g, scale_bits);
+    let v = (call * p - c + g.zz * p) * P.inv_t;
+    return mul_special(v, scale_bits);
 }
 
 // The words of a 16-bit gradient that hold elements of two rows (odd V), or the last

@@ -9,7 +9,12 @@
 //!    `RhoReduce::PerSample`; with the grad, re-reads the row while it is
 //!    still in L2 and writes the dense [B, V] grad in f32 or the logits'
 //!    dtype. With the grad the grid is capped so that the rows in flight fit
-//!    in half the L2 (but never under one block per multiprocessor).
+//!    in half the L2 (but never under one block per multiprocessor). A class
+//!    target outside [0, V) that is not `ignore_index` is never used as an
+//!    index: that row's outputs and grad row are NaN (argmax -1), the reduced
+//!    loss is NaN, and the first such row is recorded in the status word of
+//!    [`XentBuffers`] (zeroed on the stream first), read back by
+//!    [`XentBuffers::first_bad_target_row`].
 //! 3. `xent_reduce`: one block of 1024 threads; sums in f64 in a fixed order:
 //!    the reduced loss and the reduced rho.
 //!
@@ -58,8 +63,9 @@ pub struct XentInputs<'a> {
 /// The targets of a call, matching `spec.targets`.
 #[derive(Debug)]
 pub enum XentTargets<'a> {
-    /// Class indices [B] i64. The kernels do not index with a target outside
-    /// [0, V) that is not `ignore_index`: such a row gets a NaN loss and grad.
+    /// Class indices [B] i64, not checked on the host. The kernels do not
+    /// index with a target outside [0, V) that is not `ignore_index`: such a
+    /// row gets NaN outputs and grad row, and the status word records it.
     Classes(CudaView<'a, u8>),
     /// Soft targets [B, V] (dense) in the dtype of `TargetKind::Soft`.
     Soft(CudaView<'a, u8>),
@@ -90,6 +96,10 @@ pub struct XentBuffers {
     row_weight: CudaSlice<u8>,
     /// [1] f64: the grad's reduction scale.
     scale: CudaSlice<u8>,
+    /// [1] u64: 0, or !(the first row whose class target is out of range).
+    /// Zeroed by [`xent_raw`] on its stream before its kernels, so it is
+    /// this call's alone.
+    pub(crate) status: CudaSlice<u8>,
 }
 
 fn rho_len(spec: &XentSpec) -> usize {
@@ -133,13 +143,42 @@ impl XentBuffers {
             grad,
             row_weight: alloc(per_row)?,
             scale: alloc(8)?,
+            status: alloc(8)?,
         })
+    }
+
+    /// The first row of the last call on these buffers whose class target
+    /// was outside [0, V) and not `ignore_index` (its outputs are NaN), or
+    /// None. Waits for `stream` (the one the call ran on): it downloads.
+    pub fn first_bad_target_row(&self, stream: &Arc<CudaStream>) -> Result<Option<usize>> {
+        let bytes = stream
+            .clone_dtoh(&self.status)
+            .map_err(driver_error("reading the xent status word"))?;
+        let word = bytes
+            .get(..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+            .ok_or_else(|| Error::Cuda("the xent status word holds under 8 bytes".into()))?;
+        if word == 0 {
+            return Ok(None);
+        }
+        usize::try_from(!word)
+            .map(Some)
+            .map_err(|_| Error::Cuda(format!("xent status word {word:#x} names no row")))
     }
 }
 
 // The kernel argument blocks. Each must match its struct in kernels/xent.cu
-// field for field (the .cu static_asserts the same sizes). Pointers are
-// CUdeviceptr values, 0 for null.
+// field for field: the size and every field's offset are asserted here and,
+// with the same numbers, in the .cu (LK_FIELD_AT). Pointers are CUdeviceptr
+// values, 0 for null.
+
+/// Asserts at compile time that each field sits at the given byte offset.
+macro_rules! offsets {
+    ($t:ty { $($field:ident: $offset:expr),* $(,)? }) => {
+        $(const _: () = assert!(std::mem::offset_of!($t, $field) == $offset);)*
+    };
+}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -160,6 +199,7 @@ struct XentFwdArgs {
     rho: u64,
     scale: u64,
     grad: u64,
+    status: u64,
     batch: i64,
     classes: i64,
     row_stride: i64,
@@ -181,7 +221,46 @@ struct XentFwdArgs {
     has_floor: i32,
     grad_f32: i32,
 }
-const _: () = assert!(std::mem::size_of::<XentFwdArgs>() == 240);
+const _: () = assert!(std::mem::size_of::<XentFwdArgs>() == 248);
+offsets!(XentFwdArgs {
+    logits: 0,
+    labels: 8,
+    soft: 16,
+    weights: 24,
+    loss_row: 32,
+    lse: 40,
+    entropy: 48,
+    max: 56,
+    min: 64,
+    top2_gap: 72,
+    delta: 80,
+    argmax: 88,
+    row_weight: 96,
+    rho: 104,
+    scale: 112,
+    grad: 120,
+    status: 128,
+    batch: 136,
+    classes: 144,
+    row_stride: 152,
+    ignore_index: 160,
+    rho_eps: 168,
+    rho_cap: 176,
+    rho_floor: 184,
+    temperature_f64: 192,
+    temperature: 200,
+    lt: 204,
+    one_minus_eps: 208,
+    eps_per_class: 212,
+    z_loss: 216,
+    soft_f32: 220,
+    gap_top2: 224,
+    rho_per_sample: 228,
+    rho_inf_if_small: 232,
+    has_cap: 236,
+    has_floor: 240,
+    grad_f32: 244,
+});
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -196,6 +275,16 @@ struct XentScaleArgs {
     pad: i32,
 }
 const _: () = assert!(std::mem::size_of::<XentScaleArgs>() == 56);
+offsets!(XentScaleArgs {
+    labels: 0,
+    weights: 8,
+    scale: 16,
+    batch: 24,
+    classes: 32,
+    ignore_index: 40,
+    reduction: 48,
+    pad: 52,
+});
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -217,11 +306,29 @@ struct XentReduceArgs {
     pad: i32,
 }
 const _: () = assert!(std::mem::size_of::<XentReduceArgs>() == 96);
+offsets!(XentReduceArgs {
+    loss_row: 0,
+    row_weight: 8,
+    delta: 16,
+    loss: 24,
+    rho: 32,
+    batch: 40,
+    rho_eps: 48,
+    rho_cap: 56,
+    rho_floor: 64,
+    reduction: 72,
+    rho_max: 76,
+    rho_inf_if_small: 80,
+    has_cap: 84,
+    has_floor: 88,
+    pad: 92,
+});
 
 // SAFETY: the three argument structs are #[repr(C)], made only of integers and
 // floats (pointers travel as u64 CUdeviceptr values), with the field order,
-// sizes and alignments of their C++ twins in kernels/xent.cu (sizes asserted
-// on both sides), so the kernel reads exactly the bytes written here.
+// sizes and alignments of their C++ twins in kernels/xent.cu (sizes and
+// offsets asserted on both sides), so the kernel reads exactly the bytes
+// written here.
 unsafe impl DeviceRepr for XentFwdArgs {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for XentScaleArgs {}
@@ -408,7 +515,12 @@ pub fn xent_raw(
         grad,
         row_weight,
         scale,
+        status,
     } = out;
+    // Before any pointer is taken: this call's status starts at "no bad target".
+    stream
+        .memset_zeros(status)
+        .map_err(driver_error("cuMemsetD8Async (xent status)"))?;
     let rho_count = rho_len(spec);
     let loss_ptr = p.write(loss, 4, 4, "loss")?;
     let loss_row_ptr = p.write(loss_per_row, per_row, 4, "loss_per_row")?;
@@ -422,6 +534,7 @@ pub fn xent_raw(
     let rho_ptr = p.write(rho, bytes(rho_count, 4, "rho")?, 4, "rho")?;
     let row_weight_ptr = p.write(row_weight, per_row, 4, "row weight scratch")?;
     let scale_ptr = p.write(scale, 8, 8, "scale scratch")?;
+    let status_ptr = p.write(status, 8, 8, "status word")?;
 
     let o = &spec.options;
     let r = &o.radius;
@@ -434,6 +547,13 @@ pub fn xent_raw(
     let one_minus_eps = (1.0 - o.label_smoothing) as f32;
     let eps_per_class = (o.label_smoothing / v as f64) as f32;
     let lt = (std::f64::consts::LOG2_E / o.temperature) as f32;
+    if !lt.is_normal() {
+        // Exponent arguments are (z - m) * lt: an infinite lt makes 0 * inf.
+        return Err(Error::Option(format!(
+            "the CUDA xent kernels take a temperature with log2(e) / T a normal f32, got {}",
+            o.temperature
+        )));
+    }
 
     let grad_ptr = if o.grad {
         let Some(grad) = grad.as_mut() else {
@@ -461,7 +581,7 @@ pub fn xent_raw(
         let cfg = kernels.single_block_config("xent_scale", &scale_fn)?;
         // SAFETY: the argument block matches xent_scale's parameter. It reads
         // B labels (checked above; null for soft targets) and, for labels in
-        // [0, V) only, the V class weights (checked; null when unweighted),
+        // [0, V) only (out-of-range labels are never used as an index), the V class weights (checked; null when unweighted),
         // and writes the one f64 of scale (checked). One block, checked
         // against the limits.
         unsafe {
@@ -493,6 +613,7 @@ pub fn xent_raw(
         rho: if per_sample { rho_ptr } else { 0 },
         scale: if o.grad { scale_ptr } else { 0 },
         grad: grad_ptr,
+        status: status_ptr,
         batch,
         classes,
         row_stride,
@@ -521,8 +642,8 @@ pub fn xent_raw(
     // elements, targets B labels or B*V soft values, weights V, every per-row
     // output B elements, rho B (per-sample; else null and unused), scale one
     // f64 and grad B*V elements of grad_dtype written densely with row stride
-    // V (both null without options.grad). Labels are bounds-checked in the
-    // kernel before indexing. The grid and block were checked against the
+    // V (both null without options.grad), status one u64 (atomicMax). Labels
+    // are bounds-checked in the kernel before indexing. The grid and block were checked against the
     // device and function limits by row_config.
     unsafe { stream.launch_builder(&fwd).arg(&fwd_args).launch(cfg) }
         .map_err(driver_error(fwd_name))?;
@@ -555,13 +676,19 @@ pub fn xent_raw(
     Ok(())
 }
 
-/// The row kernel's shape. Each thread reads 16-byte vectors, 4 per step:
-/// without the grad about 4 steps per thread (so the block's reductions are
-/// a small share of its time), and a grid of one block per row. With the
-/// grad, about 2 steps per thread (bigger blocks, so fewer rows in flight for
-/// the same occupancy) and a grid capped so that the rows in flight fit in
-/// half the L2, where the grad pass finds them again; never under one block
-/// per multiprocessor, which would leave HBM bandwidth unused.
+/// The row kernel's shape. Each thread reads 16-byte vectors, 4 per step,
+/// about 2 steps per thread (8 vectors), with or without the grad: the block
+/// size fixes the shape of every per-row reduction, so it must not depend on
+/// the grad, or lse, loss and entropy would change bits when the grad is
+/// asked for. 2 steps rather than 4 because the grad pass needs the bigger
+/// blocks (fewer rows in flight for the same occupancy, so they stay in L2
+/// until the re-read), while the forward-only pass loses only a share of its
+/// time to the block reduction (one tree level more), and the pipelined
+/// loop still has a step in flight. Without the grad, one block per row;
+/// with it, a grid capped so that the rows in flight fit in half the L2,
+/// where the grad pass finds them again (never under one block per
+/// multiprocessor, which would leave HBM bandwidth unused). Rows are
+/// grid-strided, so the cap changes no row's result.
 fn fwd_config(
     kernels: &Kernels,
     name: &str,
@@ -569,19 +696,19 @@ fn fwd_config(
     spec: &XentSpec,
 ) -> Result<LaunchConfig> {
     let elem = spec.dtype.size();
-    let per_vector = 16 / elem;
+    let per_thread = 8 * (16 / elem);
     let (b, v) = (spec.batch, spec.classes);
+    let rows = kernels.row_config(name, f, b, v, per_thread, u32::MAX)?;
     if !spec.options.grad {
-        return kernels.row_config(name, f, b, v, 16 * per_vector, u32::MAX);
+        return Ok(rows);
     }
-    let probe = kernels.row_config(name, f, b, v, 8 * per_vector, u32::MAX)?;
-    let block = probe.block_dim.0;
+    let block = rows.block_dim.0;
     let resident = u64::from(kernels.multiprocessors())
         * u64::from(kernels.blocks_per_multiprocessor(f, block)?);
     let row_bytes = (v as u64).saturating_mul(elem as u64).max(1);
     let fit = (kernels.l2_bytes() / 2 / row_bytes).max(u64::from(kernels.multiprocessors()));
     let grid = u32::try_from(resident.min(fit)).unwrap_or(u32::MAX);
-    kernels.row_config(name, f, b, v, 8 * per_vector, grid)
+    kernels.row_config(name, f, b, v, per_thread, grid)
 }
 
 /// The device buffer of a tensor on a CUDA device.
@@ -631,8 +758,8 @@ impl DirectionalBuffers {
     }
 }
 
-// Must match XentDirArgs and XentDirReduceArgs in kernels/xent.cu (sizes
-// asserted on both sides).
+// Must match XentDirArgs and XentDirReduceArgs in kernels/xent.cu (sizes and
+// offsets asserted on both sides).
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -646,6 +773,15 @@ struct XentDirArgs {
     classes: i64,
 }
 const _: () = assert!(std::mem::size_of::<XentDirArgs>() == 56);
+offsets!(XentDirArgs {
+    logits: 0,
+    derivatives: 8,
+    delta_a: 16,
+    delta_a_f64: 24,
+    binary_radius: 32,
+    batch: 40,
+    classes: 48,
+});
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -657,10 +793,18 @@ struct XentDirReduceArgs {
     step: f64,
 }
 const _: () = assert!(std::mem::size_of::<XentDirReduceArgs>() == 40);
+offsets!(XentDirReduceArgs {
+    delta_a_f64: 0,
+    rho_a: 8,
+    normalized_step: 16,
+    batch: 24,
+    step: 32,
+});
 
 // SAFETY: both are #[repr(C)], made only of integers and floats (pointers as
 // u64 CUdeviceptr values), with the field order, sizes and alignments of
-// their C++ twins in kernels/xent.cu (sizes asserted on both sides).
+// their C++ twins in kernels/xent.cu (sizes and offsets asserted on both
+// sides).
 unsafe impl DeviceRepr for XentDirArgs {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for XentDirReduceArgs {}

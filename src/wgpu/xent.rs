@@ -5,6 +5,10 @@
 //! too), `xent_reduce` (one workgroup), `xent_grad` (only a 16-bit gradient with odd V:
 //! the words two rows share, per chunk) and copies the per-row results from a scratch
 //! buffer into the outputs.
+//! A class target outside [0, V) that is not `ignore_index` is not checked on the host and
+//! never used as an index: its row's outputs and gradient row are NaN (argmax -1), the
+//! reduced loss is NaN, and `xent_reduce` writes the first such row to the status word that
+//! [`XentBuffers::first_bad_target_row`] reads back.
 //! Tensors larger than one binding (2 GiB, or the device's limit) are processed in
 //! chunks of rows, each bound at its own offset; every index inside a shader is u32.
 //!
@@ -69,14 +73,19 @@ const ROW_GAP: u64 = 5;
 const ROW_DELTA: u64 = 6;
 const ROW_RHO: u64 = 7;
 const ROW_ARGMAX: u64 = 11;
-/// Words per row of `rows` (argmax takes two).
-const ROW_WORDS: u64 = 13;
+/// Words per row of `rows` (argmax takes two; then the row max and 1 / s for xent_grad).
+const ROW_WORDS: u64 = 15;
 /// Bytes of the scratch `red` buffer: loss, rho, grad scale, padding.
 const RED_BYTES: u64 = 16;
 const RED_LOSS_OFFSET: u64 = 0;
 const RED_RHO_OFFSET: u64 = 4;
+const RED_STATUS_OFFSET: u64 = 12;
 
-/// The shader's `Params` uniform (std140-compatible: 24 words).
+/// The shader's `Params` uniform (std140-compatible: 24 words). WGSL cannot assert a
+/// layout, so it is pinned here: in a uniform struct of 4-byte scalars WGSL places field
+/// i at byte 4 i (each aligned to 4, none padded) and rounds the size up to 16, and
+/// every field below is 4 bytes in the shader's order, so field i must be at 4 i and the
+/// size 96 (asserted after the struct).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Pod, Zeroable)]
 struct Params {
@@ -103,8 +112,43 @@ struct Params {
     inf_bits: u32,
     row_threads: u32,
     vec_count: u32,
-    pad: u32,
+    exp_floor: f32,
 }
+const _: () = {
+    use std::mem::offset_of;
+    let offsets = [
+        offset_of!(Params, batch),
+        offset_of!(Params, classes),
+        offset_of!(Params, stride),
+        offset_of!(Params, row0),
+        offset_of!(Params, rows),
+        offset_of!(Params, logits_base),
+        offset_of!(Params, soft_base),
+        offset_of!(Params, grad_base),
+        offset_of!(Params, grad_words),
+        offset_of!(Params, flags),
+        offset_of!(Params, ignore_lo),
+        offset_of!(Params, ignore_hi),
+        offset_of!(Params, inv_t),
+        offset_of!(Params, on_target),
+        offset_of!(Params, eps_over_v),
+        offset_of!(Params, z_loss),
+        offset_of!(Params, rho_eps),
+        offset_of!(Params, cap),
+        offset_of!(Params, floor),
+        offset_of!(Params, nan_bits),
+        offset_of!(Params, inf_bits),
+        offset_of!(Params, row_threads),
+        offset_of!(Params, vec_count),
+        offset_of!(Params, exp_floor),
+    ];
+    let mut i = 0;
+    while i < offsets.len() {
+        assert!(offsets[i] == 4 * i);
+        i += 1;
+    }
+    assert!(offsets.len() == 24 && std::mem::size_of::<Params>() == 96);
+};
 
 /// The targets of a raw call, on the backend's device.
 #[derive(Clone, Copy, Debug)]
@@ -118,7 +162,8 @@ pub enum XentTargets<'a> {
 /// Output buffers of a raw call (each needs COPY_DST; `grad` needs STORAGE). Sizes in
 /// bytes, each rounded up to a multiple of 4: `loss` 4; `loss_per_row`, `lse`,
 /// `entropy`, `max`, `min`, `top2_gap`, `delta` 4 B; `argmax` 8 B (i64); `rho` 4 B
-/// for `RhoReduce::PerSample`, else 4; `grad` B V times the size of `spec.grad_dtype`.
+/// for `RhoReduce::PerSample`, else 4; `grad` B V times the size of `spec.grad_dtype`;
+/// `status` 4 (COPY_SRC too, to be read back).
 #[derive(Clone, Copy, Debug)]
 pub struct XentBuffers<'a> {
     pub loss: &'a wgpu::Buffer,
@@ -133,6 +178,24 @@ pub struct XentBuffers<'a> {
     pub rho: &'a wgpu::Buffer,
     /// Present exactly when `spec.options.grad`.
     pub grad: Option<&'a wgpu::Buffer>,
+    /// One u32, written by every call: 0, or !(the first row whose class target is out
+    /// of range). Public like the other fields, since a raw caller provides the buffers.
+    pub status: &'a wgpu::Buffer,
+}
+
+impl XentBuffers<'_> {
+    /// The first row of the last call on these buffers whose class target was outside
+    /// [0, V) and not `ignore_index` (its outputs are NaN), or None. Waits for the queue:
+    /// it downloads.
+    pub fn first_bad_target_row(&self, backend: &WgpuBackend) -> Result<Option<usize>> {
+        let bytes = backend.download(self.status, 4)?;
+        let word = bytes
+            .get(..4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_le_bytes)
+            .ok_or_else(|| Error::Wgpu("the xent status word holds under 4 bytes".into()))?;
+        Ok((word != 0).then_some(!word as usize))
+    }
 }
 
 /// The shader's code for a float dtype.
@@ -282,6 +345,7 @@ fn xent_tensors(backend: &WgpuBackend, bound: &XentCall<'_>) -> Result<XentOutpu
     } else {
         None
     };
+    let status = output("xent status", 1, DType::F32)?;
     xent_raw(
         backend,
         spec,
@@ -300,6 +364,7 @@ fn xent_tensors(backend: &WgpuBackend, bound: &XentCall<'_>) -> Result<XentOutpu
             delta: &delta,
             rho: &rho,
             grad: grad.as_ref(),
+            status: &status,
         },
     )?;
     let tensor = |buffer: wgpu::Buffer, shape: Vec<usize>, dtype: DType| {
@@ -399,8 +464,9 @@ fn row_layout(v: u64) -> (u64, u64) {
 
 /// Runs xent on buffers of `backend`'s device with no copy of the inputs (for
 /// frameworks linking the kernel; see [`WgpuBackend::from_device`]). `spec` describes
-/// the buffers and is trusted as validated: class targets outside [0, V) that are not
-/// `ignore_index` are not checked here and give NaN rows. Work is queued, not waited for.
+/// the buffers and is trusted as validated, except for the class targets, which are not
+/// checked on the host: one outside [0, V) that is not `ignore_index` gives a NaN row and
+/// is reported in `out.status`. Work is queued, not waited for.
 pub fn xent_raw(
     backend: &WgpuBackend,
     spec: &XentSpec,
@@ -475,6 +541,7 @@ pub fn xent_raw(
         (out.top2_gap, "top2_gap", 4 * b),
         (out.delta, "delta", 4 * b),
         (out.rho, "rho", if per_sample { 4 * b } else { 4 }),
+        (out.status, "status", 4),
     ] {
         require(buffer, what, bytes, copy_dst)?;
     }
@@ -491,7 +558,7 @@ pub fn xent_raw(
     let rows_bytes = ROW_WORDS * 4 * b;
     backend.check_binding(
         FORWARD,
-        "the per-row scratch (52 bytes per row)",
+        "the per-row scratch (60 bytes per row)",
         rows_bytes,
     )?;
     backend.check_binding(FORWARD, "the class targets", 8 * b)?;
@@ -587,6 +654,16 @@ pub fn xent_raw(
             F_FLOOR_INF
         };
     }
+    // The shader divides by T as a product with 1 / T and clamps exponent arguments at
+    // -128 T (see its Units): both must be normal f32 numbers.
+    let inv_t = (1.0 / o.temperature) as f32;
+    let exp_floor = (-128.0 * o.temperature).max(-f64::from(f32::MAX)) as f32;
+    if !inv_t.is_normal() || !exp_floor.is_normal() {
+        return Err(Error::Option(format!(
+            "the wgpu xent kernels take a temperature whose inverse is a normal f32, got {}",
+            o.temperature
+        )));
+    }
     let ignore = o.ignore_index as u64;
     let base = Params {
         batch: index(b, "B")?,
@@ -601,7 +678,7 @@ pub fn xent_raw(
         flags,
         ignore_lo: ignore as u32,
         ignore_hi: (ignore >> 32) as u32,
-        inv_t: (1.0 / o.temperature) as f32,
+        inv_t,
         on_target: (1.0 - o.label_smoothing) as f32,
         eps_over_v: (o.label_smoothing / v as f64) as f32,
         z_loss: o.z_loss as f32,
@@ -612,7 +689,7 @@ pub fn xent_raw(
         inf_bits: 0x7f80_0000,
         row_threads,
         vec_count: 0,
-        pad: 0,
+        exp_floor,
     };
 
     struct Chunk {
@@ -753,6 +830,7 @@ pub fn xent_raw(
         }
         encoder.copy_buffer_to_buffer(&rows, field(ROW_ARGMAX), out.argmax, 0, 8 * b);
         encoder.copy_buffer_to_buffer(&red, RED_LOSS_OFFSET, out.loss, 0, 4);
+        encoder.copy_buffer_to_buffer(&red, RED_STATUS_OFFSET, out.status, 0, 4);
         if per_sample {
             encoder.copy_buffer_to_buffer(&rows, field(ROW_RHO), out.rho, 0, 4 * b);
         } else {
@@ -960,7 +1038,7 @@ pub fn directional_raw(
         inf_bits: 0x7f80_0000,
         row_threads: index(row_threads, "row threads")?,
         vec_count: 0,
-        pad: 0,
+        exp_floor: 0.0,
     };
 
     fn whole(buffer: &wgpu::Buffer, bytes: u64) -> (&wgpu::Buffer, u64, u64) {

@@ -7,4 +7,5 @@ mod families;
 mod nvrtc_cache;
 mod raw_entries;
 mod roundtrip;
+mod targets;
 mod xent;
