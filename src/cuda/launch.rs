@@ -67,27 +67,48 @@ struct Loaded {
     functions: HashMap<&'static str, CudaFunction>,
 }
 
-/// The kernels of one CUDA context: modules compiled for its device's arch
-/// and loaded once, functions looked up once, and its launch limits.
+/// What a new output buffer holds before the kernels write it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fill {
+    /// Whatever the memory pool held: only for buffers that no one can read before the
+    /// kernels of the call that allocated them have written every byte (the Tensor
+    /// entries: a failed launch drops them unread).
+    Unwritten,
+    /// Zero bytes: for buffers handed to a caller, who may read them before any kernel
+    /// ran (the zero-copy entries' `*Buffers::new`).
+    Zero,
+}
+
 /// A device buffer of `len` bytes (1 at least: the driver refuses empty allocations)
-/// for a kernel to write; 0xFF bytes while output poisoning is on
-/// (`device::poison_outputs`), else whatever the memory pool held.
-pub(crate) fn alloc_output(stream: &Arc<CudaStream>, len: usize) -> Result<CudaSlice<u8>> {
-    // SAFETY: u8 has no invalid bit patterns, and every user of an output buffer has
-    // the kernels write each byte it reads.
+/// for a kernel to write, filled as `fill` says; 0xFF bytes instead while output
+/// poisoning is on (`device::poison_outputs`), so an element no kernel wrote shows.
+pub(crate) fn alloc_output(
+    stream: &Arc<CudaStream>,
+    len: usize,
+    fill: Fill,
+) -> Result<CudaSlice<u8>> {
+    // SAFETY: u8 has no invalid bit patterns, and the memory is either filled below or,
+    // for Fill::Unwritten, written whole by the caller's kernels before anything reads it.
     let mut slice =
         unsafe { stream.alloc::<u8>(len.max(1)) }.map_err(driver_error("cuMemAlloc"))?;
-    if crate::device::poisoning() {
-        let bytes = slice.len();
+    let byte = match (crate::device::poisoning(), fill) {
+        (true, _) => 0xFF,
+        (false, Fill::Zero) => 0,
+        (false, Fill::Unwritten) => return Ok(slice),
+    };
+    let bytes = slice.len();
+    {
         let (ptr, _guard) = slice.device_ptr_mut(stream);
-        // SAFETY: `ptr` addresses the `bytes` bytes just allocated on this stream,
-        // and the memset is ordered on the same stream before any kernel that uses them.
-        unsafe { cudarc::driver::result::memset_d8_async(ptr, 0xFF, bytes, stream.cu_stream()) }
+        // SAFETY: `ptr` addresses the `bytes` bytes just allocated on this stream, and
+        // the memset is ordered on the same stream before any kernel that uses them.
+        unsafe { cudarc::driver::result::memset_d8_async(ptr, byte, bytes, stream.cu_stream()) }
             .map_err(driver_error("cuMemsetD8Async"))?;
     }
     Ok(slice)
 }
 
+/// The kernels of one CUDA context: modules compiled for its device's arch
+/// and loaded once, functions looked up once, and its launch limits.
 pub(crate) struct Kernels {
     ctx: Arc<CudaContext>,
     arch: String,

@@ -35,12 +35,12 @@ use std::sync::Arc;
 
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr,
-    LaunchConfig, PushKernelArg, SyncOnDrop,
+    DeviceSlice, LaunchConfig, PushKernelArg, SyncOnDrop,
 };
 
 use super::compile::KernelSource;
-use super::launch::{alloc_output, driver_error, kernels, Kernels};
-use super::CudaBackend;
+use super::launch::{alloc_output, driver_error, kernels, Fill, Kernels};
+use super::{CudaBackend, TargetWatch};
 use crate::device::{Storage, Tensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -116,9 +116,13 @@ fn bytes(count: usize, size: usize, what: &str) -> Result<usize> {
 }
 
 impl XentBuffers {
-    /// Allocates the buffers for `spec` on `stream`.
+    /// Allocates the buffers for `spec` on `stream`, zeroed.
     pub fn new(stream: &Arc<CudaStream>, spec: &XentSpec) -> Result<XentBuffers> {
-        let alloc = |len: usize| alloc_output(stream, len);
+        XentBuffers::allocate(stream, spec, Fill::Zero)
+    }
+
+    fn allocate(stream: &Arc<CudaStream>, spec: &XentSpec, fill: Fill) -> Result<XentBuffers> {
+        let alloc = |len: usize| alloc_output(stream, len, fill);
         let b = spec.batch;
         let per_row = bytes(b, 4, "per-row outputs")?;
         let grad = if spec.options.grad {
@@ -375,6 +379,22 @@ fn check_buffer(ptr: u64, len: usize, need: usize, align: usize, what: &str) -> 
     Ok(ptr)
 }
 
+/// Fails unless memory owned by `owner` may be used on `stream`: both belong to the same
+/// CUDA context. A device pointer of another context means nothing in this one (or
+/// another allocation), so a launch with it could read or write anything.
+fn check_context(stream: &CudaStream, owner: &CudaStream, what: &str) -> Result<()> {
+    let (ours, theirs) = (stream.context(), owner.context());
+    if ours.cu_ctx() == theirs.cu_ctx() {
+        Ok(())
+    } else {
+        Err(Error::DeviceMismatch(format!(
+            "{what} belongs to another CUDA context (device {}) than the stream (device {})",
+            theirs.ordinal(),
+            ours.ordinal()
+        )))
+    }
+}
+
 impl<'a> Pointers<'a> {
     fn read(
         &mut self,
@@ -383,6 +403,7 @@ impl<'a> Pointers<'a> {
         align: usize,
         what: &str,
     ) -> Result<u64> {
+        check_context(self.stream, view.stream(), what)?;
         let (ptr, guard) = view.device_ptr(self.stream);
         self.guards.push(guard);
         check_buffer(ptr, view.len(), need, align, what)
@@ -395,6 +416,7 @@ impl<'a> Pointers<'a> {
         align: usize,
         what: &str,
     ) -> Result<u64> {
+        check_context(self.stream, slice.stream(), what)?;
         let len = slice.len();
         let (ptr, guard) = slice.device_ptr_mut(self.stream);
         self.guards.push(guard);
@@ -518,6 +540,7 @@ pub fn xent_raw(
         status,
     } = out;
     // Before any pointer is taken: this call's status starts at "no bad target".
+    check_context(stream, status.stream(), "status word")?;
     stream
         .memset_zeros(status)
         .map_err(driver_error("cuMemsetD8Async (xent status)"))?;
@@ -546,14 +569,9 @@ pub fn xent_raw(
     // reference's (1 - eps), eps / V and log2(e) / T.
     let one_minus_eps = (1.0 - o.label_smoothing) as f32;
     let eps_per_class = (o.label_smoothing / v as f64) as f32;
+    // Exponent arguments are (z - m) * lt: validation keeps lt a normal f32, so no
+    // 0 * inf appears.
     let lt = (std::f64::consts::LOG2_E / o.temperature) as f32;
-    if !lt.is_normal() {
-        // Exponent arguments are (z - m) * lt: an infinite lt makes 0 * inf.
-        return Err(Error::Option(format!(
-            "the CUDA xent kernels take a temperature with log2(e) / T a normal f32, got {}",
-            o.temperature
-        )));
-    }
 
     let grad_ptr = if o.grad {
         let Some(grad) = grad.as_mut() else {
@@ -740,9 +758,17 @@ pub struct DirectionalBuffers {
 }
 
 impl DirectionalBuffers {
-    /// Allocates the buffers for `spec` on `stream`.
+    /// Allocates the buffers for `spec` on `stream`, zeroed.
     pub fn new(stream: &Arc<CudaStream>, spec: &DirectionalSpec) -> Result<DirectionalBuffers> {
-        let alloc = |len: usize| alloc_output(stream, len);
+        DirectionalBuffers::allocate(stream, spec, Fill::Zero)
+    }
+
+    fn allocate(
+        stream: &Arc<CudaStream>,
+        spec: &DirectionalSpec,
+        fill: Fill,
+    ) -> Result<DirectionalBuffers> {
+        let alloc = |len: usize| alloc_output(stream, len, fill);
         let per_row = bytes(spec.batch, 4, "delta_a")?;
         Ok(DirectionalBuffers {
             delta_a: alloc(per_row)?,
@@ -948,8 +974,15 @@ impl XentKernels for CudaBackend {
                 .transpose()?,
         };
         let stream = self.stream();
-        let mut out = XentBuffers::new(stream, spec)?;
+        let mut out = XentBuffers::allocate(stream, spec, Fill::Unwritten)?;
         xent_raw(stream, spec, &inputs, &mut out)?;
+        if spec.targets == TargetKind::Classes {
+            self.watch_targets(TargetWatch {
+                status: out.status,
+                classes: spec.classes,
+                ignore_index: spec.options.ignore_index,
+            });
+        }
 
         let device = call.logits.device();
         let b = spec.batch;
@@ -979,7 +1012,7 @@ impl XentKernels for CudaBackend {
         let logits = cuda_slice(call.logits, "logits")?.as_view();
         let derivatives = cuda_slice(call.derivatives, "derivatives")?.as_view();
         let stream = self.stream();
-        let mut out = DirectionalBuffers::new(stream, spec)?;
+        let mut out = DirectionalBuffers::allocate(stream, spec, Fill::Unwritten)?;
         directional_raw(stream, spec, &logits, &derivatives, &mut out)?;
 
         let device = call.logits.device();

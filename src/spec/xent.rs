@@ -205,6 +205,20 @@ fn validate_options(o: &XentOptions) -> Result<()> {
             o.temperature
         )));
     }
+    // The kernels scale by 1 / T and log2(e) / T in f32 and clamp exponent arguments
+    // at -128 T: each must be a normal f32 (about 3e-39 <= T <= 2.6e36).
+    let scales = [
+        1.0 / o.temperature,
+        std::f64::consts::LOG2_E / o.temperature,
+        128.0 * o.temperature,
+    ];
+    if scales.iter().any(|&x| !(x as f32).is_normal()) {
+        return Err(Error::Option(format!(
+            "temperature {} is outside what f32 kernels can scale by (1 / T, log2(e) / T \
+             and 128 T must be normal f32 numbers)",
+            o.temperature
+        )));
+    }
     check_finite("label_smoothing", o.label_smoothing)?;
     if !(0.0..1.0).contains(&o.label_smoothing) {
         return Err(Error::Option(format!(

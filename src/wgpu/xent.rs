@@ -27,7 +27,7 @@ use crate::spec::xent::{
     Targets, XentCall, XentKernels, XentOutput, XentSpec,
 };
 use crate::wgpu::{
-    padded_size, BindingKind, PipelineKey, ShaderSource, WgpuBackend, WORKGROUP_SIZE,
+    padded_size, BindingKind, PipelineKey, ShaderSource, TargetWatch, WgpuBackend, WORKGROUP_SIZE,
 };
 
 /// Group 0 of `xent.wgsl`: params, logits, labels, soft targets, weights, rows, red, grad,
@@ -367,6 +367,13 @@ fn xent_tensors(backend: &WgpuBackend, bound: &XentCall<'_>) -> Result<XentOutpu
             status: &status,
         },
     )?;
+    if spec.targets == TargetKind::Classes {
+        backend.watch_targets(TargetWatch {
+            status,
+            classes: spec.classes,
+            ignore_index: spec.options.ignore_index,
+        });
+    }
     let tensor = |buffer: wgpu::Buffer, shape: Vec<usize>, dtype: DType| {
         Tensor::from_storage(device, Storage::Wgpu(buffer), shape, dtype)
     };
@@ -655,15 +662,9 @@ pub fn xent_raw(
         };
     }
     // The shader divides by T as a product with 1 / T and clamps exponent arguments at
-    // -128 T (see its Units): both must be normal f32 numbers.
+    // -128 T (see its Units): validation keeps both normal f32 numbers.
     let inv_t = (1.0 / o.temperature) as f32;
     let exp_floor = (-128.0 * o.temperature).max(-f64::from(f32::MAX)) as f32;
-    if !inv_t.is_normal() || !exp_floor.is_normal() {
-        return Err(Error::Option(format!(
-            "the wgpu xent kernels take a temperature whose inverse is a normal f32, got {}",
-            o.temperature
-        )));
-    }
     let ignore = o.ignore_index as u64;
     let base = Params {
         batch: index(b, "B")?,

@@ -36,7 +36,7 @@ fn f32s(bytes: &[u8]) -> Vec<f64> {
 /// Runs the raw entry of `device` on `call`'s logits and weights with the class targets
 /// `labels` (any values), under `spec` (f32 logits, grad in f32, rho per sample).
 fn run_raw(device: &Device, spec: &XentSpec, call: &Xent<'_>, labels: &Tensor) -> RawOut {
-    let (b, v) = (spec.batch, spec.classes);
+    let (b, v) = (spec.batch(), spec.classes());
     match device {
         Device::Cuda(backend) => {
             use losskern::cuda::xent::{xent_raw, XentBuffers, XentInputs, XentTargets};
