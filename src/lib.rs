@@ -32,7 +32,6 @@ pub mod cuda;
 pub mod device;
 pub mod dtype;
 pub mod error;
-pub mod npy;
 pub mod ops;
 pub mod support;
 pub mod wgpu;
