@@ -125,7 +125,7 @@ pub fn bench(
     let (batch, classes) = shape.map_or(default_shape, |s| (s.batch, s.classes));
     let dtype = dtype.unwrap_or(default_dtype);
     eprintln!(
-        "bench: xent {batch} x {classes} {dtype} on {} (about 2 s per entry) ...",
+        "bench: timing xent {batch} x {classes} {dtype} on {} (a few seconds) ...",
         device.name()
     );
     // Rotated copies of 64 random rows: random data, made quickly at any size.

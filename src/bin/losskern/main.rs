@@ -39,7 +39,7 @@ Exit codes: 0 success, 1 an error or a failed check, 2 a bad command line.";
 /// losskern: fused cross-entropy + softmax radius, MLP ensembles, energy distances and
 /// batch-norm statistics on CUDA, WebGPU and the CPU.
 #[derive(Parser)]
-#[command(name = "losskern", version, after_help = AFTER_HELP)]
+#[command(name = "losskern", bin_name = "losskern", version, after_help = AFTER_HELP)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,

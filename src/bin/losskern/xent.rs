@@ -41,7 +41,7 @@ pub struct XentArgs {
     #[arg(long, value_name = "C", allow_negative_numbers = true,
           default_value_t = XentOptions::default().z_loss)]
     z_loss: f64,
-    /// Also write d loss / d logits
+    /// Also write the gradient of the reduced loss w.r.t. the logits
     #[arg(long)]
     grad: bool,
     /// The logit gap Delta that defines the radius [default: maxmin]
@@ -54,10 +54,10 @@ pub struct XentArgs {
     #[arg(long, value_name = "E", allow_negative_numbers = true,
           default_value_t = XentOptions::default().radius.eps)]
     rho_eps: f64,
-    /// Upper bound on rho
+    /// rho = min(rho, C)
     #[arg(long, value_name = "C", allow_negative_numbers = true)]
     rho_cap: Option<f64>,
-    /// Lower bound on rho
+    /// rho = max(rho, F)
     #[arg(long, value_name = "F", allow_negative_numbers = true)]
     rho_floor: Option<f64>,
     /// rho is infinite where Delta is below eps
