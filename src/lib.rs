@@ -40,7 +40,6 @@ pub mod cuda;
 pub mod device;
 pub mod dtype;
 pub mod error;
-pub mod npy;
 pub mod ops;
 mod spec;
 pub mod support;
