@@ -64,12 +64,6 @@ pub enum Error {
     /// A wgpu call failed (validation, out of memory, device lost, map failure).
     #[error("wgpu: {0}")]
     Wgpu(String),
-    /// Reading or writing a file (CLI .npy I/O).
-    #[error("io: {0}")]
-    Io(#[from] std::io::Error),
-    /// A .npy file is malformed or holds an unsupported dtype.
-    #[error("npy: {0}")]
-    Npy(String),
 }
 
 /// Shorthand for `Result<T, losskern::Error>`.

@@ -171,21 +171,34 @@ impl Kernels {
         if let Some(f) = loaded.functions.get(name) {
             return Ok(f.clone());
         }
-        let module = match loaded.modules.get(&source) {
-            Some(module) => module.clone(),
-            None => {
-                let image = compiled(source, &self.arch)?;
-                let module = self
-                    .ctx
-                    .load_module((*image).clone())
-                    .map_err(driver_error(source.name()))?;
-                loaded.modules.insert(source, module.clone());
-                module
-            }
-        };
+        let module = self.module(&mut loaded, source)?;
         let f = module.load_function(name).map_err(driver_error(name))?;
         loaded.functions.insert(name, f.clone());
         Ok(f)
+    }
+
+    /// Compiles (or finds in the caches) and loads every kernel source, so the first
+    /// op pays nothing and `losskern info` can report the compile times.
+    pub(crate) fn load_all(&self) -> Result<()> {
+        let mut loaded = self.loaded.write().unwrap_or_else(|e| e.into_inner());
+        for source in KernelSource::ALL {
+            self.module(&mut loaded, source)?;
+        }
+        Ok(())
+    }
+
+    /// The loaded module of `source`, compiling and loading it on first use.
+    fn module(&self, loaded: &mut Loaded, source: KernelSource) -> Result<Arc<CudaModule>> {
+        if let Some(module) = loaded.modules.get(&source) {
+            return Ok(module.clone());
+        }
+        let image = compiled(source, &self.arch)?;
+        let module = self
+            .ctx
+            .load_module((*image).clone())
+            .map_err(driver_error(source.name()))?;
+        loaded.modules.insert(source, module.clone());
+        Ok(module)
     }
 
     /// One block per row over `rows` rows of `row_len` elements, for kernels

@@ -210,6 +210,13 @@ impl CudaBackend {
         Ok(())
     }
 
+    /// Compiles (through the process and disk caches) and loads every kernel now
+    /// rather than at each family's first op; [`compile_records`] then says how long
+    /// each took and whether the disk cache had it.
+    pub fn load_kernels(&self) -> Result<()> {
+        kernels(self.stream.context())?.load_all()
+    }
+
     /// Waits, then hands every byte the memory pool keeps back to the driver.
     pub fn trim(&self) -> Result<()> {
         self.synchronize()?;

@@ -23,6 +23,28 @@ fn cuda() {
             let info = cuda.info();
             let (major, minor) = info.nvrtc_version;
             println!("cuda: {} ({}), NVRTC {major}.{minor}", info.name, info.arch);
+            match cuda.load_kernels() {
+                Ok(()) => {
+                    for record in losskern::cuda::compile_records() {
+                        println!(
+                            "  {} for {}: {:.1} ms, disk cache {}",
+                            record.source,
+                            record.arch,
+                            record.millis,
+                            match record.cache {
+                                losskern::cuda::CacheOutcome::Hit => "hit",
+                                losskern::cuda::CacheOutcome::Miss => "miss (stored)",
+                                losskern::cuda::CacheOutcome::Disabled => "off",
+                            }
+                        );
+                    }
+                    match losskern::cuda::cache_dir() {
+                        Some(dir) => println!("  kernel cache: {}", dir.display()),
+                        None => println!("  kernel cache: none (no cache directory)"),
+                    }
+                }
+                Err(e) => println!("  kernels: {e}"),
+            }
         }
         Err(e) => {
             println!("cuda: unavailable: {e}");

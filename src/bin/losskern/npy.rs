@@ -7,11 +7,9 @@
 //! [`DType::BF16`] (rounded to nearest), and bf16 tensors are written as `'<f4'`,
 //! which holds every bf16 value exactly.
 //!
-//! npyz parses and writes the headers and the f32, f64 and integer data. Our own code
-//! is kept only where npyz does not do what the CLI needs: npyz converts `'<f2'` data
-//! only with its `half` feature, which this crate does not enable, so those bytes are
-//! converted here; and npyz reads exactly the elements the shape asks for, so the data
-//! length is checked here, which makes a truncated or overlong file an error.
+//! npyz parses and writes the headers and converts the data (f16 through its `half`
+//! feature). One check is ours: npyz reads exactly the elements the shape asks for, so
+//! the data length is checked here, which makes a truncated or overlong file an error.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
@@ -235,12 +233,7 @@ pub fn decode(bytes: &[u8]) -> Result<Array, String> {
         "<i4" => file
             .into_vec::<i32>()
             .map(|v| Data::I64(v.into_iter().map(i64::from).collect())),
-        // npyz converts '<f2' only with its `half` feature (see the module comment).
-        _ => Ok(Data::F16(
-            data.chunks_exact(2)
-                .map(|b| f16::from_le_bytes([b[0], b[1]]))
-                .collect(),
-        )),
+        _ => file.into_vec::<f16>().map(Data::F16),
     };
     let data = values.map_err(|e| format!("reading the data: {e}"))?;
     Ok(Array { shape, data, descr })
@@ -258,16 +251,7 @@ pub fn encode(array: &Array, out: &mut impl Write) -> io::Result<()> {
         Data::F32(v) => encode_values(dtype, &shape, v, out),
         Data::F64(v) => encode_values(dtype, &shape, v, out),
         Data::I64(v) => encode_values(dtype, &shape, v, out),
-        // npyz writes '<f2' data only with its `half` feature: it writes the header,
-        // the little-endian bytes follow.
-        Data::F16(v) => {
-            let out = npyz::WriteOptions::new_header_only()
-                .dtype(dtype)
-                .shape(&shape)
-                .writer(out)
-                .write_header_only()?;
-            v.iter().try_for_each(|x| out.write_all(&x.to_le_bytes()))
-        }
+        Data::F16(v) => encode_values(dtype, &shape, v, out),
     }
 }
 
