@@ -43,6 +43,8 @@ pub mod error;
 pub mod ops;
 mod spec;
 pub mod support;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod watch;
 #[cfg(feature = "wgpu")]
 pub mod wgpu;
 

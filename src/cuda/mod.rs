@@ -22,7 +22,7 @@
 //!   on the caller's own cudarc stream and device memory.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
@@ -32,6 +32,7 @@ use crate::spec::bnstats::BnStatsKernels;
 use crate::spec::energy::EnergyKernels;
 use crate::spec::ensemble::EnsembleKernels;
 use crate::spec::BackendKind;
+use crate::watch::Watches;
 
 mod compile;
 mod launch;
@@ -59,8 +60,8 @@ pub struct CudaInfo {
 pub struct CudaBackend {
     stream: Arc<CudaStream>,
     info: CudaInfo,
-    /// Status words of ops queued since the last readback, checked at the next one.
-    watched: Mutex<Vec<TargetWatch>>,
+    /// Status words of ops queued since each thread's last readback.
+    watched: Watches<TargetWatch>,
 }
 
 /// A device-side status word an op's kernels write: 0, or !row for the first row whose
@@ -170,26 +171,21 @@ impl CudaBackend {
                     arch,
                     nvrtc_version,
                 },
-                watched: Mutex::new(Vec::new()),
+                watched: Watches::default(),
             })
         })
     }
 
-    fn watched(&self) -> MutexGuard<'_, Vec<TargetWatch>> {
-        // Entries are pushed and drained whole, so a poisoned list is still consistent.
-        self.watched.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Checks `watch` at the next readback or synchronisation.
+    /// Checks `watch` at the calling thread's next readback or synchronisation.
     pub(crate) fn watch_targets(&self, watch: TargetWatch) {
-        self.watched().push(watch);
+        self.watched.push(watch);
     }
 
     /// Reads the status word of every op queued since the last check (the stream has
     /// passed them: the caller synchronised or read back) and reports the first op's
     /// first bad row.
     fn check_targets(&self) -> Result<()> {
-        let watched = std::mem::take(&mut *self.watched());
+        let watched = self.watched.take();
         for watch in watched {
             let word = self
                 .stream

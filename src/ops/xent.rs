@@ -12,7 +12,7 @@ use crate::error::Result;
 use crate::spec::xent::{bind, bind_directional};
 
 /// Runs the op on the logits' device. Nothing waits for the device: the outputs are
-/// tensors whose first readback (or `Device::synchronize`) waits, and reports a class
+/// tensors whose first readback (or `Device::synchronize`) on this thread waits, and reports a class
 /// target out of range as `Error::Target`.
 pub fn xent(call: &Xent<'_>) -> Result<XentOutput> {
     kernels(call.logits.device()).xent(&bind(call)?)

@@ -17,6 +17,7 @@ use crate::spec::bnstats::BnStatsKernels;
 use crate::spec::energy::EnergyKernels;
 use crate::spec::ensemble::EnsembleKernels;
 use crate::spec::BackendKind;
+use crate::watch::Watches;
 
 pub mod xent;
 
@@ -124,8 +125,8 @@ pub struct WgpuBackend {
     uncaptured: Arc<Mutex<Vec<String>>>,
     /// Buffers of dropped tensors, by (size, usage), for the next buffer of that kind.
     free: Mutex<BufferPool>,
-    /// Status words of ops queued since the last readback, checked at the next one.
-    watched: Mutex<Vec<TargetWatch>>,
+    /// Status words of ops queued since each thread's last readback.
+    watched: Watches<TargetWatch>,
 }
 
 /// A status word (u32) an op's kernels write: 0, or !row for the first row whose class
@@ -302,7 +303,7 @@ impl WgpuBackend {
             pipelines: Mutex::new(HashMap::new()),
             uncaptured,
             free: Mutex::new(BufferPool::default()),
-            watched: Mutex::new(Vec::new()),
+            watched: Watches::default(),
         }
     }
 
@@ -319,20 +320,15 @@ impl WgpuBackend {
         Ok(())
     }
 
-    fn watched(&self) -> std::sync::MutexGuard<'_, Vec<TargetWatch>> {
-        // Entries are pushed and drained whole, so a poisoned list is still consistent.
-        self.watched.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Checks `watch` at the next readback or synchronisation.
+    /// Checks `watch` at the calling thread's next readback or synchronisation.
     pub(crate) fn watch_targets(&self, watch: TargetWatch) {
-        self.watched().push(watch);
+        self.watched.push(watch);
     }
 
     /// Reads the status word of every op queued since the last check and reports the
     /// first op's first bad row.
     fn check_targets(&self) -> Result<()> {
-        let watched = std::mem::take(&mut *self.watched());
+        let watched = self.watched.take();
         for watch in watched {
             let word = self.read_back(&watch.status, 4)?;
             let status = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
