@@ -97,8 +97,6 @@ fn backend_failure(e: &Error) -> bool {
             | Error::Wgpu(_)
             | Error::CudaUnavailable(_)
             | Error::WgpuUnavailable(_)
-            | Error::Io(_)
-            | Error::Npy(_)
     )
 }
 
