@@ -4,5 +4,6 @@ mod backends;
 mod bad_input;
 mod compile;
 mod families;
+mod mutation;
 mod roundtrip;
 mod xent;
