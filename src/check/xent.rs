@@ -8,7 +8,7 @@
 //! - x = z * fl(1/T) is within (2u + u^2) |x| (the reciprocal and the product round once
 //!   each); the max of such values is within that of |m|, so max, min and the top-2 gap
 //!   (a difference of two of them, rounded once more) are within
-//!   (2u + u^2)(|a| + |b|) + u |gap|.
+//!   (2u + u^2)(|a| + |b|) + u |gap|; a zero gap is two equal values, which round alike.
 //! - lse = log sum exp(x_k) moves by sum p_k dx_k <= 2u (|m| + A) under the rounding of x;
 //!   each shifted argument x_k - m rounds (u |x_k - m|) and its exp is off by
 //!   (6 + 4 |x_k - m|) u (Vulkan's bound for exp, looser than CUDA's), weighted by p_k;
@@ -253,8 +253,9 @@ struct RowData {
     /// A = sum p_k |x_k - m| and B = sum p_k (x_k - m)^2.
     a: f64,
     b: f64,
-    /// The target coefficients c_k of -log p_k (None for an ignored row).
+    /// The target coefficients c_k of -log p_k (None for an ignored row) and their sum C.
     c: Option<Vec<f64>>,
+    total: f64,
 }
 
 /// The allowances of one xent problem: one place for every output's bound (module doc).
@@ -307,13 +308,15 @@ impl<'a> Bounds<'a> {
                         b += p * (max - x) * (max - x);
                     }
                 }
+                let c = coefficients(case, host, i);
                 RowData {
+                    total: c.as_ref().map_or(0.0, |c| c.iter().sum()),
+                    c,
                     max,
                     lse,
                     log_s: lse - max,
                     a,
                     b,
-                    c: coefficients(case, host, i),
                 }
             })
             .collect();
@@ -381,7 +384,7 @@ impl<'a> Bounds<'a> {
     }
 
     fn top2_gap(&self, row: usize, gap: f64) -> f64 {
-        if self.classes == 1 {
+        if self.classes == 1 || gap == 0.0 {
             return 0.0;
         }
         let m = self.rows[row].max;
@@ -389,6 +392,10 @@ impl<'a> Bounds<'a> {
     }
 
     fn delta(&self, row: usize, want: &reference::XentOutput) -> f64 {
+        // A zero Delta is a difference of two equal values, which round alike: exactly 0.
+        if want.delta[row] == 0.0 {
+            return 0.0;
+        }
         match self.options.radius.gap {
             reference::Gap::MaxMin => {
                 Self::rounded(want.max[row])
@@ -429,8 +436,7 @@ impl<'a> Bounds<'a> {
         };
         let z = self.options.z_loss;
         let x = self.x(row, k);
-        let total: f64 = c.iter().sum();
-        let weight = (total + 2.0 * z * r.lse).abs();
+        let weight = (r.total + 2.0 * z * r.lse).abs();
         let e_lse = self.lse(row);
         let p = if x > f64::NEG_INFINITY {
             (x - r.lse).exp()
