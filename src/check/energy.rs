@@ -1,19 +1,24 @@
 //! Random energy problems and the family's tolerances.
 //!
-//! Derivation: each distance ||u|| sums d squares (relative error sum_error(d)), and each
-//! term is a mean of up to n m m distances (relative error sum_error(count)); every
-//! distance is at most the data's spread S, so a term is within
-//! (sum_error(d) + sum_error(count)) (|term| + S) and the loss within the sum of both terms'
-//! allowances. The gradient is a mean of unit vectors scaled by ||u||^(beta-1): each element
-//! is within (sum_error(d) + sum_error(m)) (|g| + 1 / (n m)).
+//! Derivation, per output from the data: every term is a same-signed sum of powers of
+//! distances, so its error is relative. A distance ||a - b|| rounds each difference once
+//! (u relative to the norm), sums d squares (k_d) and takes a root (half of that, plus 2u);
+//! its power beta scales the relative error by beta and adds 4u:
+//! r_D = beta (2u + k_d / 2 + 2u) + 4u. A mean of `count` such terms with constant or
+//! normalised weights adds k_count, and each weight normalisation k_len + u. The loss and
+//! the distance combine their terms: the terms' allowances add, plus u |value| for the
+//! combination. The score's gradient element is a signed sum of m + 1 terms
+//! c beta ||u||^(beta - 2) (a - b): each within r_g = |beta - 2| (2u + k_d / 2) + 8u relative,
+//! the sum k_{m+1} of the sum of their magnitudes G (computed here from the inputs).
 
 use losskern_reference::energy as reference;
 
-use crate::check::{report_error, sum_error, CaseInfo, Report, Rng, Verdict};
+use crate::check::{sum_error, widen, CaseInfo, Expected, Output, Rng, U};
 use crate::device::{Device, Tensor};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::ops::energy::{self, EnergyDistance, EnergyScore, Statistic};
+use crate::support::Op;
 
 /// A random engression / energy-score problem.
 #[derive(Clone, Debug)]
@@ -64,36 +69,38 @@ pub fn score_cases() -> Vec<EnergyScoreCase> {
     ]
 }
 
-/// Spread of the data: the largest distance any term can hold, raised to beta.
-fn spread(values: &[f64], beta: f64, d: usize) -> f64 {
-    let largest = values.iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    (2.0 * largest * (d as f64).sqrt()).powf(beta)
+/// The relative error of one distance raised to beta, in d dimensions.
+fn distance_error(d: usize, beta: f64) -> f64 {
+    beta * (4.0 * U + sum_error(d) / 2.0) + 4.0 * U
 }
 
-pub fn run_score(case: &EnergyScoreCase, device: &Device) -> Report {
-    let info = CaseInfo {
-        op: "energy::energy_score",
-        dtype: case.dtype.name().into(),
-        shape: format!("n{} m{} d{}", case.n, case.m, case.d),
-    };
-    let tolerance = "(k(d) + k(n m m)) (|v| + S)".to_string();
-    match compare_score(case, device) {
-        Ok(verdict) => verdict.finish(info, device, tolerance),
-        Err(e) => report_error(info, device, e),
+impl EnergyScoreCase {
+    pub(crate) fn info(&self) -> CaseInfo {
+        CaseInfo {
+            op: Op::EnergyScore,
+            dtype: self.dtype.name().into(),
+            shape: format!("n{} m{} d{}", self.n, self.m, self.d),
+            tolerance: "(r_D + k(n m m)) |term|; grad (r_g + k(m+1)) G",
+        }
+    }
+
+    /// y [n, d] and the predictions [n, m, d], rounded to the dtype, on the CPU.
+    fn draw(&self) -> Result<(Tensor, Tensor)> {
+        let (n, m, d) = (self.n, self.m, self.d);
+        let mut rng = Rng::new(self.seed);
+        let y = Tensor::from_f64(&Device::Cpu, &rng.normals(n * d, 1.0), &[n, d], self.dtype)?;
+        let mut p = rng.normals(n * m * d, 1.0);
+        if self.coincide && m > 1 {
+            let (first, rest) = p.split_at_mut(d);
+            rest[..d].copy_from_slice(first);
+        }
+        let preds = Tensor::from_f64(&Device::Cpu, &p, &[n, m, d], self.dtype)?;
+        Ok((y, preds))
     }
 }
 
-fn compare_score(case: &EnergyScoreCase, device: &Device) -> Result<Verdict> {
-    let (n, m, d) = (case.n, case.m, case.d);
-    let mut rng = Rng::new(case.seed);
-    let y = Tensor::from_f64(&Device::Cpu, &rng.normals(n * d, 1.0), &[n, d], case.dtype)?;
-    let mut p = rng.normals(n * m * d, 1.0);
-    if case.coincide && m > 1 {
-        let (first, rest) = p.split_at_mut(d);
-        rest[..d].copy_from_slice(first);
-    }
-    let preds = Tensor::from_f64(&Device::Cpu, &p, &[n, m, d], case.dtype)?;
-    let (y64, p64) = (y.to_f64_vec()?, preds.to_f64_vec()?);
+pub fn score_outputs(case: &EnergyScoreCase, device: &Device) -> Result<Vec<Output>> {
+    let (y, preds) = case.draw()?;
     let (y, preds) = (y.to_device(device)?, preds.to_device(device)?);
     let out = energy::energy_score(&EnergyScore {
         y: &y,
@@ -101,6 +108,57 @@ fn compare_score(case: &EnergyScoreCase, device: &Device) -> Result<Verdict> {
         beta: case.beta,
         grad: case.grad,
     })?;
+    let mut named = vec![
+        ("term1", &out.term1),
+        ("term2", &out.term2),
+        ("loss", &out.loss),
+    ];
+    named.extend(out.grad.as_ref().map(|g| ("grad", g)));
+    widen(&named)
+}
+
+/// G per gradient element: the sum of the magnitudes of the terms the element sums.
+fn gradient_magnitudes(case: &EnergyScoreCase, y: &[f64], p: &[f64]) -> Vec<f64> {
+    let (n, m, d, beta) = (case.n, case.m, case.d, case.beta);
+    let c1 = 1.0 / (n * m) as f64;
+    let c2 = if m < 2 {
+        0.0
+    } else {
+        (m as f64 / (m - 1) as f64) / (n * m * m) as f64
+    };
+    let mut g = vec![0.0; n * m * d];
+    let add = |out: &mut [f64], c: f64, a: &[f64], b: &[f64]| {
+        let norm = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y) * (x - y))
+            .sum::<f64>()
+            .sqrt();
+        if norm > 0.0 {
+            let factor = c * beta * norm.powf(beta - 2.0);
+            for k in 0..d {
+                out[k] += factor * (a[k] - b[k]).abs();
+            }
+        }
+    };
+    for i in 0..n {
+        for j in 0..m {
+            let at = (i * m + j) * d;
+            let a = &p[at..at + d];
+            let out = &mut g[at..at + d];
+            add(out, c1, a, &y[i * d..(i + 1) * d]);
+            for k in 0..m {
+                add(out, c2, a, &p[(i * m + k) * d..(i * m + k + 1) * d]);
+            }
+        }
+    }
+    g
+}
+
+pub fn score_expected(case: &EnergyScoreCase) -> Result<Vec<Expected>> {
+    let (n, m, d) = (case.n, case.m, case.d);
+    let (y, preds) = case.draw()?;
+    let (y64, p64) = (y.to_f64_vec()?, preds.to_f64_vec()?);
     let want = reference::energy_score(&reference::EnergyScoreProblem {
         y: &y64,
         preds: &p64,
@@ -110,22 +168,22 @@ fn compare_score(case: &EnergyScoreCase, device: &Device) -> Result<Verdict> {
         beta: case.beta,
         grad: case.grad,
     });
-    let k = sum_error(d) + sum_error(n * m * m);
-    let s = spread(&p64, case.beta, d).max(spread(&y64, case.beta, d));
-    let term = |_: usize, w: f64| k * (w.abs() + s);
-    let mut v = Verdict::new();
-    v.add("term1", &out.term1.to_f64_vec()?, &[want.term1], term);
-    v.add("term2", &out.term2.to_f64_vec()?, &[want.term2], term);
-    v.add("loss", &out.loss.to_f64_vec()?, &[want.loss], |_, w| {
-        2.0 * k * (w.abs() + s)
-    });
-    if let (Some(got), Some(want)) = (&out.grad, &want.grad) {
-        let kg = sum_error(d) + sum_error(m);
-        v.add("grad", &got.to_f64_vec()?, want, |_, w| {
-            kg * (w.abs() + 1.0 / (n * m) as f64)
-        });
+    let r = distance_error(d, case.beta) + sum_error(n * m * m) + 2.0 * U;
+    let (t1, t2) = (want.term1.abs(), want.term2.abs());
+    let mut e = vec![
+        Expected::within("term1", vec![want.term1], |_, w| r * w.abs()),
+        Expected::within("term2", vec![want.term2], |_, w| r * w.abs()),
+        Expected::within("loss", vec![want.loss], |_, w| r * (t1 + t2) + U * w.abs()),
+    ];
+    if let Some(grad) = want.grad {
+        let magnitude = gradient_magnitudes(case, &y64, &p64);
+        let r_g =
+            (case.beta - 2.0).abs() * (2.0 * U + sum_error(d) / 2.0) + 8.0 * U + sum_error(m + 1);
+        e.push(Expected::within("grad", grad, |i, w| {
+            r_g * magnitude[i] + U * w.abs()
+        }));
     }
-    Ok(v)
+    Ok(e)
 }
 
 /// A random two-sample energy-distance problem.
@@ -176,37 +234,42 @@ pub fn distance_cases() -> Vec<EnergyDistanceCase> {
     ]
 }
 
-pub fn run_distance(case: &EnergyDistanceCase, device: &Device) -> Report {
-    let info = CaseInfo {
-        op: "energy::energy_distance",
-        dtype: case.dtype.name().into(),
-        shape: format!("N{} M{} d{}", case.n, case.m, case.d),
-    };
-    let tolerance = "(k(d) + k(N M)) (|v| + S)".to_string();
-    match compare_distance(case, device) {
-        Ok(verdict) => verdict.finish(info, device, tolerance),
-        Err(e) => report_error(info, device, e),
+impl EnergyDistanceCase {
+    pub(crate) fn info(&self) -> CaseInfo {
+        CaseInfo {
+            op: Op::EnergyDistance,
+            dtype: self.dtype.name().into(),
+            shape: format!("N{} M{} d{}", self.n, self.m, self.d),
+            tolerance: "(r_D + k(pairs) + k(N) + k(M)) |term|",
+        }
+    }
+
+    /// x [N, d], y [M, d] (rounded to the dtype, on the CPU) and the optional weights.
+    #[allow(clippy::type_complexity)]
+    fn draw(&self) -> Result<(Tensor, Tensor, Option<Vec<f64>>, Option<Vec<f64>>)> {
+        let (n, m, d) = (self.n, self.m, self.d);
+        let mut rng = Rng::new(self.seed);
+        let x = Tensor::from_f64(&Device::Cpu, &rng.normals(n * d, 1.0), &[n, d], self.dtype)?;
+        let mut shifted = rng.normals(m * d, 1.5);
+        shifted.iter_mut().for_each(|v| *v += 0.5);
+        let y = Tensor::from_f64(&Device::Cpu, &shifted, &[m, d], self.dtype)?;
+        let weight = |rng: &mut Rng, len: usize| -> Vec<f64> {
+            (0..len)
+                .map(|_| f64::from((0.1 + rng.uniform()) as f32))
+                .collect()
+        };
+        let (wx, wy) = if self.weighted {
+            (Some(weight(&mut rng, n)), Some(weight(&mut rng, m)))
+        } else {
+            (None, None)
+        };
+        Ok((x, y, wx, wy))
     }
 }
 
-fn compare_distance(case: &EnergyDistanceCase, device: &Device) -> Result<Verdict> {
-    let (n, m, d) = (case.n, case.m, case.d);
-    let mut rng = Rng::new(case.seed);
-    let x = Tensor::from_f64(&Device::Cpu, &rng.normals(n * d, 1.0), &[n, d], case.dtype)?;
-    let mut shifted = rng.normals(m * d, 1.5);
-    shifted.iter_mut().for_each(|v| *v += 0.5);
-    let y = Tensor::from_f64(&Device::Cpu, &shifted, &[m, d], case.dtype)?;
-    let weight = |rng: &mut Rng, len: usize| -> Vec<f64> {
-        (0..len)
-            .map(|_| f64::from((0.1 + rng.uniform()) as f32))
-            .collect()
-    };
-    let (wx, wy) = if case.weighted {
-        (Some(weight(&mut rng, n)), Some(weight(&mut rng, m)))
-    } else {
-        (None, None)
-    };
-    let (x64, y64) = (x.to_f64_vec()?, y.to_f64_vec()?);
+pub fn distance_outputs(case: &EnergyDistanceCase, device: &Device) -> Result<Vec<Output>> {
+    let (n, m) = (case.n, case.m);
+    let (x, y, wx, wy) = case.draw()?;
     let (x, y) = (x.to_device(device)?, y.to_device(device)?);
     let wxt = wx
         .as_ref()
@@ -224,6 +287,18 @@ fn compare_distance(case: &EnergyDistanceCase, device: &Device) -> Result<Verdic
         beta: case.beta,
         statistic: case.statistic,
     })?;
+    widen(&[
+        ("cross", &out.cross),
+        ("within_x", &out.within_x),
+        ("within_y", &out.within_y),
+        ("distance", &out.distance),
+    ])
+}
+
+pub fn distance_expected(case: &EnergyDistanceCase) -> Result<Vec<Expected>> {
+    let (n, m, d) = (case.n, case.m, case.d);
+    let (x, y, wx, wy) = case.draw()?;
+    let (x64, y64) = (x.to_f64_vec()?, y.to_f64_vec()?);
     let want = reference::energy_distance(&reference::EnergyDistanceProblem {
         x: &x64,
         y: &y64,
@@ -235,28 +310,26 @@ fn compare_distance(case: &EnergyDistanceCase, device: &Device) -> Result<Verdic
         beta: case.beta,
         statistic: case.statistic,
     });
-    let k = sum_error(d) + sum_error(n.max(m) * n.max(m));
-    let s = spread(&x64, case.beta, d).max(spread(&y64, case.beta, d));
-    let term = |_: usize, w: f64| k * (w.abs() + s);
-    let mut v = Verdict::new();
-    v.add("cross", &out.cross.to_f64_vec()?, &[want.cross], term);
-    v.add(
-        "within_x",
-        &out.within_x.to_f64_vec()?,
-        &[want.within_x],
-        term,
-    );
-    v.add(
-        "within_y",
-        &out.within_y.to_f64_vec()?,
-        &[want.within_y],
-        term,
-    );
-    v.add(
-        "distance",
-        &out.distance.to_f64_vec()?,
-        &[want.distance],
-        |_, w| 4.0 * k * (w.abs() + s),
-    );
-    Ok(v)
+    // Weights: each normalised (k_len + u) and multiplied in pairs (3u); a U statistic
+    // divides by a pair-weight sum (k_{len^2} + u).
+    let normalise = |len: usize| sum_error(len) + U;
+    let r_d = distance_error(d, case.beta) + 3.0 * U;
+    let cross_error = r_d + sum_error(n * m) + normalise(n) + normalise(m);
+    let within_error = |len: usize| r_d + 2.0 * (sum_error(len * len) + normalise(len));
+    let (c, wxa, wya) = (want.cross.abs(), want.within_x.abs(), want.within_y.abs());
+    Ok(vec![
+        Expected::within("cross", vec![want.cross], |_, w| cross_error * w.abs()),
+        Expected::within("within_x", vec![want.within_x], |_, w| {
+            within_error(n) * w.abs()
+        }),
+        Expected::within("within_y", vec![want.within_y], |_, w| {
+            within_error(m) * w.abs()
+        }),
+        Expected::within("distance", vec![want.distance], |_, w| {
+            2.0 * cross_error * c
+                + within_error(n) * wxa
+                + within_error(m) * wya
+                + 2.0 * U * w.abs()
+        }),
+    ])
 }

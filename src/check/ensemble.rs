@@ -1,18 +1,24 @@
 //! Random ensemble problems and the family's tolerances.
 //!
-//! Derivation: a logit of layer l is a dot product of d_l terms, within sum_error(d_l)
-//! times the sum of |w||x| of that product; through L layers with ReLU (1-Lipschitz) the
-//! errors add, so each logit is within sum_error(max d) L (|logit| + P) where P bounds the
-//! products' magnitude. The loss is a mean of B log-softmaxes of such logits (accumulated in
-//! f64), within twice the logits' allowance. Accuracy is compared exactly.
+//! Derivation, per logit from the data: layer l's dot products of d_l terms plus a bias are
+//! each within k_l = sum_error(d_l + 1) of |b| + |W| |h|, and ReLU is 1-Lipschitz, so the
+//! errors of L layers add up to at most L k P, where P is the logit of the "absolute
+//! network" (every weight, bias and input replaced by its magnitude, which the reference
+//! itself computes) and k the largest k_l. A landscape forms its weights c + t d in f32 (2u of
+//! |c| + t |d|, which the absolute network of |c|, |d| bounds): 2u L P more. The output
+//! rounds once: u |logit|. The loss of a model is a mean of B cross-entropies
+//! lse(z) - z_y: each within sum_k p_k E_k + E_y of the logits' errors E, plus its own
+//! rounding (k_C + 8u)(|lse| + |z_y|); the mean adds k_B of the sum of |CE|.
+//! Accuracy is compared exactly.
 
 use losskern_reference::ensemble as reference;
 
-use crate::check::{report_error, sum_error, CaseInfo, Report, Rng, Verdict};
+use crate::check::{sum_error, CaseInfo, Expected, Output, Rng, U};
 use crate::device::{Device, Tensor};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::ops::ensemble::{self, Ensemble, Landscape};
+use crate::support::Op;
 
 /// A random ensemble (or landscape) problem.
 #[derive(Clone, Debug)]
@@ -89,10 +95,6 @@ fn draw_layers(
     Ok((weights, biases))
 }
 
-fn widen(tensors: &[Tensor]) -> Result<Vec<Vec<f64>>> {
-    tensors.iter().map(Tensor::to_f64_vec).collect()
-}
-
 fn slices(values: &[Vec<f64>]) -> Vec<&[f64]> {
     values.iter().map(Vec::as_slice).collect()
 }
@@ -101,25 +103,32 @@ fn to_device(tensors: &[Tensor], device: &Device) -> Result<Vec<Tensor>> {
     tensors.iter().map(|t| t.to_device(device)).collect()
 }
 
-pub fn run(case: &EnsembleCase, device: &Device) -> Report {
-    let op = if case.directions.is_some() {
-        "ensemble::landscape"
-    } else {
-        "ensemble::forward"
-    };
-    let info = CaseInfo {
-        op,
-        dtype: case.dtype.name().into(),
-        shape: format!("E{} B{} {:?}", case.models, case.batch, case.widths),
-    };
-    let tolerance = "k(max d) L (|v| + P)".to_string();
-    match compare(case, device) {
-        Ok(verdict) => verdict.finish(info, device, tolerance),
-        Err(e) => report_error(info, device, e),
+impl EnsembleCase {
+    pub(crate) fn info(&self) -> CaseInfo {
+        CaseInfo {
+            op: if self.directions.is_some() {
+                Op::EnsembleLandscape
+            } else {
+                Op::EnsembleForward
+            },
+            dtype: self.dtype.name().into(),
+            shape: format!("E{} B{} {:?}", self.models, self.batch, self.widths),
+            tolerance: "per logit (L k + 2uL) P(|net|) + u|v|; loss from the logits' E",
+        }
     }
 }
 
-fn compare(case: &EnsembleCase, device: &Device) -> Result<Verdict> {
+/// The drawn problem on the CPU: input, labels and parameters (center and directions for a
+/// landscape), in the order `draw` makes them so the device and the reference agree.
+struct Drawn {
+    x: Tensor,
+    labels: Vec<i64>,
+    layers: Vec<(Vec<Tensor>, Vec<Tensor>)>,
+    direction_of: Vec<i64>,
+    distance: Vec<f64>,
+}
+
+fn draw(case: &EnsembleCase) -> Result<Drawn> {
     let mut rng = Rng::new(case.seed);
     let (e, b, widths) = (case.models, case.batch, &case.widths);
     let classes = widths[widths.len() - 1];
@@ -131,25 +140,98 @@ fn compare(case: &EnsembleCase, device: &Device) -> Result<Verdict> {
     let x_len: usize = x_shape.iter().product();
     let x = Tensor::from_f64(&Device::Cpu, &rng.normals(x_len, 1.0), &x_shape, case.dtype)?;
     let labels: Vec<i64> = (0..b).map(|_| rng.below(classes) as i64).collect();
-    let x64 = x.to_f64_vec()?;
-    let x = x.to_device(device)?;
-    let y = Tensor::from_slice(device, &labels, &[b])?;
-    let (out, want) = match case.directions {
-        None => {
-            let (weights, biases) = draw_layers(&mut rng, widths, &[e], case.dtype)?;
-            let (w64, b64) = (widen(&weights)?, widen(&biases)?);
-            let (wd, bd) = (to_device(&weights, device)?, to_device(&biases, device)?);
-            let (wr, br): (Vec<&Tensor>, Vec<&Tensor>) = (wd.iter().collect(), bd.iter().collect());
-            let out = ensemble::forward(&Ensemble {
-                weights: &wr,
-                biases: &br,
+    let (layers, direction_of, distance) = match case.directions {
+        None => (
+            vec![draw_layers(&mut rng, widths, &[e], case.dtype)?],
+            Vec::new(),
+            Vec::new(),
+        ),
+        Some(k) => {
+            let center = draw_layers(&mut rng, widths, &[], case.dtype)?;
+            let directions = draw_layers(&mut rng, widths, &[k], case.dtype)?;
+            let direction_of = (0..e).map(|i| (i % k) as i64).collect();
+            let distance = (0..e)
+                .map(|i| f64::from((0.25 * (1u32 << (i / k)) as f64) as f32))
+                .collect();
+            (vec![center, directions], direction_of, distance)
+        }
+    };
+    Ok(Drawn {
+        x,
+        labels,
+        layers,
+        direction_of,
+        distance,
+    })
+}
+
+pub fn outputs(case: &EnsembleCase, device: &Device) -> Result<Vec<Output>> {
+    let drawn = draw(case)?;
+    let x = drawn.x.to_device(device)?;
+    let y = Tensor::from_slice(device, &drawn.labels, &[case.batch])?;
+    let dev: Vec<(Vec<Tensor>, Vec<Tensor>)> = drawn
+        .layers
+        .iter()
+        .map(|(w, b)| Ok((to_device(w, device)?, to_device(b, device)?)))
+        .collect::<Result<_>>()?;
+    let refs: Vec<(Vec<&Tensor>, Vec<&Tensor>)> = dev
+        .iter()
+        .map(|(w, b)| (w.iter().collect(), b.iter().collect()))
+        .collect();
+    let out = match case.directions {
+        None => ensemble::forward(&Ensemble {
+            weights: &refs[0].0,
+            biases: &refs[0].1,
+            input: &x,
+            labels: &y,
+            logits: true,
+        })?,
+        Some(_) => {
+            let k_tensor = Tensor::from_slice(device, &drawn.direction_of, &[case.models])?;
+            let t_tensor = Tensor::from_f64(device, &drawn.distance, &[case.models], DType::F32)?;
+            ensemble::landscape(&Landscape {
+                center_weights: &refs[0].0,
+                center_biases: &refs[0].1,
+                direction_weights: &refs[1].0,
+                direction_biases: &refs[1].1,
+                direction_of: &k_tensor,
+                distance: &t_tensor,
                 input: &x,
                 labels: &y,
                 logits: true,
-            })?;
+            })?
+        }
+    };
+    let mut named = vec![("loss", &out.loss), ("accuracy", &out.accuracy)];
+    named.extend(out.logits.as_ref().map(|l| ("logits", l)));
+    crate::check::widen(&named)
+}
+
+/// The reference on the drawn problem, with every value replaced by its magnitude when
+/// `absolute` (the absolute network of the module doc).
+fn reference_run(
+    case: &EnsembleCase,
+    drawn: &Drawn,
+    absolute: bool,
+) -> Result<reference::EnsembleOutput> {
+    let magnitude = |v: Vec<f64>| -> Vec<f64> {
+        if absolute {
+            v.into_iter().map(f64::abs).collect()
+        } else {
+            v
+        }
+    };
+    let host = |t: &[Tensor]| -> Result<Vec<Vec<f64>>> {
+        t.iter().map(|t| Ok(magnitude(t.to_f64_vec()?))).collect()
+    };
+    let x64 = magnitude(drawn.x.to_f64_vec()?);
+    let widths = &case.widths;
+    Ok(match case.directions {
+        None => {
+            let (w64, b64) = (host(&drawn.layers[0].0)?, host(&drawn.layers[0].1)?);
             let params = reference::EnsembleParams {
                 widths,
-                models: e,
+                models: case.models,
                 weights: slices(&w64),
                 biases: slices(&b64),
             };
@@ -158,62 +240,69 @@ fn compare(case: &EnsembleCase, device: &Device) -> Result<Verdict> {
             } else {
                 reference::EnsembleInput::PerModel(&x64)
             };
-            (out, reference::forward(&params, input, b, &labels))
+            reference::forward(&params, input, case.batch, &drawn.labels)
         }
         Some(k) => {
-            let (cw, cb) = draw_layers(&mut rng, widths, &[], case.dtype)?;
-            let (dw, db) = draw_layers(&mut rng, widths, &[k], case.dtype)?;
-            let direction_of: Vec<i64> = (0..e).map(|i| (i % k) as i64).collect();
-            let distance: Vec<f64> = (0..e)
-                .map(|i| f64::from((0.25 * (1u32 << (i / k)) as f64) as f32))
-                .collect();
-            let host = [widen(&cw)?, widen(&cb)?, widen(&dw)?, widen(&db)?];
-            let dev = [
-                to_device(&cw, device)?,
-                to_device(&cb, device)?,
-                to_device(&dw, device)?,
-                to_device(&db, device)?,
-            ];
-            let refs: Vec<Vec<&Tensor>> = dev.iter().map(|v| v.iter().collect()).collect();
-            let k_tensor = Tensor::from_slice(device, &direction_of, &[e])?;
-            let t_tensor = Tensor::from_f64(device, &distance, &[e], DType::F32)?;
-            let out = ensemble::landscape(&Landscape {
-                center_weights: &refs[0],
-                center_biases: &refs[1],
-                direction_weights: &refs[2],
-                direction_biases: &refs[3],
-                direction_of: &k_tensor,
-                distance: &t_tensor,
-                input: &x,
-                labels: &y,
-                logits: true,
-            })?;
-
-            let ks: Vec<usize> = direction_of.iter().map(|&k| k as usize).collect();
+            let (cw, cb) = (host(&drawn.layers[0].0)?, host(&drawn.layers[0].1)?);
+            let (dw, db) = (host(&drawn.layers[1].0)?, host(&drawn.layers[1].1)?);
+            let ks: Vec<usize> = drawn.direction_of.iter().map(|&k| k as usize).collect();
             let scan = reference::Landscape {
                 widths,
-                center_weights: slices(&host[0]),
-                center_biases: slices(&host[1]),
+                center_weights: slices(&cw),
+                center_biases: slices(&cb),
                 directions: k,
-                direction_weights: slices(&host[2]),
-                direction_biases: slices(&host[3]),
+                direction_weights: slices(&dw),
+                direction_biases: slices(&db),
                 direction_of: &ks,
-                distance: &distance,
+                distance: &drawn.distance,
             };
-            (out, reference::landscape(&scan, &x64, b, &labels))
+            reference::landscape(&scan, &x64, case.batch, &drawn.labels)
         }
+    })
+}
+
+pub fn expected(case: &EnsembleCase) -> Result<Vec<Expected>> {
+    let drawn = draw(case)?;
+    let want = reference_run(case, &drawn, false)?;
+    let absolute = reference_run(case, &drawn, true)?;
+    let layers = (case.widths.len() - 1) as f64;
+    let k = case.widths[..case.widths.len() - 1]
+        .iter()
+        .map(|&d| sum_error(d + 1))
+        .fold(0.0, f64::max);
+    let per_parameter = if case.directions.is_some() {
+        2.0 * U
+    } else {
+        0.0
     };
-    let k = sum_error(*widths.iter().max().unwrap_or(&1)) * (widths.len() - 1) as f64;
-    let p = want.logits.iter().fold(1.0f64, |m, v| m.max(v.abs()));
-    let mut v = Verdict::new();
-    if let Some(logits) = &out.logits {
-        v.add("logits", &logits.to_f64_vec()?, &want.logits, |_, w| {
-            k * (w.abs() + p)
-        });
-    }
-    v.add("loss", &out.loss.to_f64_vec()?, &want.loss, |_, w| {
-        2.0 * k * (w.abs() + p)
-    });
-    v.add_exact("accuracy", &out.accuracy.to_f64_vec()?, &want.accuracy);
-    Ok(v)
+    let logit_error: Vec<f64> = want
+        .logits
+        .iter()
+        .zip(&absolute.logits)
+        .map(|(w, p)| (layers * (k + per_parameter)) * p + U * w.abs())
+        .collect();
+    let (b, classes) = (case.batch, case.widths[case.widths.len() - 1]);
+    let k_classes = sum_error(classes) + 8.0 * U;
+    let loss_error: Vec<f64> = (0..case.models)
+        .map(|e| {
+            let (mut rows, mut magnitude) = (0.0, 0.0);
+            for r in 0..b {
+                let at = (e * b + r) * classes;
+                let z = &want.logits[at..at + classes];
+                let err = &logit_error[at..at + classes];
+                let m = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let lse = m + z.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+                let y = drawn.labels[r] as usize;
+                let spread: f64 = z.iter().zip(err).map(|(v, e)| (v - lse).exp() * e).sum();
+                rows += spread + err[y] + k_classes * (lse.abs() + z[y].abs());
+                magnitude += (lse - z[y]).abs();
+            }
+            (rows + sum_error(b) * magnitude) / b as f64
+        })
+        .collect();
+    Ok(vec![
+        Expected::within("logits", want.logits, |i, _| logit_error[i]),
+        Expected::within("loss", want.loss, |e, w| loss_error[e] + U * w.abs()),
+        Expected::exact("accuracy", want.accuracy),
+    ])
 }

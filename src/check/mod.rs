@@ -7,8 +7,9 @@ pub mod energy;
 pub mod ensemble;
 pub mod xent;
 
-use crate::device::Device;
+use crate::device::{Backend, Device, Tensor};
 use crate::error::Error;
+use crate::support::Op;
 
 /// A small deterministic generator (SplitMix64), so a failing case is reproduced from its seed.
 #[derive(Clone, Debug)]
@@ -137,7 +138,7 @@ pub enum Outcome {
     Pass,
     /// What disagreed, with the first mismatches.
     Fail(String),
-    /// The backend has no kernel for the op yet.
+    /// The backend has no kernel for the op yet (and `Backend::supports` says so).
     Unsupported,
 }
 
@@ -155,31 +156,78 @@ pub struct Report {
     pub outcome: Outcome,
 }
 
-/// Collects the comparisons of one case's outputs into a report.
-#[derive(Debug)]
-pub(crate) struct Verdict {
-    worst: f64,
-    failures: Vec<String>,
+/// One output of a case as a backend wrote it, widened to f64.
+#[derive(Clone, Debug)]
+pub struct Output {
+    pub name: &'static str,
+    pub values: Vec<f64>,
 }
 
-impl Verdict {
-    pub(crate) fn new() -> Self {
-        Verdict {
-            worst: 0.0,
-            failures: Vec::new(),
+/// What one output must hold: the reference's values and the absolute error each element
+/// may have. Both come from the inputs and the reference alone, never from a backend's
+/// outputs, so a wrong output cannot widen its own allowance. `allowed` is 0 where the
+/// output is exact (indices, counts) and NaN where no error is allowed (non-finite want).
+#[derive(Clone, Debug)]
+pub struct Expected {
+    pub name: &'static str,
+    pub want: Vec<f64>,
+    pub allowed: Vec<f64>,
+}
+
+impl Expected {
+    /// An output compared exactly.
+    pub(crate) fn exact(name: &'static str, want: Vec<f64>) -> Self {
+        let allowed = vec![0.0; want.len()];
+        Expected {
+            name,
+            want,
+            allowed,
         }
     }
 
-    /// Adds the comparison of output `name`.
-    pub(crate) fn add(
-        &mut self,
-        name: &str,
-        got: &[f64],
-        want: &[f64],
+    /// An output whose element i may be off by `allowed(i, want_i)`.
+    pub(crate) fn within(
+        name: &'static str,
+        want: Vec<f64>,
         allowed: impl Fn(usize, f64) -> f64,
-    ) {
-        let c = compare(got, want, allowed);
-        self.worst = self.worst.max(c.worst_ratio);
+    ) -> Self {
+        let allowed = want
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| allowed(i, w))
+            .collect();
+        Expected {
+            name,
+            want,
+            allowed,
+        }
+    }
+}
+
+/// Widens each named tensor to an `Output`.
+pub(crate) fn widen(named: &[(&'static str, &Tensor)]) -> Result<Vec<Output>, Error> {
+    named
+        .iter()
+        .map(|&(name, t)| {
+            Ok(Output {
+                name,
+                values: t.to_f64_vec()?,
+            })
+        })
+        .collect()
+}
+
+/// Compares `outputs` with `expected`, output by output; a missing or unexpected output fails.
+fn judge(info: &CaseInfo, expected: &[Expected], outputs: &[Output]) -> (f64, Vec<String>) {
+    let mut worst = 0.0f64;
+    let mut failures = Vec::new();
+    for e in expected {
+        let Some(got) = outputs.iter().find(|o| o.name == e.name) else {
+            failures.push(format!("{}: missing from the outputs", e.name));
+            continue;
+        };
+        let c = compare(&got.values, &e.want, |i, _| e.allowed[i]);
+        worst = worst.max(c.worst_ratio);
         if c.mismatches > 0 {
             let shown: Vec<String> = c
                 .first
@@ -191,60 +239,83 @@ impl Verdict {
                     )
                 })
                 .collect();
-            self.failures.push(format!(
-                "{name}: {} of {} differ (len {} vs {}): {}",
+            failures.push(format!(
+                "{}: {} of {} differ (len {} vs {}): {}",
+                e.name,
                 c.mismatches,
-                want.len(),
-                got.len(),
-                want.len(),
+                e.want.len(),
+                got.values.len(),
+                e.want.len(),
                 shown.join(", ")
             ));
         }
     }
-
-    /// Adds an exact comparison (indices, counts).
-    pub(crate) fn add_exact(&mut self, name: &str, got: &[f64], want: &[f64]) {
-        self.add(name, got, want, |_, _| 0.0);
-    }
-
-    pub(crate) fn finish(self, case: CaseInfo, device: &Device, tolerance: String) -> Report {
-        let outcome = if self.failures.is_empty() {
-            Outcome::Pass
-        } else {
-            Outcome::Fail(self.failures.join("\n"))
-        };
-        Report {
-            op: case.op.to_string(),
-            backend: device.backend().name().to_string(),
-            dtype: case.dtype,
-            shape: case.shape,
-            max_error: self.worst,
-            tolerance,
-            outcome,
+    for o in outputs {
+        if !expected.iter().any(|e| e.name == o.name) {
+            failures.push(format!("{}: not an output of {}", o.name, info.op));
         }
     }
+    (worst, failures)
 }
 
 /// What a report says about the case it came from.
-pub(crate) struct CaseInfo {
-    pub op: &'static str,
+#[derive(Clone, Debug)]
+pub struct CaseInfo {
+    pub op: Op,
     pub dtype: String,
     pub shape: String,
+    /// How the tolerance is formed, for the table.
+    pub tolerance: &'static str,
 }
 
-/// Turns a run's error into a report: `Unsupported` is a row of its own, anything else fails.
-pub(crate) fn report_error(case: CaseInfo, device: &Device, error: Error) -> Report {
+/// The report of `outputs` judged against `expected` (or of the error that kept either from
+/// being computed).
+pub(crate) fn report(
+    info: CaseInfo,
+    backend: Backend,
+    expected: Result<Vec<Expected>, Error>,
+    outputs: &[Output],
+) -> Report {
+    let expected = match expected {
+        Ok(e) => e,
+        Err(e) => return report_error(info, backend, e),
+    };
+    let (worst, failures) = judge(&info, &expected, outputs);
+    let outcome = if failures.is_empty() {
+        Outcome::Pass
+    } else {
+        Outcome::Fail(failures.join("\n"))
+    };
+    Report {
+        op: info.op.name().to_string(),
+        backend: backend.name().to_string(),
+        dtype: info.dtype,
+        shape: info.shape,
+        max_error: worst,
+        tolerance: info.tolerance.to_string(),
+        outcome,
+    }
+}
+
+/// Turns a run's error into a report. `Unsupported` is a row of its own only where the
+/// support table says the backend has no kernel for the op; anything else fails.
+pub(crate) fn report_error(info: CaseInfo, backend: Backend, error: Error) -> Report {
     let outcome = match error {
-        Error::Unsupported { .. } => Outcome::Unsupported,
+        Error::Unsupported { .. } if !backend.supports(info.op) => Outcome::Unsupported,
+        Error::Unsupported { .. } => Outcome::Fail(format!(
+            "{error} (losskern::support lists {} as supported on {})",
+            info.op,
+            backend.name()
+        )),
         other => Outcome::Fail(other.to_string()),
     };
     Report {
-        op: case.op.to_string(),
-        backend: device.backend().name().to_string(),
-        dtype: case.dtype,
-        shape: case.shape,
+        op: info.op.name().to_string(),
+        backend: backend.name().to_string(),
+        dtype: info.dtype,
+        shape: info.shape,
         max_error: f64::NAN,
-        tolerance: String::new(),
+        tolerance: info.tolerance.to_string(),
         outcome,
     }
 }
@@ -276,14 +347,54 @@ pub fn cases() -> Vec<Case> {
     cases
 }
 
+impl Case {
+    /// The op, dtype, shape and tolerance a report of this case shows.
+    pub fn info(&self) -> CaseInfo {
+        match self {
+            Case::Xent(c) => c.info(),
+            Case::Directional(c) => c.info(),
+            Case::Ensemble(c) => c.info(),
+            Case::EnergyScore(c) => c.info(),
+            Case::EnergyDistance(c) => c.info(),
+            Case::BnStats(c) => c.info(),
+        }
+    }
+}
+
+/// Draws the case's inputs, runs its op on `device` and returns every output on the host.
+pub fn outputs(case: &Case, device: &Device) -> Result<Vec<Output>, Error> {
+    match case {
+        Case::Xent(c) => xent::outputs(c, device),
+        Case::Directional(c) => xent::directional_outputs(c, device),
+        Case::Ensemble(c) => ensemble::outputs(c, device),
+        Case::EnergyScore(c) => energy::score_outputs(c, device),
+        Case::EnergyDistance(c) => energy::distance_outputs(c, device),
+        Case::BnStats(c) => bnstats::outputs(c, device),
+    }
+}
+
+/// The reference's outputs of the case with the allowed error of every element.
+pub fn expected(case: &Case) -> Result<Vec<Expected>, Error> {
+    match case {
+        Case::Xent(c) => xent::expected(c),
+        Case::Directional(c) => xent::directional_expected(c),
+        Case::Ensemble(c) => ensemble::expected(c),
+        Case::EnergyScore(c) => energy::score_expected(c),
+        Case::EnergyDistance(c) => energy::distance_expected(c),
+        Case::BnStats(c) => bnstats::expected(c),
+    }
+}
+
+/// Judges `outputs` (as `backend` wrote them) against the reference: the comparison `run`
+/// makes, open to outputs from elsewhere (the mutation tests feed it altered ones).
+pub fn verdict(case: &Case, backend: Backend, outputs: &[Output]) -> Report {
+    report(case.info(), backend, expected(case), outputs)
+}
+
 /// Runs one case on `device` and compares every output with the reference.
 pub fn run(case: &Case, device: &Device) -> Report {
-    match case {
-        Case::Xent(c) => xent::run(c, device),
-        Case::Directional(c) => xent::run_directional(c, device),
-        Case::Ensemble(c) => ensemble::run(c, device),
-        Case::EnergyScore(c) => energy::run_score(c, device),
-        Case::EnergyDistance(c) => energy::run_distance(c, device),
-        Case::BnStats(c) => bnstats::run(c, device),
+    match outputs(case, device) {
+        Ok(outputs) => verdict(case, device.backend(), &outputs),
+        Err(e) => report_error(case.info(), device.backend(), e),
     }
 }

@@ -1,30 +1,50 @@
 //! Random xent problems and the family's tolerances.
 //!
-//! Derivation. Inputs of every dtype are exact in f32, so a kernel's error is its own
-//! f32 rounding (unit roundoff u = 2^-24):
-//! - x = z / T rounds once: |dx| <= u |x|, so max, min and gaps of a row whose largest
-//!   finite |x| is M are off by at most a = 4 u M (two roundings each side, doubled).
-//! - A row sum of V positive terms (s = sum e^(x-m)) accumulated per thread and then in a
-//!   fixed tree has relative error k = 8 u (sqrt(V) + log2 V + 1): the square root is the
-//!   expected growth of independent roundings along per-thread chains, which is what the
-//!   kernels' chains of V / threads terms give; the factor 8 covers exp and log.
-//! - lse = m + log s, loss = lse - x_y (weighted, smoothed), entropy = log s - t / s: each
-//!   within a + k (1 + |value| + M) times the largest class weight W.
-//! - rho = pi / (Delta + eps): relative error (allowed Delta error) / (Delta + eps) + 4u.
-//! - grad = (C p - c) / T * scale: p = exp(x - lse) has relative error 2a + 2k, so each
-//!   element is within (scale / T) W (4a + 4k) (1 + 2 z_loss |lse|), plus the rounding to the
-//!   output dtype, 2 u_out |grad| plus its smallest subnormal where the gradient underflows.
-//! - Batch reductions add k over B terms.
+//! Every allowance is per element, from the inputs and the reference's outputs in f64
+//! (`RowData`, `Bounds`), never from a backend's outputs. u = 2^-24 is the unit roundoff of
+//! f32, k_n = `sum_error(n)` the relative error of an n-term f32 sum (the constant part of
+//! each term's exp rounding included). Per row, with x = z / T, m = max x, p = softmax(x),
+//! log s = lse - m, and the data moments A = sum p_k |x_k - m|, B = sum p_k (x_k - m)^2:
+//! - x = z * fl(1/T) is within (2u + u^2) |x| (the reciprocal and the product round once
+//!   each); the max of such values is within that of |m|, so max, min and the top-2 gap
+//!   (a difference of two of them, rounded once more) are within
+//!   (2u + u^2)(|a| + |b|) + u |gap|; a zero gap is two equal values, which round alike.
+//! - lse = log sum exp(x_k) moves by sum p_k dx_k <= 2u (|m| + A) under the rounding of x;
+//!   each shifted argument x_k - m rounds (u |x_k - m|) and its exp is off by
+//!   (6 + 4 |x_k - m|) u (Vulkan's bound for exp, looser than CUDA's), weighted by p_k;
+//!   the sum adds k_V, log adds 2^-21 + 6u log s, the final add u |lse|:
+//!   E_lse = 2u |m| + 12u A + 6u log s + 8u + k_V + u |lse|.
+//! - entropy = log s + A. log s has E_lse's terms without the cancelling shift of m;
+//!   A = -sum p_k d_k moves by the perturbations dd_k of d_k = x_k - m, which are at most
+//!   2u |m| + k_V + 12u |d_k| per term, through p as well: |dA| <= sum p (|d| + A) |dd|:
+//!   E_H = (2u |m| + k_V)(1 + 4A) + 13u A + 24u B + 6u log s + 8u + u |H|.
+//! - loss_i = sum_k c_k (lse - x_k) + z_loss lse^2 with c the target coefficients (weights,
+//!   smoothing), C = sum c, L1 = sum c_k |x_k|, ce = sum c_k (lse - x_k):
+//!   E_loss = C E_lse + (2u + k_V) L1 + 3u ce + 2 z_loss (|lse| E_lse + u lse^2) + u |loss|.
+//!   An ignored row's loss is exactly 0.
+//! - grad_k = (scale / T)((C + 2 z_loss lse) p_k - c_k): p_k = exp(x_k - lse) has relative
+//!   error r_k = 2u |x_k| + E_lse + (6 + 5 |x_k - lse|) u, and may flush to 0 below the
+//!   smallest normal f32 N:
+//!   E_g = (scale / T)(|C + 2 z lse| (p_k r_k + 3u p_k + N) + 2 z p_k E_lse + 3u c_k)
+//!   + (k_B + 4u) |g| (the scale's batch sum and the multiplies)
+//!   + 2 u_out |g| + its smallest subnormal (the output dtype). Ignored rows are 0.
+//! - rho = pi / (Delta + eps): rho (E_Delta / (Delta + eps) + 5u); a mean of Delta adds
+//!   k_B times the mean, a max takes the largest row allowance.
+//! - The reduced loss: the rows' allowances summed, plus k_B times the sum of |loss_i|,
+//!   divided by the mean's denominator (whose own sum adds k_B + 2u relative).
 
 use losskern_reference::xent as reference;
 
-use crate::check::{report_error, sum_error, CaseInfo, Report, Rng, Verdict, U};
-use crate::device::{Device, Tensor};
+use crate::check::{
+    report, report_error, sum_error, widen, CaseInfo, Expected, Output, Report, Rng, U,
+};
+use crate::device::{Backend, Device, Tensor};
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::ops::xent::{
     self, Directional, GradDType, Reduction, RhoReduce, Targets, Xent, XentOptions,
 };
+use crate::support::Op;
 
 /// Special values planted in the logits.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -78,15 +98,16 @@ impl XentCase {
         }
     }
 
-    fn info(&self) -> CaseInfo {
+    pub(crate) fn info(&self) -> CaseInfo {
         let targets = if self.soft_targets { "soft" } else { "class" };
         CaseInfo {
-            op: "xent",
+            op: Op::Xent,
             dtype: self.dtype.name().to_string(),
             shape: format!(
                 "{}x{} {targets} {:?}",
                 self.batch, self.classes, self.special
             ),
+            tolerance: TOLERANCE,
         }
     }
 }
@@ -96,10 +117,15 @@ pub struct XentInputs {
     pub logits: Tensor,
     pub targets: Tensor,
     pub class_weights: Option<Tensor>,
-    logits_f64: Vec<f64>,
-    classes_f64: Vec<i64>,
-    soft_f64: Vec<f64>,
-    weights_f64: Option<Vec<f64>>,
+    host: Host,
+}
+
+/// The inputs of a case on the host, widened to f64.
+struct Host {
+    logits: Vec<f64>,
+    classes: Vec<i64>,
+    soft: Vec<f64>,
+    weights: Option<Vec<f64>>,
 }
 
 impl XentInputs {
@@ -172,10 +198,12 @@ impl XentInputs {
             logits,
             targets,
             class_weights,
-            logits_f64,
-            classes_f64,
-            soft_f64,
-            weights_f64,
+            host: Host {
+                logits: logits_f64,
+                classes: classes_f64,
+                soft: soft_f64,
+                weights: weights_f64,
+            },
         })
     }
 
@@ -198,186 +226,354 @@ impl XentInputs {
     /// The reference outputs on the same (rounded) inputs.
     pub fn reference(&self, case: &XentCase) -> reference::XentOutput {
         reference::xent(&reference::XentProblem {
-            logits: &self.logits_f64,
+            logits: &self.host.logits,
             batch: case.batch,
             classes: case.classes,
             row_stride: case.row_stride,
             targets: if case.soft_targets {
-                reference::Targets::Soft(&self.soft_f64)
+                reference::Targets::Soft(&self.host.soft)
             } else {
-                reference::Targets::Classes(&self.classes_f64)
+                reference::Targets::Classes(&self.host.classes)
             },
-            class_weights: self.weights_f64.as_deref(),
+            class_weights: self.host.weights.as_deref(),
             options: case.options,
         })
     }
 }
 
-/// The tolerances of one case, per row.
-struct Tolerances {
-    /// a = 4 u M per row.
-    rounding: Vec<f64>,
-    /// k for a row of V terms.
-    row_sum: f64,
-    /// Largest class weight (1 without weights).
-    weight: f64,
+const TOLERANCE: &str =
+    "per row: u(2|m| + 12A + 6 log s) + k_V (+ moments for H, c for loss, p for grad)";
+
+/// The per-row data the allowances are formed from, in f64 from the inputs and reference.
+struct RowData {
+    /// m, lse and log s = lse - m (NaN on an invalid row).
+    max: f64,
+    lse: f64,
+    log_s: f64,
+    /// A = sum p_k |x_k - m| and B = sum p_k (x_k - m)^2.
+    a: f64,
+    b: f64,
+    /// The target coefficients c_k of -log p_k (None for an ignored row) and their sum C.
+    c: Option<Vec<f64>>,
+    total: f64,
 }
 
-impl Tolerances {
-    fn new(case: &XentCase, logits: &[f64]) -> Self {
+/// The allowances of one xent problem: one place for every output's bound (module doc).
+struct Bounds<'a> {
+    batch: usize,
+    classes: usize,
+    row_stride: usize,
+    options: XentOptions,
+    logits: &'a [f64],
+    rows: Vec<RowData>,
+    /// k_V and k_B.
+    row_sum: f64,
+    batch_sum: f64,
+}
+
+/// The coefficient of -log p_k in loss_i for every k, as the reference forms them.
+fn coefficients(case: &XentCase, host: &Host, row: usize) -> Option<Vec<f64>> {
+    let (v, eps) = (case.classes, case.options.label_smoothing);
+    let weight = |k: usize| host.weights.as_ref().map_or(1.0, |w| w[k]);
+    if case.soft_targets {
+        let q = &host.soft[row * v..(row + 1) * v];
+        return Some(
+            (0..v)
+                .map(|k| weight(k) * ((1.0 - eps) * q[k] + eps / v as f64))
+                .collect(),
+        );
+    }
+    let y = host.classes[row];
+    if y == case.options.ignore_index {
+        return None;
+    }
+    let mut c: Vec<f64> = (0..v).map(|k| eps / v as f64 * weight(k)).collect();
+    c[y as usize] += (1.0 - eps) * weight(y as usize);
+    Some(c)
+}
+
+impl<'a> Bounds<'a> {
+    fn new(case: &XentCase, host: &'a Host, want: &reference::XentOutput) -> Self {
         let t = case.options.temperature;
-        let rounding = (0..case.batch)
-            .map(|row| {
-                let r = &logits[row * case.row_stride..row * case.row_stride + case.classes];
-                4.0 * U
-                    * r.iter()
-                        .filter(|x| x.is_finite())
-                        .fold(0.0f64, |m, x| m.max((x / t).abs()))
+        let rows = (0..case.batch)
+            .map(|i| {
+                let row = &host.logits[i * case.row_stride..i * case.row_stride + case.classes];
+                let (max, lse) = (want.max[i], want.lse[i]);
+                let (mut a, mut b) = (0.0, 0.0);
+                for &z in row {
+                    let x = z / t;
+                    if x > f64::NEG_INFINITY {
+                        let p = (x - lse).exp();
+                        a += p * (max - x);
+                        b += p * (max - x) * (max - x);
+                    }
+                }
+                let c = coefficients(case, host, i);
+                RowData {
+                    total: c.as_ref().map_or(0.0, |c| c.iter().sum()),
+                    c,
+                    max,
+                    lse,
+                    log_s: lse - max,
+                    a,
+                    b,
+                }
             })
             .collect();
-        Tolerances {
-            rounding,
+        Bounds {
+            batch: case.batch,
+            classes: case.classes,
+            row_stride: case.row_stride,
+            options: case.options,
+            logits: &host.logits,
+            rows,
             row_sum: sum_error(case.classes),
-            weight: if case.class_weights { 2.0 } else { 1.0 },
+            batch_sum: sum_error(case.batch),
         }
     }
 
-    fn row_value(&self, row: usize, want: f64) -> f64 {
-        let a = self.rounding[row];
-        self.weight * (a + self.row_sum * (1.0 + want.abs() + a / (4.0 * U)))
+    fn x(&self, row: usize, k: usize) -> f64 {
+        self.logits[row * self.row_stride + k] / self.options.temperature
     }
+
+    fn lse(&self, row: usize) -> f64 {
+        let r = &self.rows[row];
+        2.0 * U * r.max.abs()
+            + 12.0 * U * r.a
+            + 6.0 * U * r.log_s
+            + 8.0 * U
+            + self.row_sum
+            + U * r.lse.abs()
+    }
+
+    fn entropy(&self, row: usize, want: f64) -> f64 {
+        let r = &self.rows[row];
+        (2.0 * U * r.max.abs() + self.row_sum) * (1.0 + 4.0 * r.a)
+            + 13.0 * U * r.a
+            + 24.0 * U * r.b
+            + 6.0 * U * r.log_s
+            + 8.0 * U
+            + U * want.abs()
+    }
+
+    fn loss_row(&self, row: usize, want: f64) -> f64 {
+        let Some(c) = &self.rows[row].c else {
+            return 0.0;
+        };
+        let (lse, e_lse, z) = (self.rows[row].lse, self.lse(row), self.options.z_loss);
+        let (mut total, mut l1, mut ce) = (0.0, 0.0, 0.0);
+        for (k, &ck) in c.iter().enumerate() {
+            // A zero coefficient on a masked class (x = -inf) adds nothing, as in the reference.
+            if ck != 0.0 {
+                let x = self.x(row, k);
+                total += ck;
+                l1 += ck * x.abs();
+                ce += ck * (lse - x);
+            }
+        }
+        total * e_lse
+            + (2.0 * U + self.row_sum) * l1
+            + 3.0 * U * ce
+            + 2.0 * z * (lse.abs() * e_lse + U * lse * lse)
+            + U * want.abs()
+    }
+
+    /// max, min, top-2 gap and Delta: x rounds once in the reciprocal and once in the product.
+    fn rounded(value: f64) -> f64 {
+        (2.0 * U + U * U) * value.abs()
+    }
+
+    fn top2_gap(&self, row: usize, gap: f64) -> f64 {
+        if self.classes == 1 || gap == 0.0 {
+            return 0.0;
+        }
+        let m = self.rows[row].max;
+        Self::rounded(m) + Self::rounded(m - gap) + U * gap.abs()
+    }
+
+    fn delta(&self, row: usize, want: &reference::XentOutput) -> f64 {
+        // A zero Delta is a difference of two equal values, which round alike: exactly 0.
+        if want.delta[row] == 0.0 {
+            return 0.0;
+        }
+        match self.options.radius.gap {
+            reference::Gap::MaxMin => {
+                Self::rounded(want.max[row])
+                    + Self::rounded(want.min[row])
+                    + U * want.delta[row].abs()
+            }
+            reference::Gap::Top2 => self.top2_gap(row, want.top2_gap[row]),
+        }
+    }
+
+    fn rho(&self, delta: f64, delta_error: f64, rho: f64) -> f64 {
+        // An infinite Delta gives rho = 0 exactly; there is no error to propagate.
+        let relative = if delta.is_finite() {
+            delta_error / (delta + self.options.radius.eps)
+        } else {
+            0.0
+        };
+        rho * (relative + 5.0 * U)
+    }
+
+    /// The reduced loss from the rows' allowances; `denominator` is the mean's, else None.
+    fn loss(&self, per_row: &[f64], denominator: Option<f64>, want: f64) -> f64 {
+        let rows: f64 = (0..self.batch).map(|i| self.loss_row(i, per_row[i])).sum();
+        let magnitude: f64 = per_row.iter().map(|l| l.abs()).sum();
+        let summed = rows + self.batch_sum * magnitude;
+        match denominator {
+            Some(d) => summed / d + (self.batch_sum + 2.0 * U) * want.abs(),
+            None => summed + U * want.abs(),
+        }
+    }
+
+    /// Element i = row * V + k of the gradient.
+    fn grad(&self, i: usize, want: f64, scale: f64, out: DType) -> f64 {
+        let (row, k) = (i / self.classes, i % self.classes);
+        let r = &self.rows[row];
+        let Some(c) = &r.c else {
+            return 0.0;
+        };
+        let z = self.options.z_loss;
+        let x = self.x(row, k);
+        let weight = (r.total + 2.0 * z * r.lse).abs();
+        let e_lse = self.lse(row);
+        let p = if x > f64::NEG_INFINITY {
+            (x - r.lse).exp()
+        } else {
+            0.0
+        };
+        let relative = if p > 0.0 {
+            2.0 * U * x.abs() + e_lse + (6.0 + 5.0 * (x - r.lse).abs()) * U
+        } else {
+            0.0
+        };
+        let kernel = scale / self.options.temperature
+            * (weight * (p * relative + 3.0 * U * p + f64::from(f32::MIN_POSITIVE))
+                + 2.0 * z * p * e_lse
+                + 3.0 * U * c[k]);
+        kernel
+            + (self.batch_sum + 4.0 * U) * want.abs()
+            + 2.0 * out.unit_roundoff() * want.abs()
+            + out.smallest_subnormal()
+    }
+}
+
+/// The mean's denominator: the sum of w_y over non-ignored rows (classes), B (soft targets);
+/// None for a sum.
+fn denominator(case: &XentCase, host: &Host) -> Option<f64> {
+    if case.options.reduction != Reduction::Mean {
+        return None;
+    }
+    if case.soft_targets {
+        return Some(case.batch as f64);
+    }
+    Some(
+        host.classes
+            .iter()
+            .filter(|&&y| y != case.options.ignore_index)
+            .map(|&y| host.weights.as_ref().map_or(1.0, |w| w[y as usize]))
+            .sum(),
+    )
+}
+
+/// Every output of a run, named as `Expected` names them.
+fn named(out: &xent::XentOutput) -> Vec<(&'static str, &Tensor)> {
+    let mut named = vec![
+        ("loss_per_row", &out.loss_per_row),
+        ("loss", &out.loss),
+        ("lse", &out.lse),
+        ("entropy", &out.entropy),
+        ("argmax", &out.argmax),
+        ("max", &out.max),
+        ("min", &out.min),
+        ("top2_gap", &out.top2_gap),
+        ("delta", &out.delta),
+        ("rho", &out.rho),
+    ];
+    named.extend(out.grad.as_ref().map(|g| ("grad", g)));
+    named
+}
+
+/// Runs `case` on `device`: every output on the host.
+pub fn outputs(case: &XentCase, device: &Device) -> Result<Vec<Output>> {
+    let inputs = XentInputs::draw(case, device)?;
+    let out = xent::xent(&inputs.call(case))?;
+    widen(&named(&out))
+}
+
+/// The reference's outputs of `case` and every element's allowance.
+pub fn expected(case: &XentCase) -> Result<Vec<Expected>> {
+    let inputs = XentInputs::draw(case, &Device::Cpu)?;
+    let want = inputs.reference(case);
+    Ok(expected_of(case, &inputs.host, want))
+}
+
+fn expected_of(case: &XentCase, host: &Host, want: reference::XentOutput) -> Vec<Expected> {
+    let bounds = Bounds::new(case, host, &want);
+    let denominator = denominator(case, host);
+    let scale = denominator.map_or(1.0, |d| if d > 0.0 { 1.0 / d } else { 0.0 });
+    let per_sample = case.options.radius.reduce == RhoReduce::PerSample;
+    let delta_error: Vec<f64> = (0..case.batch).map(|i| bounds.delta(i, &want)).collect();
+    let reduced = match case.options.radius.reduce {
+        RhoReduce::PerSample => (0.0, 0.0),
+        RhoReduce::Mean => (
+            want.delta.iter().sum::<f64>() / case.batch as f64,
+            delta_error.iter().sum::<f64>() / case.batch as f64
+                + bounds.batch_sum * want.delta.iter().map(|d| d.abs()).sum::<f64>()
+                    / case.batch as f64,
+        ),
+        RhoReduce::Max => (
+            want.delta.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            delta_error.iter().copied().fold(0.0, f64::max),
+        ),
+    };
+    let grad_dtype = match case.grad_dtype {
+        GradDType::Logits => case.dtype,
+        GradDType::F32 => DType::F32,
+    };
+    let mut e = vec![
+        Expected::within("loss_per_row", want.loss_per_row.clone(), |i, w| {
+            bounds.loss_row(i, w)
+        }),
+        Expected::within("loss", vec![want.loss], |_, w| {
+            bounds.loss(&want.loss_per_row, denominator, w)
+        }),
+        Expected::within("lse", want.lse.clone(), |i, _| bounds.lse(i)),
+        Expected::within("entropy", want.entropy.clone(), |i, w| bounds.entropy(i, w)),
+        Expected::exact("argmax", want.argmax.iter().map(|&i| i as f64).collect()),
+        Expected::within("max", want.max.clone(), |_, w| Bounds::rounded(w)),
+        Expected::within("min", want.min.clone(), |_, w| Bounds::rounded(w)),
+        Expected::within("top2_gap", want.top2_gap.clone(), |i, w| {
+            bounds.top2_gap(i, w)
+        }),
+        Expected::within("delta", want.delta.clone(), |i, _| delta_error[i]),
+        Expected::within("rho", want.rho.clone(), |i, w| {
+            if per_sample {
+                bounds.rho(want.delta[i], delta_error[i], w)
+            } else {
+                bounds.rho(reduced.0, reduced.1, w)
+            }
+        }),
+    ];
+    if let Some(grad) = &want.grad {
+        e.push(Expected::within("grad", grad.clone(), |i, w| {
+            bounds.grad(i, w, scale, grad_dtype)
+        }));
+    }
+    e
+}
+
+/// Judges `outputs` of `case` (as `backend` wrote them) against the reference.
+pub fn verdict(case: &XentCase, backend: Backend, outputs: &[Output]) -> Report {
+    report(case.info(), backend, expected(case), outputs)
 }
 
 /// Runs `case` on `device` against the reference.
 pub fn run(case: &XentCase, device: &Device) -> Report {
-    let tolerance = "4uM + 8u(sqrt V + log2 V + 1)(1 + |v| + M)".to_string();
-    match compare(case, device) {
-        Ok(verdict) => verdict.finish(case.info(), device, tolerance),
-        Err(e) => report_error(case.info(), device, e),
-    }
-}
-
-fn compare(case: &XentCase, device: &Device) -> Result<Verdict> {
-    let inputs = XentInputs::draw(case, device)?;
-    let out = xent::xent(&inputs.call(case))?;
-    let want = inputs.reference(case);
-    let tol = Tolerances::new(case, &inputs.logits_f64);
-    let mut v = Verdict::new();
-    let row_value =
-        |i: usize, w: f64| tol.row_value(i, w) * (1.0 + 2.0 * case.options.z_loss * w.abs());
-    v.add(
-        "loss_per_row",
-        &out.loss_per_row.to_f64_vec()?,
-        &want.loss_per_row,
-        row_value,
-    );
-    v.add("lse", &out.lse.to_f64_vec()?, &want.lse, |i, w| {
-        tol.row_value(i, w)
-    });
-    v.add(
-        "entropy",
-        &out.entropy.to_f64_vec()?,
-        &want.entropy,
-        |i, w| tol.row_value(i, w),
-    );
-    let argmax: Vec<f64> = want.argmax.iter().map(|&i| i as f64).collect();
-    v.add_exact("argmax", &out.argmax.to_f64_vec()?, &argmax);
-    let gap = |i: usize, _: f64| 2.0 * tol.rounding[i];
-    v.add("max", &out.max.to_f64_vec()?, &want.max, gap);
-    v.add("min", &out.min.to_f64_vec()?, &want.min, gap);
-    v.add("top2_gap", &out.top2_gap.to_f64_vec()?, &want.top2_gap, gap);
-    v.add("delta", &out.delta.to_f64_vec()?, &want.delta, gap);
-    let radius = &case.options.radius;
-    let rho_error = |delta: f64, delta_error: f64, rho: f64| {
-        // An infinite Delta gives rho = 0 exactly; there is no error to propagate.
-        let relative = if delta.is_finite() {
-            delta_error / (delta + radius.eps)
-        } else {
-            0.0
-        };
-        rho * (relative + 4.0 * U)
-    };
-    let batch_sum = sum_error(case.batch);
-    let largest_row = (0..case.batch)
-        .map(|i| row_value(i, 0.0))
-        .fold(0.0, f64::max);
-    match radius.reduce {
-        RhoReduce::PerSample => {
-            v.add("rho", &out.rho.to_f64_vec()?, &want.rho, |i, w| {
-                rho_error(want.delta[i], gap(i, 0.0), w)
-            });
-        }
-        RhoReduce::Mean | RhoReduce::Max => {
-            let reduced = if radius.reduce == RhoReduce::Mean {
-                want.delta.iter().sum::<f64>() / case.batch as f64
-            } else {
-                want.delta.iter().copied().fold(f64::NEG_INFINITY, f64::max)
-            };
-            let delta_error = tol.rounding.iter().fold(0.0, |m: f64, a| m.max(2.0 * a))
-                + batch_sum * reduced.abs();
-            v.add("rho", &out.rho.to_f64_vec()?, &want.rho, |_, w| {
-                rho_error(reduced, delta_error, w)
-            });
-        }
-    }
-    let loss_error = |w: f64| {
-        largest_row
-            * if case.options.reduction == Reduction::Mean {
-                1.0
-            } else {
-                case.batch as f64
-            }
-            + batch_sum * w.abs()
-    };
-    v.add("loss", &out.loss.to_f64_vec()?, &[want.loss], |_, w| {
-        loss_error(w)
-    });
-    if let (Some(got), Some(want_grad)) = (&out.grad, &want.grad) {
-        let (u_out, tiny) = (
-            got.dtype().unit_roundoff(),
-            got.dtype().smallest_subnormal(),
-        );
-        let scale = grad_scale(case, &inputs);
-        let t = case.options.temperature;
-        v.add("grad", &got.to_f64_vec()?, want_grad, |i, w| {
-            let row = i / case.classes;
-            let lse = want.lse[row].abs();
-            let a = tol.rounding[row];
-            2.0 * u_out * w.abs()
-                + tiny
-                + scale / t
-                    * tol.weight
-                    * (4.0 * a + 4.0 * tol.row_sum)
-                    * (1.0 + 2.0 * case.options.z_loss * (lse + 1.0))
-        });
-    } else if out.grad.is_some() != want.grad.is_some() {
-        v.add_exact(
-            "grad presence",
-            &[f64::from(u8::from(out.grad.is_some()))],
-            &[f64::from(u8::from(want.grad.is_some()))],
-        );
-    }
-    Ok(v)
-}
-
-/// The reduction's scale of the gradient: 1 / (sum of row weights) for a mean, else 1.
-fn grad_scale(case: &XentCase, inputs: &XentInputs) -> f64 {
-    if case.options.reduction != Reduction::Mean {
-        return 1.0;
-    }
-    if case.soft_targets {
-        return 1.0 / case.batch as f64;
-    }
-    let total: f64 = inputs
-        .classes_f64
-        .iter()
-        .filter(|&&y| y != case.options.ignore_index)
-        .map(|&y| inputs.weights_f64.as_ref().map_or(1.0, |w| w[y as usize]))
-        .sum();
-    if total > 0.0 {
-        1.0 / total
-    } else {
-        0.0
+    match outputs(case, device) {
+        Ok(outputs) => verdict(case, device.backend(), &outputs),
+        Err(e) => report_error(case.info(), device.backend(), e),
     }
 }
 
@@ -463,12 +659,23 @@ pub struct DirectionalCase {
 }
 
 impl DirectionalCase {
-    fn info(&self) -> CaseInfo {
+    pub(crate) fn info(&self) -> CaseInfo {
         CaseInfo {
-            op: "xent::directional",
+            op: Op::XentDirectional,
             dtype: self.dtype.name().to_string(),
             shape: format!("{}x{}", self.batch, self.classes),
+            tolerance: "4u |v| (binary radius 8u |v|)",
         }
+    }
+
+    /// Logits and derivatives, rounded to the dtype, on the CPU.
+    fn draw(&self) -> Result<(Tensor, Tensor)> {
+        let mut rng = Rng::new(self.seed);
+        let shape = [self.batch, self.classes];
+        let len = self.batch * self.classes;
+        let z = Tensor::from_f64(&Device::Cpu, &rng.normals(len, 3.0), &shape, self.dtype)?;
+        let a = Tensor::from_f64(&Device::Cpu, &rng.normals(len, 1.0), &shape, self.dtype)?;
+        Ok((z, a))
     }
 }
 
@@ -491,29 +698,30 @@ pub fn directional_cases() -> Vec<DirectionalCase> {
     ]
 }
 
-/// Runs the directional radius on `device` against the reference. Every output is a
-/// difference of two inputs or pi over one, so it is within 4u of the reference relative.
-pub fn run_directional(case: &DirectionalCase, device: &Device) -> Report {
-    let tolerance = "4u |v|".to_string();
-    match compare_directional(case, device) {
-        Ok(verdict) => verdict.finish(case.info(), device, tolerance),
-        Err(e) => report_error(case.info(), device, e),
-    }
-}
-
-fn compare_directional(case: &DirectionalCase, device: &Device) -> Result<Verdict> {
-    let mut rng = Rng::new(case.seed);
-    let shape = [case.batch, case.classes];
-    let len = case.batch * case.classes;
-    let z = Tensor::from_f64(&Device::Cpu, &rng.normals(len, 3.0), &shape, case.dtype)?;
-    let a = Tensor::from_f64(&Device::Cpu, &rng.normals(len, 1.0), &shape, case.dtype)?;
-    let (z64, a64) = (z.to_f64_vec()?, a.to_f64_vec()?);
+/// Runs the directional radius on `device`: every output on the host.
+pub fn directional_outputs(case: &DirectionalCase, device: &Device) -> Result<Vec<Output>> {
+    let (z, a) = case.draw()?;
     let (z, a) = (z.to_device(device)?, a.to_device(device)?);
     let out = xent::directional(&Directional {
         logits: &z,
         derivatives: &a,
         step: case.step,
     })?;
+    let mut named = vec![
+        ("delta_a", &out.delta_a),
+        ("rho_a", &out.rho_a),
+        ("normalized_step", &out.normalized_step),
+    ];
+    named.extend(out.binary_radius.as_ref().map(|r| ("binary_radius", r)));
+    widen(&named)
+}
+
+/// The directional reference with its allowances. Every output is a difference of two
+/// inputs (exact in f32, one rounding) or pi over one, a few roundings: within 4u of the
+/// reference relative; the binary radius adds a square, a sum, a root and a division: 8u.
+pub fn directional_expected(case: &DirectionalCase) -> Result<Vec<Expected>> {
+    let (z, a) = case.draw()?;
+    let (z64, a64) = (z.to_f64_vec()?, a.to_f64_vec()?);
     let want = reference::directional(&reference::DirectionalProblem {
         logits: &z64,
         derivatives: &a64,
@@ -522,26 +730,30 @@ fn compare_directional(case: &DirectionalCase, device: &Device) -> Result<Verdic
         step: case.step,
     });
     let relative = |_: usize, w: f64| 4.0 * U * w.abs();
-    let mut v = Verdict::new();
-    v.add(
-        "delta_a",
-        &out.delta_a.to_f64_vec()?,
-        &want.delta_a,
-        relative,
-    );
-    v.add("rho_a", &out.rho_a.to_f64_vec()?, &[want.rho_a], relative);
-    v.add(
-        "normalized_step",
-        &out.normalized_step.to_f64_vec()?,
-        &[want.normalized_step],
-        relative,
-    );
-    if let (Some(got), Some(want)) = (&out.binary_radius, &want.binary_radius) {
-        v.add("binary_radius", &got.to_f64_vec()?, want, |_, w| {
+    let mut e = vec![
+        Expected::within("delta_a", want.delta_a, relative),
+        Expected::within("rho_a", vec![want.rho_a], relative),
+        Expected::within("normalized_step", vec![want.normalized_step], relative),
+    ];
+    if let Some(radius) = want.binary_radius {
+        e.push(Expected::within("binary_radius", radius, |_, w| {
             8.0 * U * w.abs()
-        });
+        }));
     }
-    Ok(v)
+    Ok(e)
+}
+
+/// Judges directional `outputs` (as `backend` wrote them) against the reference.
+pub fn directional_verdict(case: &DirectionalCase, backend: Backend, outputs: &[Output]) -> Report {
+    report(case.info(), backend, directional_expected(case), outputs)
+}
+
+/// Runs the directional radius on `device` against the reference.
+pub fn run_directional(case: &DirectionalCase, device: &Device) -> Report {
+    match directional_outputs(case, device) {
+        Ok(outputs) => directional_verdict(case, device.backend(), &outputs),
+        Err(e) => report_error(case.info(), device.backend(), e),
+    }
 }
 
 /// A problem too large for the f64 reference in full, for 64-bit indexing (B V beyond
@@ -551,14 +763,14 @@ fn compare_directional(case: &DirectionalCase, device: &Device) -> Result<Verdic
 /// those rows alone, and the reduced loss with the f64 mean of the device's per-row losses.
 pub fn run_large(batch: usize, classes: usize, dtype: DType, device: &Device) -> Report {
     let info = CaseInfo {
-        op: "xent (sampled rows)",
+        op: Op::Xent,
         dtype: dtype.name().to_string(),
-        shape: format!("{batch}x{classes} class"),
+        shape: format!("sampled rows of {batch}x{classes} class"),
+        tolerance: "as xent, on the sampled rows",
     };
-    let tolerance = "as xent, on the sampled rows".to_string();
     match compare_large(batch, classes, dtype, device) {
-        Ok(verdict) => verdict.finish(info, device, tolerance),
-        Err(e) => report_error(info, device, e),
+        Ok((expected, outputs)) => report(info, device.backend(), Ok(expected), &outputs),
+        Err(e) => report_error(info, device.backend(), e),
     }
 }
 
@@ -612,7 +824,12 @@ pub fn rotated_logits(
     }
 }
 
-fn compare_large(batch: usize, classes: usize, dtype: DType, device: &Device) -> Result<Verdict> {
+fn compare_large(
+    batch: usize,
+    classes: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<(Vec<Expected>, Vec<Output>)> {
     let tile = rotation_tile(classes);
     let logits = rotated_logits(device, batch, classes, dtype)?;
     let target_of = |r: usize| ((r * 31337) % classes) as i64;
@@ -667,37 +884,35 @@ fn compare_large(batch: usize, classes: usize, dtype: DType, device: &Device) ->
         class_weights: None,
         options,
     });
-    let tol = Tolerances::new(&case, &sampled);
-    let pick = |t: &Tensor| -> Result<Vec<f64>> {
-        let all = t.to_f64_vec()?;
-        Ok(rows.iter().map(|&r| all[r]).collect())
+    let host = Host {
+        logits: sampled,
+        classes: sampled_targets,
+        soft: Vec::new(),
+        weights: None,
     };
-    let mut v = Verdict::new();
-    v.add(
-        "loss_per_row",
-        &pick(&out.loss_per_row)?,
-        &want.loss_per_row,
-        |i, w| tol.row_value(i, w),
-    );
-    v.add("lse", &pick(&out.lse)?, &want.lse, |i, w| {
-        tol.row_value(i, w)
-    });
-    v.add("entropy", &pick(&out.entropy)?, &want.entropy, |i, w| {
-        tol.row_value(i, w)
-    });
-    let argmax: Vec<f64> = want.argmax.iter().map(|&i| i as f64).collect();
-    v.add_exact("argmax", &pick(&out.argmax)?, &argmax);
-    let gap = |i: usize, _: f64| 2.0 * tol.rounding[i];
-    v.add("max", &pick(&out.max)?, &want.max, gap);
-    v.add("min", &pick(&out.min)?, &want.min, gap);
-    v.add("delta", &pick(&out.delta)?, &want.delta, gap);
+    let mut expected = expected_of(&case, &host, want);
+    // Only the per-row outputs of the sampled rows are judged, and grad is off.
+    expected.retain(|e| !matches!(e.name, "loss" | "rho" | "top2_gap"));
+    let mut outputs = Vec::new();
+    for (name, t) in named(&out) {
+        if expected.iter().any(|e| e.name == name) {
+            let all = t.to_f64_vec()?;
+            outputs.push(Output {
+                name,
+                values: rows.iter().map(|&r| all[r]).collect(),
+            });
+        }
+    }
+    // The reference of 2^31 logits is not affordable: the reduced loss is judged against
+    // the f64 mean of the device's own rows (all >= 0), one batch sum's error of it.
     let per_row = out.loss_per_row.to_f64_vec()?;
     let mean = per_row.iter().sum::<f64>() / batch as f64;
-    v.add(
-        "loss (mean of the device's rows)",
-        &out.loss.to_f64_vec()?,
-        &[mean],
-        |_, w| sum_error(batch) * w.abs(),
-    );
-    Ok(v)
+    expected.push(Expected::within("loss", vec![mean], |_, w| {
+        sum_error(batch) * w.abs()
+    }));
+    outputs.push(Output {
+        name: "loss",
+        values: out.loss.to_f64_vec()?,
+    });
+    Ok((expected, outputs))
 }

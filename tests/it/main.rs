@@ -4,6 +4,7 @@ mod backends;
 mod bad_input;
 mod compile;
 mod families;
+mod mutation;
 mod nvrtc_cache;
 mod raw_entries;
 mod roundtrip;
