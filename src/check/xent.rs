@@ -27,7 +27,10 @@
 //!   smallest normal f32 N:
 //!   E_g = (scale / T)(|C + 2 z lse| (p_k r_k + 3u p_k + N) + 2 z p_k E_lse + 3u c_k)
 //!   + (k_B + 4u) |g| (the scale's batch sum and the multiplies)
-//!   + 2 u_out |g| + its smallest subnormal (the output dtype). Ignored rows are 0.
+//!   + 2 u_out |g| + max(N, the output dtype's smallest subnormal). Ignored rows are 0.
+//! - The grad's last term is N, not a subnormal, because WGSL lets an implementation
+//!   flush f32 subnormals to 0 (the NVIDIA Vulkan driver does: bf16 grads of 1e-38 came
+//!   out 0 on the H200), so a value below N may be written as 0.
 //! - rho = pi / (Delta + eps): rho (E_Delta / (Delta + eps) + 5u); a mean of Delta adds
 //!   k_B times the mean, a max takes the largest row allowance.
 //! - The reduced loss: the rows' allowances summed, plus k_B times the sum of |loss_i|,
@@ -455,7 +458,7 @@ impl<'a> Bounds<'a> {
         kernel
             + (self.batch_sum + 4.0 * U) * want.abs()
             + 2.0 * out.unit_roundoff() * want.abs()
-            + out.smallest_subnormal()
+            + out.smallest_subnormal().max(f64::from(f32::MIN_POSITIVE))
     }
 }
 
