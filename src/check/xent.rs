@@ -23,14 +23,14 @@
 //!   E_loss = C E_lse + (2u + k_V) L1 + 3u ce + 2 z_loss (|lse| E_lse + u lse^2) + u |loss|.
 //!   An ignored row's loss is exactly 0.
 //! - grad_k = (scale / T)((C + 2 z_loss lse) p_k - c_k): p_k = exp(x_k - lse) has relative
-//!   error r_k = 2u |x_k| + E_lse + (6 + 5 |x_k - lse|) u, and may flush to 0 below the
-//!   smallest normal f32 N:
-//!   E_g = (scale / T)(|C + 2 z lse| (p_k r_k + 3u p_k + N) + 2 z p_k E_lse + 3u c_k)
+//!   error r_k = 2u |x_k| + E_lse + (6 + 5 |x_k - lse|) u:
+//!   E_g = (scale / T)(|C + 2 z lse| (p_k r_k + 3u p_k) + 2 z p_k E_lse + 3u c_k)
 //!   + (k_B + 4u) |g| (the scale's batch sum and the multiplies)
-//!   + 2 u_out |g| + max(N, the output dtype's smallest subnormal). Ignored rows are 0.
-//! - The grad's last term is N, not a subnormal, because WGSL lets an implementation
-//!   flush f32 subnormals to 0 (the NVIDIA Vulkan driver does: bf16 grads of 1e-38 came
-//!   out 0 on the H200), so a value below N may be written as 0.
+//!   + 2 u_out |g| + max(F, the output dtype's smallest subnormal). Ignored rows are 0.
+//! - F = N (1 + scale)(1 + 1 / T)(1 + |C + 2 z lse|), N the smallest normal f32: WGSL lets
+//!   an implementation flush f32 subnormals to 0 (the NVIDIA Vulkan driver does: on the
+//!   H200, grads of 1e-38 to 5e-38 came out 0), so any product on the way (p_k, times its
+//!   coefficient, times 1 / T, times the scale) may lose up to N, scaled by what follows.
 //! - rho = pi / (Delta + eps): rho (E_Delta / (Delta + eps) + 5u); a mean of Delta adds
 //!   k_B times the mean, a max takes the largest row allowance.
 //! - The reduced loss: the rows' allowances summed, plus k_B times the sum of |loss_i|,
@@ -451,14 +451,17 @@ impl<'a> Bounds<'a> {
         } else {
             0.0
         };
-        let kernel = scale / self.options.temperature
-            * (weight * (p * relative + 3.0 * U * p + f64::from(f32::MIN_POSITIVE))
-                + 2.0 * z * p * e_lse
-                + 3.0 * U * c[k]);
+        let inv_t = 1.0 / self.options.temperature;
+        let kernel = scale
+            * inv_t
+            * (weight * (p * relative + 3.0 * U * p) + 2.0 * z * p * e_lse + 3.0 * U * c[k]);
+        // Any product on the way (p, its coefficient, 1 / T, the scale) may flush to 0
+        // below N, and the later factors scale what was lost.
+        let flushed = f64::from(f32::MIN_POSITIVE) * (1.0 + scale) * (1.0 + inv_t) * (1.0 + weight);
         kernel
             + (self.batch_sum + 4.0 * U) * want.abs()
             + 2.0 * out.unit_roundoff() * want.abs()
-            + out.smallest_subnormal().max(f64::from(f32::MIN_POSITIVE))
+            + out.smallest_subnormal().max(flushed)
     }
 }
 
