@@ -75,3 +75,22 @@ fn asking_for_the_wrong_dtype_is_an_error() {
         Err(losskern::Error::Shape(_))
     ));
 }
+
+#[test]
+fn trim_hands_back_pooled_memory_and_keeps_live_tensors() {
+    let mut rng = Rng::new(7);
+    for device in backends::all() {
+        let kept: Vec<f32> = rng
+            .normals(4097, 3.0)
+            .into_iter()
+            .map(|v| v as f32)
+            .collect();
+        let live = Tensor::from_slice(&device, &kept, &[kept.len()]).unwrap();
+        // A dropped tensor's buffer goes to the pool, which trim empties.
+        drop(Tensor::from_slice(&device, &kept, &[kept.len()]).unwrap());
+        device.trim().unwrap();
+        assert_eq!(live.to_vec::<f32>().unwrap(), kept, "{}", device.name());
+        let after = Tensor::from_slice(&device, &kept, &[kept.len()]).unwrap();
+        assert_eq!(after.to_vec::<f32>().unwrap(), kept, "{}", device.name());
+    }
+}
