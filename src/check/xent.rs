@@ -483,29 +483,11 @@ fn denominator(case: &XentCase, host: &Host) -> Option<f64> {
     )
 }
 
-/// Every output of a run, named as `Expected` names them.
-fn named(out: &xent::XentOutput) -> Vec<(&'static str, &Tensor)> {
-    let mut named = vec![
-        ("loss_per_row", &out.loss_per_row),
-        ("loss", &out.loss),
-        ("lse", &out.lse),
-        ("entropy", &out.entropy),
-        ("argmax", &out.argmax),
-        ("max", &out.max),
-        ("min", &out.min),
-        ("top2_gap", &out.top2_gap),
-        ("delta", &out.delta),
-        ("rho", &out.rho),
-    ];
-    named.extend(out.grad.as_ref().map(|g| ("grad", g)));
-    named
-}
-
 /// Runs `case` on `device`: every output on the host.
 pub fn outputs(case: &XentCase, device: &Device) -> Result<Vec<Output>> {
     let inputs = XentInputs::draw(case, device)?;
     let out = xent::xent(&inputs.call(case))?;
-    widen(&named(&out))
+    widen(&out.named())
 }
 
 /// The reference's outputs of `case` and every element's allowance.
@@ -900,7 +882,7 @@ fn compare_large(
     // Only the per-row outputs of the sampled rows are judged, and grad is off.
     expected.retain(|e| !matches!(e.name, "loss" | "rho" | "top2_gap"));
     let mut outputs = Vec::new();
-    for (name, t) in named(&out) {
+    for (name, t) in out.named() {
         if expected.iter().any(|e| e.name == name) {
             let all = t.to_f64_vec()?;
             outputs.push(Output {

@@ -197,6 +197,31 @@ pub struct XentOutput {
     pub grad: Option<Tensor>,
 }
 
+impl XentOutput {
+    /// Every output but the gradient, by field name, in one fixed order.
+    pub fn forward(&self) -> [(&'static str, &Tensor); 10] {
+        [
+            ("loss_per_row", &self.loss_per_row),
+            ("loss", &self.loss),
+            ("lse", &self.lse),
+            ("entropy", &self.entropy),
+            ("argmax", &self.argmax),
+            ("max", &self.max),
+            ("min", &self.min),
+            ("top2_gap", &self.top2_gap),
+            ("delta", &self.delta),
+            ("rho", &self.rho),
+        ]
+    }
+
+    /// Every output by field name: [`XentOutput::forward`], then the gradient when asked.
+    pub fn named(&self) -> Vec<(&'static str, &Tensor)> {
+        let mut named = self.forward().to_vec();
+        named.extend(self.grad.as_ref().map(|g| ("grad", g)));
+        named
+    }
+}
+
 fn validate_options(o: &XentOptions) -> Result<()> {
     check_finite("temperature", o.temperature)?;
     if o.temperature <= 0.0 {

@@ -191,21 +191,9 @@ fn xent_handles_the_extreme_shapes() {
 
 /// Every output of a run, on the host, as raw bits.
 fn bits(out: &XentOutput) -> Vec<Vec<u64>> {
-    let mut all = vec![
-        &out.loss,
-        &out.loss_per_row,
-        &out.lse,
-        &out.entropy,
-        &out.argmax,
-        &out.max,
-        &out.min,
-        &out.top2_gap,
-        &out.delta,
-        &out.rho,
-    ];
-    all.extend(out.grad.as_ref());
-    all.iter()
-        .map(|t| {
+    out.named()
+        .into_iter()
+        .map(|(_, t)| {
             t.to_f64_vec()
                 .unwrap()
                 .iter()

@@ -183,19 +183,8 @@ pub fn xent_command(args: &XentArgs) -> Result<(), Failure> {
         };
         timed(device, || xent::xent(&call))
     })?;
-    run.outputs(&[
-        ("loss", Some(&out.loss)),
-        ("loss_per_row", Some(&out.loss_per_row)),
-        ("lse", Some(&out.lse)),
-        ("entropy", Some(&out.entropy)),
-        ("argmax", Some(&out.argmax)),
-        ("max", Some(&out.max)),
-        ("min", Some(&out.min)),
-        ("top2_gap", Some(&out.top2_gap)),
-        ("delta", Some(&out.delta)),
-        ("rho", Some(&out.rho)),
-        ("grad", out.grad.as_ref()),
-    ])?;
+    let named: Vec<_> = out.named().into_iter().map(|(n, t)| (n, Some(t))).collect();
+    run.outputs(&named)?;
     run.finish()
 }
 
