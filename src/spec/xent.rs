@@ -276,6 +276,31 @@ fn validate_options(o: &XentOptions) -> Result<()> {
     Ok(())
 }
 
+/// Checks that `input` lives with `anchor` and has `dtype` (else `Error::DType`) and
+/// `shape` (else `Error::Shape`).
+fn check_input(
+    anchor: &Tensor,
+    input: &Tensor,
+    what: &str,
+    dtype: DType,
+    shape: &[usize],
+) -> Result<()> {
+    check_same_device(anchor, input, what)?;
+    if input.dtype() != dtype {
+        return Err(Error::DType(format!(
+            "{what} must be {dtype}, got {}",
+            input.dtype()
+        )));
+    }
+    if input.shape() != shape {
+        return Err(Error::Shape(format!(
+            "{what} must be {shape:?}, got {:?}",
+            input.shape()
+        )));
+    }
+    Ok(())
+}
+
 /// Validates a call into a spec: shapes, dtypes, devices and options. The values of
 /// class targets are not read here (that would stall the caller on a GPU): a target
 /// outside [0, V) that is not `ignore_index` leaves its row's outputs NaN and surfaces
@@ -292,19 +317,7 @@ pub fn validate(call: &Xent<'_>) -> Result<XentSpec> {
     let classes = call.classes.unwrap_or(row_stride);
     let targets = match call.targets {
         Targets::Classes(y) => {
-            check_same_device(logits, y, "targets")?;
-            if y.dtype() != DType::I64 {
-                return Err(Error::DType(format!(
-                    "class targets must be i64, got {}",
-                    y.dtype()
-                )));
-            }
-            if y.shape() != [batch] {
-                return Err(Error::Shape(format!(
-                    "class targets must be [{batch}], got {:?}",
-                    y.shape()
-                )));
-            }
+            check_input(logits, y, "class targets", DType::I64, &[batch])?;
             TargetKind::Classes
         }
         Targets::Soft(q) => {
@@ -320,19 +333,7 @@ pub fn validate(call: &Xent<'_>) -> Result<XentSpec> {
         }
     };
     if let Some(w) = call.class_weights {
-        check_same_device(logits, w, "class weights")?;
-        if w.dtype() != DType::F32 {
-            return Err(Error::DType(format!(
-                "class weights must be f32, got {}",
-                w.dtype()
-            )));
-        }
-        if w.shape() != [classes] {
-            return Err(Error::Shape(format!(
-                "class weights must be [{classes}], got {:?}",
-                w.shape()
-            )));
-        }
+        check_input(logits, w, "class weights", DType::F32, &[classes])?;
     }
     XentSpec::new(
         XentShape {
