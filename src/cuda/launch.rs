@@ -6,11 +6,12 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use cudarc::driver::sys::CUdevice_attribute as Attr;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtrMut, DriverError,
-    LaunchConfig,
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DevicePtr,
+    DevicePtrMut, DeviceSlice, DriverError, LaunchConfig, SyncOnDrop,
 };
 
 use super::compile::{compiled, KernelSource};
+use crate::device::{Storage, Tensor};
 use crate::error::{Error, Result};
 
 /// Warp width; every kernel's block reduction needs whole warps.
@@ -335,5 +336,99 @@ impl Kernels {
             block_dim: block,
             shared_mem_bytes: 0,
         })
+    }
+}
+
+/// Asserts at compile time that each field sits at the given byte offset.
+macro_rules! offsets {
+    ($t:ty { $($field:ident: $offset:expr),* $(,)? }) => {
+        $(const _: () = assert!(std::mem::offset_of!($t, $field) == $offset);)*
+    };
+}
+pub(crate) use offsets;
+
+/// Collects device pointers after checking each buffer's size and alignment,
+/// keeping cudarc's stream-ordering guards alive until the launches are queued.
+pub(crate) struct Pointers<'a> {
+    pub(crate) stream: &'a CudaStream,
+    pub(crate) guards: Vec<SyncOnDrop<'a>>,
+}
+
+pub(crate) fn check_buffer(
+    ptr: u64,
+    len: usize,
+    need: usize,
+    align: usize,
+    what: &str,
+) -> Result<u64> {
+    if len < need {
+        return Err(Error::Shape(format!(
+            "{what}: the device buffer holds {len} bytes, {need} are needed"
+        )));
+    }
+    if !ptr.is_multiple_of(align as u64) {
+        return Err(Error::Shape(format!(
+            "{what}: device address {ptr:#x} is not aligned to {align} bytes"
+        )));
+    }
+    Ok(ptr)
+}
+
+/// Fails unless memory owned by `owner` may be used on `stream`: both belong to the same
+/// CUDA context. A device pointer of another context means nothing in this one (or
+/// another allocation), so a launch with it could read or write anything.
+pub(crate) fn check_context(stream: &CudaStream, owner: &CudaStream, what: &str) -> Result<()> {
+    let (ours, theirs) = (stream.context(), owner.context());
+    if ours.cu_ctx() == theirs.cu_ctx() {
+        Ok(())
+    } else {
+        Err(Error::DeviceMismatch(format!(
+            "{what} belongs to another CUDA context (device {}) than the stream (device {})",
+            theirs.ordinal(),
+            ours.ordinal()
+        )))
+    }
+}
+
+impl<'a> Pointers<'a> {
+    pub(crate) fn read(
+        &mut self,
+        view: &'a CudaView<'_, u8>,
+        need: usize,
+        align: usize,
+        what: &str,
+    ) -> Result<u64> {
+        check_context(self.stream, view.stream(), what)?;
+        let (ptr, guard) = view.device_ptr(self.stream);
+        self.guards.push(guard);
+        check_buffer(ptr, view.len(), need, align, what)
+    }
+
+    pub(crate) fn write(
+        &mut self,
+        slice: &'a mut CudaSlice<u8>,
+        need: usize,
+        align: usize,
+        what: &str,
+    ) -> Result<u64> {
+        check_context(self.stream, slice.stream(), what)?;
+        let len = slice.len();
+        let (ptr, guard) = slice.device_ptr_mut(self.stream);
+        self.guards.push(guard);
+        check_buffer(ptr, len, need, align, what)
+    }
+}
+
+pub(crate) fn as_i64(value: usize, what: &str) -> Result<i64> {
+    i64::try_from(value).map_err(|_| Error::Shape(format!("{what} = {value} does not fit in i64")))
+}
+
+/// The device buffer of a tensor on a CUDA device.
+pub(crate) fn cuda_slice<'t>(tensor: &'t Tensor, what: &str) -> Result<&'t CudaSlice<u8>> {
+    match &tensor.storage {
+        Storage::Cuda(slice) => Ok(slice),
+        _ => Err(Error::DeviceMismatch(format!(
+            "{what} does not live on a CUDA device"
+        ))),
     }
 }

@@ -34,12 +34,14 @@
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr,
-    DeviceSlice, LaunchConfig, PushKernelArg, SyncOnDrop,
+    CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 
 use super::compile::KernelSource;
-use super::launch::{alloc_output, driver_error, kernels, Fill, Kernels};
+use super::launch::{
+    alloc_output, as_i64, check_context, cuda_slice, driver_error, kernels, offsets, Fill, Kernels,
+    Pointers,
+};
 use super::{CudaBackend, TargetWatch};
 use crate::device::{Storage, Tensor};
 use crate::dtype::DType;
@@ -176,13 +178,6 @@ impl XentBuffers {
 // field for field: the size and every field's offset are asserted here and,
 // with the same numbers, in the .cu (LK_FIELD_AT). Pointers are CUdeviceptr
 // values, 0 for null.
-
-/// Asserts at compile time that each field sits at the given byte offset.
-macro_rules! offsets {
-    ($t:ty { $($field:ident: $offset:expr),* $(,)? }) => {
-        $(const _: () = assert!(std::mem::offset_of!($t, $field) == $offset);)*
-    };
-}
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -356,76 +351,6 @@ fn reduction_code(reduction: Reduction) -> i32 {
         Reduction::Mean => 1,
         Reduction::Sum => 2,
     }
-}
-
-/// Collects device pointers after checking each buffer's size and alignment,
-/// keeping cudarc's stream-ordering guards alive until the launches are queued.
-struct Pointers<'a> {
-    stream: &'a CudaStream,
-    guards: Vec<SyncOnDrop<'a>>,
-}
-
-fn check_buffer(ptr: u64, len: usize, need: usize, align: usize, what: &str) -> Result<u64> {
-    if len < need {
-        return Err(Error::Shape(format!(
-            "{what}: the device buffer holds {len} bytes, {need} are needed"
-        )));
-    }
-    if !ptr.is_multiple_of(align as u64) {
-        return Err(Error::Shape(format!(
-            "{what}: device address {ptr:#x} is not aligned to {align} bytes"
-        )));
-    }
-    Ok(ptr)
-}
-
-/// Fails unless memory owned by `owner` may be used on `stream`: both belong to the same
-/// CUDA context. A device pointer of another context means nothing in this one (or
-/// another allocation), so a launch with it could read or write anything.
-fn check_context(stream: &CudaStream, owner: &CudaStream, what: &str) -> Result<()> {
-    let (ours, theirs) = (stream.context(), owner.context());
-    if ours.cu_ctx() == theirs.cu_ctx() {
-        Ok(())
-    } else {
-        Err(Error::DeviceMismatch(format!(
-            "{what} belongs to another CUDA context (device {}) than the stream (device {})",
-            theirs.ordinal(),
-            ours.ordinal()
-        )))
-    }
-}
-
-impl<'a> Pointers<'a> {
-    fn read(
-        &mut self,
-        view: &'a CudaView<'_, u8>,
-        need: usize,
-        align: usize,
-        what: &str,
-    ) -> Result<u64> {
-        check_context(self.stream, view.stream(), what)?;
-        let (ptr, guard) = view.device_ptr(self.stream);
-        self.guards.push(guard);
-        check_buffer(ptr, view.len(), need, align, what)
-    }
-
-    fn write(
-        &mut self,
-        slice: &'a mut CudaSlice<u8>,
-        need: usize,
-        align: usize,
-        what: &str,
-    ) -> Result<u64> {
-        check_context(self.stream, slice.stream(), what)?;
-        let len = slice.len();
-        let (ptr, guard) = slice.device_ptr_mut(self.stream);
-        self.guards.push(guard);
-        check_buffer(ptr, len, need, align, what)
-    }
-}
-
-fn as_i64(value: usize, what: &str) -> Result<i64> {
-    i64::try_from(value).map_err(|_| Error::Shape(format!("{what} = {value} does not fit in i64")))
 }
 
 /// Runs xent on `stream` over the caller's device memory, writing `out`; no
@@ -728,16 +653,6 @@ fn fwd_config(
     let fit = (kernels.l2_bytes() / 2 / row_bytes).max(u64::from(kernels.multiprocessors()));
     let grid = u32::try_from(resident.min(fit)).unwrap_or(u32::MAX);
     kernels.row_config(name, f, b, v, per_thread, grid)
-}
-
-/// The device buffer of a tensor on a CUDA device.
-fn cuda_slice<'t>(tensor: &'t Tensor, what: &str) -> Result<&'t CudaSlice<u8>> {
-    match &tensor.storage {
-        Storage::Cuda(slice) => Ok(slice),
-        _ => Err(Error::DeviceMismatch(format!(
-            "{what} does not live on a CUDA device"
-        ))),
-    }
 }
 
 /// Device outputs (and scratch) of one directional problem shape; reusable

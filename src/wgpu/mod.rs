@@ -11,7 +11,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
-use crate::device::Backend;
+use crate::device::{Backend, Storage, Tensor};
+use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::spec::bnstats::BnStatsKernels;
 use crate::spec::energy::EnergyKernels;
@@ -857,6 +858,76 @@ impl WgpuBackend {
             })
         }
     }
+}
+
+/// The shader's code for a float dtype.
+pub(crate) fn dtype_code(dtype: DType) -> Result<u32> {
+    match dtype {
+        DType::F32 => Ok(0),
+        DType::F16 => Ok(1),
+        DType::BF16 => Ok(2),
+        DType::F64 | DType::I64 => Err(Error::DType(format!(
+            "the WGSL kernels take f32, f16 or bf16 data, not {dtype}"
+        ))),
+    }
+}
+
+/// The buffer of a tensor on a wgpu device.
+pub(crate) fn wgpu_buffer<'t>(tensor: &'t Tensor, what: &str) -> Result<&'t wgpu::Buffer> {
+    match &tensor.storage {
+        Storage::Wgpu(buffer) => Ok(buffer),
+        _ => Err(Error::DeviceMismatch(format!(
+            "{what} does not live on a wgpu device"
+        ))),
+    }
+}
+
+/// Checks that a caller's buffer holds `bytes` and has `usage`.
+pub(crate) fn require(
+    buffer: &wgpu::Buffer,
+    what: &str,
+    bytes: u64,
+    usage: wgpu::BufferUsages,
+) -> Result<()> {
+    if buffer.size() < bytes {
+        return Err(Error::Shape(format!(
+            "{what} needs {bytes} bytes but its buffer has {}",
+            buffer.size()
+        )));
+    }
+    if !buffer.usage().contains(usage) {
+        return Err(Error::Wgpu(format!(
+            "the {what} buffer lacks usage {usage:?}"
+        )));
+    }
+    Ok(())
+}
+
+/// A byte range of a buffer bound at an aligned offset.
+pub(crate) struct Window {
+    pub(crate) offset: u64,
+    pub(crate) size: u64,
+    /// Bytes from `offset` to the range's start.
+    pub(crate) skip: u64,
+}
+
+/// Binds `[start, end)` of a buffer: the offset is `start` aligned down, the size the rest
+/// rounded up to 4 (buffers are padded to 4, so the rounded end stays inside).
+pub(crate) fn window(start: u64, end: u64, align: u64) -> Window {
+    let offset = start / align * align;
+    Window {
+        offset,
+        size: padded_size(end - offset),
+        skip: start - offset,
+    }
+}
+
+/// Converts a host-computed index to the shader's u32; the chunk plan keeps them small.
+pub(crate) fn index(value: u64, what: &str) -> Result<u32> {
+    u32::try_from(value).map_err(|_| Error::Launch {
+        kernel: "wgpu".into(),
+        reason: format!("{what} = {value} does not fit the shader's u32 indices"),
+    })
 }
 
 impl BackendKind for WgpuBackend {

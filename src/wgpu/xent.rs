@@ -27,7 +27,8 @@ use crate::spec::xent::{
     Targets, XentCall, XentKernels, XentOutput, XentSpec,
 };
 use crate::wgpu::{
-    padded_size, BindingKind, PipelineKey, ShaderSource, TargetWatch, WgpuBackend, WORKGROUP_SIZE,
+    dtype_code, index, padded_size, require, wgpu_buffer, window, BindingKind, PipelineKey,
+    ShaderSource, TargetWatch, WgpuBackend, WORKGROUP_SIZE,
 };
 
 /// Group 0 of `xent.wgsl`: params, logits, labels, soft targets, weights, rows, red, grad,
@@ -198,18 +199,6 @@ impl XentBuffers<'_> {
     }
 }
 
-/// The shader's code for a float dtype.
-fn dtype_code(dtype: DType) -> Result<u32> {
-    match dtype {
-        DType::F32 => Ok(0),
-        DType::F16 => Ok(1),
-        DType::BF16 => Ok(2),
-        DType::F64 | DType::I64 => Err(Error::DType(format!(
-            "xent takes f32, f16 or bf16 data, not {dtype}"
-        ))),
-    }
-}
-
 fn key(entry: &'static str, constants: Vec<(&'static str, u32)>) -> PipelineKey {
     PipelineKey {
         shader: ShaderSource::Xent,
@@ -289,15 +278,6 @@ fn soft_dtype(spec: &XentSpec) -> DType {
     match spec.targets {
         TargetKind::Soft(dtype) => dtype,
         TargetKind::Classes => spec.dtype,
-    }
-}
-
-fn wgpu_buffer<'t>(tensor: &'t Tensor, what: &str) -> Result<&'t wgpu::Buffer> {
-    match &tensor.storage {
-        Storage::Wgpu(buffer) => Ok(buffer),
-        _ => Err(Error::DeviceMismatch(format!(
-            "{what} are not stored on a wgpu device"
-        ))),
     }
 }
 
@@ -389,49 +369,6 @@ fn xent_tensors(backend: &WgpuBackend, bound: &XentCall<'_>) -> Result<XentOutpu
         delta: tensor(delta, vec![b], DType::F32),
         rho: tensor(rho, vec![rho_len], DType::F32),
         grad: grad.map(|g| tensor(g, vec![b, spec.classes], spec.grad_dtype)),
-    })
-}
-
-/// Checks that a caller's buffer holds `bytes` and has `usage`.
-fn require(buffer: &wgpu::Buffer, what: &str, bytes: u64, usage: wgpu::BufferUsages) -> Result<()> {
-    if buffer.size() < bytes {
-        return Err(Error::Shape(format!(
-            "xent: {what} needs {bytes} bytes but its buffer has {}",
-            buffer.size()
-        )));
-    }
-    if !buffer.usage().contains(usage) {
-        return Err(Error::Wgpu(format!(
-            "xent: the {what} buffer lacks usage {usage:?}"
-        )));
-    }
-    Ok(())
-}
-
-/// A byte range of a buffer bound at an aligned offset.
-struct Window {
-    offset: u64,
-    size: u64,
-    /// Bytes from `offset` to the range's start.
-    skip: u64,
-}
-
-/// Binds `[start, end)` of a buffer: the offset is `start` aligned down, the size the rest
-/// rounded up to 4 (buffers are padded to 4, so the rounded end stays inside).
-fn window(start: u64, end: u64, align: u64) -> Window {
-    let offset = start / align * align;
-    Window {
-        offset,
-        size: padded_size(end - offset),
-        skip: start - offset,
-    }
-}
-
-/// Converts a host-computed index to the shader's u32; the chunk plan keeps them small.
-fn index(value: u64, what: &str) -> Result<u32> {
-    u32::try_from(value).map_err(|_| Error::Launch {
-        kernel: "xent".into(),
-        reason: format!("{what} = {value} does not fit the shader's u32 indices"),
     })
 }
 
