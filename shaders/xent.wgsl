@@ -46,9 +46,6 @@ override LOGITS_DT: u32 = 0u;
 override SOFT_DT: u32 = 0u;
 override GRAD_DT: u32 = 0u;
 
-const DT_F32: u32 = 0u;
-const DT_F16: u32 = 1u;
-const DT_BF16: u32 = 2u;
 
 const WG: u32 = 256u;
 const NONE: u32 = 0xffffffffu;
@@ -58,7 +55,6 @@ const PI: f32 = 3.14159265358979;
 const MIN_NORMAL: f32 = 1.17549435e-38;
 
 const NEG_INF_BITS: u32 = 0xff800000u;
-const POS_INF_BITS: u32 = 0x7f800000u;
 // Order-preserving key of -inf (see `key`).
 const KEY_NEG_INF: u32 = 0x007fffffu;
 
@@ -171,10 +167,6 @@ fn neg_inf() -> f32 {
     return bitcast<f32>(P.inf_bits | 0x80000000u);
 }
 
-fn is_nan_bits(b: u32) -> bool {
-    return (b & 0x7fffffffu) > POS_INF_BITS;
-}
-
 fn is_finite_bits(b: u32) -> bool {
     return (b & 0x7fffffffu) < POS_INF_BITS;
 }
@@ -201,78 +193,6 @@ fn key_gap(a: u32, b: u32) -> f32 {
         return pos_inf();
     }
     return unkey(a) - unkey(b);
-}
-
-// --------------------------------------------------------------- f16 / bf16 codecs
-
-// f32 bits of the f16 `h` (low 16 bits), exact.
-fn f16_to_f32_bits(h: u32) -> u32 {
-    let sign = (h & 0x8000u) << 16u;
-    let exponent = (h >> 10u) & 0x1fu;
-    let mantissa = h & 0x3ffu;
-    if exponent == 0x1fu {
-        return sign | POS_INF_BITS | (mantissa << 13u);
-    }
-    if exponent == 0u {
-        // Subnormal (or zero): mantissa * 2^-24 is exact and normal in f32.
-        return sign | bitcast<u32>(f32(mantissa) * 5.9604644775390625e-8);
-    }
-    return sign | ((exponent + 112u) << 23u) | (mantissa << 13u);
-}
-
-// f16 bits of the f32 bits `b`, rounded to nearest even.
-fn f32_to_f16_bits(b: u32) -> u32 {
-    let sign = (b >> 16u) & 0x8000u;
-    let a = b & 0x7fffffffu;
-    if a > POS_INF_BITS {
-        return sign | 0x7e00u;
-    }
-    // 65520 and above round to infinity.
-    if a >= 0x477ff000u {
-        return sign | 0x7c00u;
-    }
-    // Normal f16 (>= 2^-14): rebias the exponent by 112 and round 13 mantissa bits away.
-    if a >= 0x38800000u {
-        let r = a - 0x38000000u;
-        return sign | ((r + 0xfffu + ((r >> 13u) & 1u)) >> 13u);
-    }
-    // At or below 2^-25 (half the smallest subnormal, a tie to even 0): zero.
-    if a <= 0x33000000u {
-        return sign;
-    }
-    // Subnormal f16: the value in units of 2^-24, rounded to nearest even.
-    let mantissa = (a & 0x7fffffu) | 0x800000u;
-    let shift = 126u - (a >> 23u);
-    var q = mantissa >> shift;
-    let rest = mantissa & ((1u << shift) - 1u);
-    let half = 1u << (shift - 1u);
-    if rest > half || (rest == half && (q & 1u) == 1u) {
-        q = q + 1u;
-    }
-    return sign | q;
-}
-
-// bf16 bits of the f32 bits `b`, rounded to nearest even; NaN stays a quiet NaN.
-fn f32_to_bf16_bits(b: u32) -> u32 {
-    if is_nan_bits(b) {
-        return ((b >> 16u) | 0x40u) & 0xffffu;
-    }
-    return (b + 0x7fffu + ((b >> 16u) & 1u)) >> 16u;
-}
-
-// f32 bits of element `half` (0 = low, 1 = high) of a word of two 16-bit values.
-fn decode16(word: u32, half: u32, dt: u32) -> u32 {
-    if dt == DT_BF16 {
-        return select(word << 16u, word & 0xffff0000u, half == 1u);
-    }
-    return f16_to_f32_bits((word >> (half * 16u)) & 0xffffu);
-}
-
-fn encode16(b: u32, dt: u32) -> u32 {
-    if dt == DT_BF16 {
-        return f32_to_bf16_bits(b);
-    }
-    return f32_to_f16_bits(b);
 }
 
 // -------------------------------------------------------------------- input loads

@@ -14,11 +14,13 @@ pub enum Op {
     EnergyScore,
     EnergyDistance,
     BnStats,
+    BnMerge,
+    BnRunning,
 }
 
 impl Op {
     /// Every op, in the order of the families.
-    pub const ALL: [Op; 7] = [
+    pub const ALL: [Op; 9] = [
         Op::Xent,
         Op::XentDirectional,
         Op::EnsembleForward,
@@ -26,6 +28,8 @@ impl Op {
         Op::EnergyScore,
         Op::EnergyDistance,
         Op::BnStats,
+        Op::BnMerge,
+        Op::BnRunning,
     ];
 
     /// The op's path under `losskern::ops`, as errors and reports name it.
@@ -38,6 +42,8 @@ impl Op {
             Op::EnergyScore => "energy::energy_score",
             Op::EnergyDistance => "energy::energy_distance",
             Op::BnStats => "bnstats::bn_stats",
+            Op::BnMerge => "bnstats::merge",
+            Op::BnRunning => "bnstats::RunningStats::update",
         }
     }
 }
@@ -53,7 +59,10 @@ impl Backend {
     pub fn supports(self, op: Op) -> bool {
         match self {
             Backend::Cpu => true,
-            Backend::Cuda | Backend::Wgpu => matches!(op, Op::Xent | Op::XentDirectional),
+            Backend::Cuda | Backend::Wgpu => matches!(
+                op,
+                Op::Xent | Op::XentDirectional | Op::BnStats | Op::BnMerge | Op::BnRunning
+            ),
         }
     }
 }

@@ -127,24 +127,28 @@ pub fn finalize(partials: &[Welford], eps: f64) -> BnStats {
     out
 }
 
-/// PyTorch BatchNorm running statistics, updated in place:
-/// rm = (1 - mom) rm + mom mean; rv = (1 - mom) rv + mom var_unbiased.
-/// `momentum = None` is the cumulative average with factor 1 / num_batches_tracked,
-/// where `num_batches_tracked` is the count after this batch (>= 1).
+/// The factor of one running-statistics step: the momentum, or for `momentum = None` the
+/// cumulative average's 1 / num_batches_tracked, where `num_batches_tracked` is the count
+/// after this batch (>= 1).
+pub fn running_factor(momentum: Option<f64>, num_batches_tracked: u64) -> f64 {
+    match momentum {
+        Some(m) => m,
+        None => 1.0 / num_batches_tracked as f64,
+    }
+}
+
+/// PyTorch BatchNorm running statistics, updated in place with `factor` (see
+/// [`running_factor`]): rm = (1 - f) rm + f mean; rv = (1 - f) rv + f var_unbiased.
 pub fn update_running(
     running_mean: &mut [f64],
     running_var: &mut [f64],
-    stats: &BnStats,
-    momentum: Option<f64>,
-    num_batches_tracked: u64,
+    batch_mean: &[f64],
+    batch_var_unbiased: &[f64],
+    factor: f64,
 ) {
-    let factor = match momentum {
-        Some(m) => m,
-        None => 1.0 / num_batches_tracked as f64,
-    };
     for c in 0..running_mean.len() {
-        running_mean[c] = (1.0 - factor) * running_mean[c] + factor * stats.mean[c];
-        running_var[c] = (1.0 - factor) * running_var[c] + factor * stats.var_unbiased[c];
+        running_mean[c] = (1.0 - factor) * running_mean[c] + factor * batch_mean[c];
+        running_var[c] = (1.0 - factor) * running_var[c] + factor * batch_var_unbiased[c];
     }
 }
 
@@ -255,7 +259,13 @@ mod tests {
         let s = stats(&NCHW, shape(2, Layout::Nchw), 1e-5);
         // PyTorch BatchNorm2d starts from running_mean 0, running_var 1.
         let (mut rm, mut rv) = (vec![0.0, 0.0], vec![1.0, 1.0]);
-        update_running(&mut rm, &mut rv, &s, Some(0.1), 1);
+        update_running(
+            &mut rm,
+            &mut rv,
+            &s.mean,
+            &s.var_unbiased,
+            running_factor(Some(0.1), 1),
+        );
         assert!(close(rm[0], 0.4, 1e-15) && close(rm[1], 0.0, 1e-15));
         assert!(close(rv[0], 0.9 + 1.0, 1e-15) && close(rv[1], 0.9 + 0.6, 1e-15));
 
@@ -266,10 +276,22 @@ mod tests {
             1e-5,
         );
         let (mut rm, mut rv) = (vec![0.0, 0.0], vec![1.0, 1.0]);
-        update_running(&mut rm, &mut rv, &s, None, 1);
+        update_running(
+            &mut rm,
+            &mut rv,
+            &s.mean,
+            &s.var_unbiased,
+            running_factor(None, 1),
+        );
         assert_eq!(rm, s.mean);
         assert_eq!(rv, s.var_unbiased);
-        update_running(&mut rm, &mut rv, &t, None, 2);
+        update_running(
+            &mut rm,
+            &mut rv,
+            &t.mean,
+            &t.var_unbiased,
+            running_factor(None, 2),
+        );
         assert_eq!(rm, vec![(4.0 + 3.0) / 2.0, (0.0 + 1.0) / 2.0]);
         // t: channel 0 holds 0, 2, 4, 6 (unbiased var 20/3); channel 1 is constant.
         assert!(close(rv[0], (10.0 + 20.0 / 3.0) / 2.0, 1e-14));

@@ -248,6 +248,22 @@ impl Kernels {
         self.limits.l2_bytes
     }
 
+    /// `blocks` blocks of `threads` threads, the grid capped at the device's maximum (the
+    /// kernels grid-stride over their work, so the cap changes no result).
+    pub(crate) fn grid_config(
+        &self,
+        name: &str,
+        f: &CudaFunction,
+        blocks: u64,
+        threads: u32,
+    ) -> Result<LaunchConfig> {
+        let grid = u32::try_from(blocks)
+            .unwrap_or(u32::MAX)
+            .min(self.limits.max_grid[0])
+            .max(1);
+        self.checked(name, f, (grid, 1, 1), (threads, 1, 1))
+    }
+
     /// A single block of up to 1024 threads (batch reductions).
     pub(crate) fn single_block_config(&self, name: &str, f: &CudaFunction) -> Result<LaunchConfig> {
         let block = 1024.min(self.block_cap(name, f)?);

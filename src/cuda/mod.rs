@@ -28,12 +28,12 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
 use crate::device::Backend;
 use crate::error::{Error, Result};
-use crate::spec::bnstats::BnStatsKernels;
 use crate::spec::energy::EnergyKernels;
 use crate::spec::ensemble::EnsembleKernels;
 use crate::spec::BackendKind;
 use crate::watch::Watches;
 
+mod bnstats;
 mod compile;
 mod launch;
 pub mod xent;
@@ -291,4 +291,3 @@ impl BackendKind for CudaBackend {
 // Families without CUDA kernels yet: every op answers Error::Unsupported.
 impl EnsembleKernels for CudaBackend {}
 impl EnergyKernels for CudaBackend {}
-impl BnStatsKernels for CudaBackend {}

@@ -14,12 +14,12 @@ use std::sync::{Arc, Mutex, OnceLock};
 use crate::device::{Backend, Storage, Tensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::spec::bnstats::BnStatsKernels;
 use crate::spec::energy::EnergyKernels;
 use crate::spec::ensemble::EnsembleKernels;
 use crate::spec::BackendKind;
 use crate::watch::Watches;
 
+mod bnstats;
 pub mod xent;
 
 pub use xent::{xent_raw, XentBuffers, XentTargets};
@@ -37,28 +37,42 @@ pub(crate) const MAX_BINDING_BYTES: u64 = 1 << 31;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ShaderSource {
     Xent,
+    BnStats,
 }
 
 impl ShaderSource {
     /// Every shader, so that tests can compile them all.
-    pub const ALL: [ShaderSource; 1] = [ShaderSource::Xent];
+    pub const ALL: [ShaderSource; 2] = [ShaderSource::Xent, ShaderSource::BnStats];
 
     pub fn name(self) -> &'static str {
         match self {
             ShaderSource::Xent => "xent.wgsl",
+            ShaderSource::BnStats => "bnstats.wgsl",
         }
     }
 
-    fn code(self) -> &'static str {
+    /// The family's own source text (without common.wgsl).
+    fn family_code(self) -> &'static str {
         match self {
             ShaderSource::Xent => include_str!("../../shaders/xent.wgsl"),
+            ShaderSource::BnStats => include_str!("../../shaders/bnstats.wgsl"),
         }
+    }
+
+    /// The module handed to wgpu: common.wgsl, then the family's .wgsl.
+    fn code(self) -> String {
+        format!(
+            "{}\n{}",
+            include_str!("../../shaders/common.wgsl"),
+            self.family_code()
+        )
     }
 
     /// The bindings of group 0 that every entry point of the shader shares.
     fn bindings(self) -> &'static [BindingKind] {
         match self {
             ShaderSource::Xent => xent::BINDINGS,
+            ShaderSource::BnStats => bnstats::BINDINGS,
         }
     }
 
@@ -66,6 +80,7 @@ impl ShaderSource {
     fn pipelines(self) -> Vec<PipelineKey> {
         match self {
             ShaderSource::Xent => xent::all_pipelines(),
+            ShaderSource::BnStats => bnstats::all_pipelines(),
         }
     }
 }
@@ -939,4 +954,3 @@ impl BackendKind for WgpuBackend {
 // Families without WGSL kernels yet: every op answers Error::Unsupported.
 impl EnsembleKernels for WgpuBackend {}
 impl EnergyKernels for WgpuBackend {}
-impl BnStatsKernels for WgpuBackend {}

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, ValueEnum};
 use losskern::ops::bnstats::{self, Affine, BnStats, Layout, RunningStats};
-use losskern::{Device, Op, Tensor};
+use losskern::Op;
 
 use crate::json::Json;
 use crate::op::{timed, OpArgs, OpRun, Want};
@@ -104,12 +104,13 @@ pub fn bnstats_command(args: &BnstatsArgs) -> Result<(), Failure> {
     ])?;
     run.extra.push(("count".into(), Json::Int(out.count)));
     if let Some(Momentum(momentum)) = args.momentum {
-        let mut running = RunningStats::new(out.mean.len());
+        // One step from PyTorch's initial state, on the device that computed the stats.
+        let mut running = RunningStats::new(out.mean.device(), out.mean.len())?;
         running.update(&out, momentum)?;
-        let channels = [running.mean.len()];
-        let mean = Tensor::from_slice(&Device::Cpu, &running.mean, &channels)?;
-        let var = Tensor::from_slice(&Device::Cpu, &running.var, &channels)?;
-        run.outputs(&[("running_mean", Some(&mean)), ("running_var", Some(&var))])?;
+        run.outputs(&[
+            ("running_mean", Some(&running.mean)),
+            ("running_var", Some(&running.var)),
+        ])?;
     }
     run.finish()
 }
