@@ -13,10 +13,14 @@
 // scratch [tiles][C]. bn_finalize merges a channel's partials in f64 in a fixed tree.
 // The cut depends only on the shape, so a result is bitwise the same on every run.
 //
-// Accuracy: no E[x^2] - E[x]^2. A thread takes UNROLL units at a time, forms their
-// mean and the sum of squared deviations from it in registers (two passes over
-// registers), and merges that batch into its running partial by Chan's formula; blocks
-// merge thread partials by Chan's formula in a fixed tree.
+// Accuracy: no E[x^2] - E[x]^2. Every value is first shifted by its channel's first
+// element (exact for data far from 0 with a small spread, by Sterbenz's lemma), so the
+// means that the merges update are small and their roundings do not grow with the
+// offset. A thread takes UNROLL units at a time, forms their mean and the sum of squared
+// deviations from it in registers (two passes over registers), and merges that batch
+// into its running partial by Chan's formula; blocks merge thread partials by Chan's
+// formula in a fixed tree. Tile means stay relative to the shift; bn_finalize adds it
+// back once, in f64.
 
 #define BN_BLOCK 256
 #define BN_UNROLL 8
@@ -37,8 +41,9 @@ struct BnTileArgs {
     int inner;              // rows: units per segment S / VEC; cols: vector columns C / VEC
     int col_threads;        // cols: threads across the vector columns (a power of 2, <= 32)
     int wide;               // 1: VEC = 16 bytes of elements, 0: VEC = 1
+    float* shift;           // stats: [C], the first element of each channel
 };
-static_assert(sizeof(BnTileArgs) == 104, "BnTileArgs layout drifted from src/cuda/bnstats.rs");
+static_assert(sizeof(BnTileArgs) == 112, "BnTileArgs layout drifted from src/cuda/bnstats.rs");
 LK_FIELD_AT(BnTileArgs, x, 0);
 LK_FIELD_AT(BnTileArgs, y, 8);
 LK_FIELD_AT(BnTileArgs, tile_mean, 16);
@@ -54,9 +59,10 @@ LK_FIELD_AT(BnTileArgs, channels, 88);
 LK_FIELD_AT(BnTileArgs, inner, 92);
 LK_FIELD_AT(BnTileArgs, col_threads, 96);
 LK_FIELD_AT(BnTileArgs, wide, 100);
+LK_FIELD_AT(BnTileArgs, shift, 104);
 
 struct BnFinalizeArgs {
-    const float* part_mean;    // [parts][C]
+    const float* part_mean;    // [parts][C]: relative to `shift`, or (merge) absolute
     const float* part_m2;      // [parts][C]
     const double* part_count;  // [parts], or null: tile counts from units / per_tile
     float* mean;               // [C]
@@ -71,8 +77,9 @@ struct BnFinalizeArgs {
     double eps;
     int channels;
     int pad;
+    const float* shift;        // [C] the tiles' shift, or null (merge: no shift)
 };
-static_assert(sizeof(BnFinalizeArgs) == 112, "BnFinalizeArgs layout drifted from src/cuda/bnstats.rs");
+static_assert(sizeof(BnFinalizeArgs) == 120, "BnFinalizeArgs layout drifted from src/cuda/bnstats.rs");
 LK_FIELD_AT(BnFinalizeArgs, part_mean, 0);
 LK_FIELD_AT(BnFinalizeArgs, part_m2, 8);
 LK_FIELD_AT(BnFinalizeArgs, part_count, 16);
@@ -88,6 +95,7 @@ LK_FIELD_AT(BnFinalizeArgs, unit_elems, 88);
 LK_FIELD_AT(BnFinalizeArgs, eps, 96);
 LK_FIELD_AT(BnFinalizeArgs, channels, 104);
 LK_FIELD_AT(BnFinalizeArgs, pad, 108);
+LK_FIELD_AT(BnFinalizeArgs, shift, 112);
 
 struct BnRunningArgs {
     const float* running_mean;  // [C]
@@ -224,6 +232,7 @@ __device__ void bn_stats_rows(const BnTileArgs& a) {
         const lk_i64 c = w % channels;
         const lk_i64 t = w / channels;
         const lk_i64 end = min(t * a.per_tile + a.per_tile, a.units);
+        const float shift = lk_to_f32(x[c * a.inner * VEC]);
         lk_i64 j = t * a.per_tile + tid;
         bn_cursor at{j / a.inner, (int)(j % a.inner)};
         bn_welford acc{0.0f, 0.0f, 0.0f};
@@ -234,6 +243,8 @@ __device__ void bn_stats_rows(const BnTileArgs& a) {
             for (int u = 0; u < BN_UNROLL; ++u) {
                 if (j + (lk_i64)u * threads < end) {
                     bn_load<T, VEC>(x + ((at.n * channels + c) * a.inner + at.s) * VEC, v[u]);
+#pragma unroll
+                    for (int i = 0; i < VEC; ++i) v[u][i] -= shift;
                     valid = u + 1;
                 }
                 bn_advance(at, step_q, step_r, a.inner);
@@ -261,6 +272,7 @@ __device__ void bn_stats_rows(const BnTileArgs& a) {
         if (tid == 0) {
             a.tile_mean[t * channels + c] = total.mean;
             a.tile_m2[t * channels + c] = total.m2;
+            if (t == 0) a.shift[c] = shift;
         }
     }
 }
@@ -288,9 +300,10 @@ __device__ void bn_stats_cols(const BnTileArgs& a) {
         const bool active = column < a.inner;
         const lk_i64 end = min(t * a.per_tile + a.per_tile, a.units);
         float n = 0.0f;
-        float mean[VEC], m2[VEC];
+        float mean[VEC], m2[VEC], shift[VEC];
 #pragma unroll
-        for (int i = 0; i < VEC; ++i) mean[i] = m2[i] = 0.0f;
+        for (int i = 0; i < VEC; ++i) mean[i] = m2[i] = shift[i] = 0.0f;
+        if (active) bn_load<T, VEC>(x + column * VEC, shift);
         for (lk_i64 r = t * a.per_tile + tr; active && r < end; r += (lk_i64)BN_UNROLL * row_threads) {
             float v[BN_UNROLL][VEC];
             int valid = 0;
@@ -299,6 +312,8 @@ __device__ void bn_stats_cols(const BnTileArgs& a) {
                 const lk_i64 row = r + (lk_i64)u * row_threads;
                 if (row < end) {
                     bn_load<T, VEC>(x + row * channels + column * VEC, v[u]);
+#pragma unroll
+                    for (int i = 0; i < VEC; ++i) v[u][i] -= shift[i];
                     valid = u + 1;
                 }
             }
@@ -352,6 +367,7 @@ __device__ void bn_stats_cols(const BnTileArgs& a) {
             for (int i = 0; i < VEC; ++i) {
                 a.tile_mean[t * channels + column * VEC + i] = shared_mean[tc * VEC + i];
                 a.tile_m2[t * channels + column * VEC + i] = shared_m2[tc * VEC + i];
+                if (t == 0) a.shift[column * VEC + i] = shift[i];
             }
         }
         __syncthreads();
@@ -453,7 +469,8 @@ BN_TILE_ENTRY(bn_apply_cols, bn_apply_cols_f16, lk_f16)
 BN_TILE_ENTRY(bn_apply_cols, bn_apply_cols_bf16, lk_bf16)
 
 // One warp per channel: lane l merges parts l, l + 32, ... in order (f64), then the warp
-// merges the lanes in a fixed tree; lane 0 writes the channel's statistics.
+// merges the lanes in a fixed tree; lane 0 adds the shift back and writes the channel's
+// statistics.
 extern "C" __global__ void __launch_bounds__(BN_BLOCK) bn_finalize(const BnFinalizeArgs a) {
     const int lane = threadIdx.x % 32;
     const lk_i64 warps = (lk_i64)gridDim.x * (blockDim.x / 32);
@@ -465,14 +482,14 @@ extern "C" __global__ void __launch_bounds__(BN_BLOCK) bn_finalize(const BnFinal
             part.n = a.part_count
                          ? a.part_count[p]
                          : (double)(min(a.per_tile, a.units - p * a.per_tile) * a.unit_elems);
-            part.mean = a.part_mean[p * a.channels + c];
+            part.mean = a.part_mean[p * a.channels + c];  // exact in f64: no shift needed
             part.m2 = a.part_m2[p * a.channels + c];
             acc = bn_merge(acc, part);
         }
         const bn_welford64 total = lk_warp_reduce(acc, lk_combine_op());
         if (lane == 0) {
             const double var_biased = total.m2 / total.n;
-            a.mean[c] = (float)total.mean;
+            a.mean[c] = (float)(total.mean + (a.shift ? (double)a.shift[c] : 0.0));
             a.m2[c] = (float)total.m2;
             a.var_biased[c] = (float)var_biased;
             a.var_unbiased[c] = total.n > 1.0 ? (float)(total.m2 / (total.n - 1.0)) : LK_NAN_F;

@@ -4,7 +4,8 @@
 // Entry points, run in this order on one queue:
 //   bn_stats_rows / bn_stats_cols  one workgroup per tile (the work split of
 //                 kernels/bnstats.cu with one element per unit): a Welford partial per
-//                 channel of the tile -> `tiles` ([tiles][C] means, then [tiles][C] M2s).
+//                 channel of the tile -> `tiles` ([tiles][C] means relative to the
+//                 channel's shift, [tiles][C] M2s, then the [C] shifts).
 //   bn_finalize   one invocation per channel: merges its partials in a fixed order (Chan's
 //                 formula; the counts come from the tiling, or from `aux` for a merge of
 //                 batches) and writes mean, var_biased, var_unbiased, invstd, M2 ->
@@ -15,7 +16,11 @@
 //   bn_running    one invocation per channel: the running statistics from `aux`
 //                 ([running mean, running var, batch mean, batch var_unbiased]) -> `stats`.
 //
-// No E[x^2] - E[x]^2: each invocation takes UNROLL elements at a time, forms their mean
+// No E[x^2] - E[x]^2. Every value is first shifted by its channel's first element (exact
+// for data far from 0 with a small spread, by Sterbenz's lemma), so the means the merges
+// update are small and their f32 roundings do not grow with the offset; bn_finalize adds
+// the shift back once (a merge of batches shifts by its first batch's mean the same way).
+// Each invocation takes UNROLL elements at a time, forms their mean
 // and the sum of squared deviations from it, and merges that batch into its partial by
 // Chan's formula; workgroups merge in a fixed tree. Every index is u32: the host binds x
 // whole and refuses one over a binding (2 GiB). WGSL has no f64: the finalize merge runs
@@ -116,10 +121,13 @@ fn shared_at(i: u32) -> Welford {
     return Welford(shared_n[i], shared_mean[i], shared_m2[i]);
 }
 
-fn write_tile(t: u32, c: u32, w: Welford) {
+fn write_tile(t: u32, c: u32, w: Welford, shift: f32) {
     let at = t * P.channels + c;
     tiles[at] = w.mean;
     tiles[P.tiles * P.channels + at] = w.m2;
+    if t == 0u {
+        tiles[2u * P.tiles * P.channels + c] = shift;
+    }
 }
 
 // Rows mode: tile t of channel c = its elements [t per_tile, (t + 1) per_tile), element j
@@ -139,6 +147,7 @@ fn bn_stats_rows(
     let end = min(t * P.per_tile + P.per_tile, P.units);
     let step_q = WG / P.inner;
     let step_r = WG % P.inner;
+    let shift = load(c * P.inner);
     var j = t * P.per_tile + lid;
     var n = j / P.inner;
     var s = j % P.inner;
@@ -148,7 +157,7 @@ fn bn_stats_rows(
         var valid = 0u;
         for (var u = 0u; u < UNROLL; u++) {
             if j + u * WG < end {
-                v[u] = load((n * P.channels + c) * P.inner + s);
+                v[u] = load((n * P.channels + c) * P.inner + s) - shift;
                 valid = u + 1u;
             }
             s += step_r;
@@ -170,7 +179,7 @@ fn bn_stats_rows(
         workgroupBarrier();
     }
     if lid == 0u {
-        write_tile(t, c, shared_at(0u));
+        write_tile(t, c, shared_at(0u), shift);
     }
 }
 
@@ -194,14 +203,16 @@ fn bn_stats_cols(
     let t = w / groups;
     let end = min(t * P.per_tile + P.per_tile, P.units);
     var acc = Welford(0.0, 0.0, 0.0);
+    var shift = 0.0;
     if c < P.inner {
+        shift = load(c);
         for (var r = t * P.per_tile + tr; r < end; r += UNROLL * row_threads) {
             var v: array<f32, 8>;
             var valid = 0u;
             for (var u = 0u; u < UNROLL; u++) {
                 let row = r + u * row_threads;
                 if row < end {
-                    v[u] = load(row * P.channels + c);
+                    v[u] = load(row * P.channels + c) - shift;
                     valid = u + 1u;
                 }
             }
@@ -217,7 +228,7 @@ fn bn_stats_cols(
         workgroupBarrier();
     }
     if tr == 0u && c < P.inner {
-        write_tile(t, c, shared_at(lid));
+        write_tile(t, c, shared_at(lid), shift);
     }
 }
 
@@ -236,17 +247,32 @@ fn bn_finalize(
     if c >= channels {
         return;
     }
+    let merging = (P.flags & F_COUNTS) != 0u;
+    // The tiles' means are relative to the channel's shift; a merge's are absolute and
+    // are taken relative to the first part that has elements.
+    var shift = 0.0;
+    if merging {
+        for (var p = 0u; p < P.parts; p++) {
+            if aux[p] > 0.0 {
+                shift = tiles[p * channels + c];
+                break;
+            }
+        }
+    } else {
+        shift = tiles[2u * P.parts * channels + c];
+    }
     var acc = Welford(0.0, 0.0, 0.0);
     for (var p = 0u; p < P.parts; p++) {
         var n = f32(min(P.per_tile, P.units - p * P.per_tile));
-        if (P.flags & F_COUNTS) != 0u {
+        var mean = tiles[p * channels + c];
+        if merging {
             n = aux[p];
+            mean -= shift;
         }
-        let at = p * channels + c;
-        acc = merge(acc, Welford(n, tiles[at], tiles[P.parts * channels + at]));
+        acc = merge(acc, Welford(n, mean, tiles[P.parts * channels + p * channels + c]));
     }
     let var_biased = acc.m2 / acc.n;
-    stats[c] = acc.mean;
+    stats[c] = shift + acc.mean;
     stats[channels + c] = var_biased;
     stats[2u * channels + c] = select(bitcast<f32>(P.nan_bits), acc.m2 / (acc.n - 1.0), acc.n > 1.0);
     stats[3u * channels + c] = inverseSqrt(var_biased + P.eps);

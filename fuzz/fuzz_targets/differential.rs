@@ -5,8 +5,8 @@
 //! lists for that backend.
 //!
 //! A new op: add a variant to `Input` that builds its `check` case (sizes bounded so one
-//! run takes milliseconds, every option and special value reachable), map it in `case`,
-//! and name its `Op` in `op_of`; add it to `ops.rs` as well.
+//! run takes milliseconds, every option and special value reachable), map it in `case`
+//! (its `Op` comes from the case's info); add it to `ops.rs` as well.
 //!
 //! RUSTC_BOOTSTRAP=1 cargo fuzz run differential
 
@@ -16,7 +16,7 @@ mod devices;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use losskern::check::bnstats::BnStatsCase;
+use losskern::check::bnstats::{BnRunningCase, BnStatsCase};
 use losskern::check::energy::{EnergyDistanceCase, EnergyScoreCase};
 use losskern::check::ensemble::EnsembleCase;
 use losskern::check::xent::{DirectionalCase, Special, XentCase};
@@ -24,7 +24,7 @@ use losskern::check::{self, Case, Outcome};
 use losskern::ops::bnstats::Layout;
 use losskern::ops::energy::Statistic;
 use losskern::ops::xent::{Gap, GradDType, RadiusOptions, Reduction, RhoReduce, XentOptions};
-use losskern::{DType, Op};
+use losskern::DType;
 
 #[derive(Arbitrary, Debug)]
 struct XentInput {
@@ -101,6 +101,10 @@ enum Input {
         dtype: u8,
         offset: u8,
         normalize: bool,
+        /// Merged from this many batches (1 to 4, at most N).
+        parts: u8,
+        /// Then two running-statistics steps: None, or a momentum from MOMENTA (255: None).
+        running: Option<u8>,
         seed: u64,
     },
 }
@@ -271,6 +275,8 @@ fn case(input: &Input) -> Case {
             dtype: t,
             offset,
             normalize,
+            parts,
+            running,
             seed,
         } => {
             let layout = pick(&[Layout::Nchw, Layout::Nhwc, Layout::Nc], layout);
@@ -280,36 +286,33 @@ fn case(input: &Input) -> Case {
             } else {
                 (size(h, 6), size(w, 6))
             };
-            Case::BnStats(BnStatsCase {
-                n: size(n, 16),
+            let n = size(n, 16);
+            let batch = BnStatsCase {
+                n,
                 c: size(c, 40),
                 h,
                 w,
                 layout,
                 dtype: dtype(t),
-                offset: pick(&[0.0, 0.5, -3.0, 100.0], offset),
+                offset: pick(&[0.0, 0.5, -3.0, 100.0, 1e4], offset),
                 normalize,
+                parts: size(parts, 4).min(n),
                 seed,
-            })
+            };
+            match running {
+                Some(m) => Case::BnRunning(BnRunningCase {
+                    batch,
+                    momentum: (m != 255).then(|| pick(&[0.0, 0.1, 0.5, 1.0], m)),
+                }),
+                None => Case::BnStats(batch),
+            }
         }
-    }
-}
-
-fn op_of(case: &Case) -> Op {
-    match case {
-        Case::Xent(_) => Op::Xent,
-        Case::Directional(_) => Op::XentDirectional,
-        Case::Ensemble(c) if c.directions.is_some() => Op::EnsembleLandscape,
-        Case::Ensemble(_) => Op::EnsembleForward,
-        Case::EnergyScore(_) => Op::EnergyScore,
-        Case::EnergyDistance(_) => Op::EnergyDistance,
-        Case::BnStats(_) => Op::BnStats,
     }
 }
 
 fuzz_target!(|input: Input| {
     let case = case(&input);
-    let op = op_of(&case);
+    let op = case.info().op;
     for device in devices::all() {
         let report = check::run(&case, device);
         let supported = device.backend().supports(op);

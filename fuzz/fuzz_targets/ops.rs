@@ -17,7 +17,7 @@ mod devices;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use losskern::ops::bnstats::{self, Affine, BnStats, Layout, RunningStats};
+use losskern::ops::bnstats::{self, Affine, BnMerge, BnPartial, BnStats, Layout, RunningStats};
 use losskern::ops::energy::{self, EnergyDistance, EnergyScore, Statistic};
 use losskern::ops::ensemble::{self, Ensemble, Landscape};
 use losskern::ops::xent::{
@@ -248,8 +248,27 @@ fn bn_ops(device: &Device, input: &Input) {
     );
     if let Some(stats) = stats {
         let channels = if input.flag(14) { e } else { stats.mean.len() };
-        let mut running = RunningStats::new(channels);
-        settle(device, running.update(&stats, input.momentum));
+        if let Some(mut running) = settle(device, RunningStats::new(device, channels)) {
+            settle(device, running.update(&stats, input.momentum));
+        }
+        // A second partial that may have another length, dtype or device, or count 0.
+        let other_mean = tensor(other, &input.values, &[e], input.dtype());
+        let parts = [
+            stats.partial(),
+            BnPartial {
+                count: if input.flag(12) { 0 } else { stats.count },
+                mean: other_mean.as_ref().unwrap_or(&stats.mean),
+                m2: &stats.m2,
+            },
+        ];
+        let used = if input.flag(13) { 2 } else { usize::from(input.flag(14)) };
+        settle(
+            device,
+            bnstats::merge(&BnMerge {
+                parts: &parts[..used],
+                eps: input.eps,
+            }),
+        );
     }
 }
 

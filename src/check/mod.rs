@@ -329,6 +329,7 @@ pub enum Case {
     EnergyScore(energy::EnergyScoreCase),
     EnergyDistance(energy::EnergyDistanceCase),
     BnStats(bnstats::BnStatsCase),
+    BnRunning(bnstats::BnRunningCase),
 }
 
 /// The cases `losskern check` runs: every op of every family, each dtype, awkward sizes.
@@ -344,6 +345,7 @@ pub fn cases() -> Vec<Case> {
             .map(Case::EnergyDistance),
     );
     cases.extend(bnstats::cases().into_iter().map(Case::BnStats));
+    cases.extend(bnstats::running_cases().into_iter().map(Case::BnRunning));
     cases
 }
 
@@ -357,6 +359,7 @@ impl Case {
             Case::EnergyScore(c) => c.info(),
             Case::EnergyDistance(c) => c.info(),
             Case::BnStats(c) => c.info(),
+            Case::BnRunning(c) => c.info(),
         }
     }
 }
@@ -370,6 +373,7 @@ pub fn outputs(case: &Case, device: &Device) -> Result<Vec<Output>, Error> {
         Case::EnergyScore(c) => energy::score_outputs(c, device),
         Case::EnergyDistance(c) => energy::distance_outputs(c, device),
         Case::BnStats(c) => bnstats::outputs(c, device),
+        Case::BnRunning(c) => bnstats::running_outputs(c, device),
     }
 }
 
@@ -382,6 +386,7 @@ pub fn expected(case: &Case) -> Result<Vec<Expected>, Error> {
         Case::EnergyScore(c) => energy::score_expected(c),
         Case::EnergyDistance(c) => energy::distance_expected(c),
         Case::BnStats(c) => bnstats::expected(c),
+        Case::BnRunning(c) => bnstats::running_expected(c),
     }
 }
 

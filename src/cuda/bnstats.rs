@@ -49,8 +49,9 @@ struct BnTileArgs {
     inner: i32,
     col_threads: i32,
     wide: i32,
+    shift: u64,
 }
-const _: () = assert!(std::mem::size_of::<BnTileArgs>() == 104);
+const _: () = assert!(std::mem::size_of::<BnTileArgs>() == 112);
 offsets!(BnTileArgs {
     x: 0,
     y: 8,
@@ -67,6 +68,7 @@ offsets!(BnTileArgs {
     inner: 92,
     col_threads: 96,
     wide: 100,
+    shift: 104,
 });
 
 #[repr(C)]
@@ -87,8 +89,9 @@ struct BnFinalizeArgs {
     eps: f64,
     channels: i32,
     pad: i32,
+    shift: u64,
 }
-const _: () = assert!(std::mem::size_of::<BnFinalizeArgs>() == 112);
+const _: () = assert!(std::mem::size_of::<BnFinalizeArgs>() == 120);
 offsets!(BnFinalizeArgs {
     part_mean: 0,
     part_m2: 8,
@@ -105,6 +108,7 @@ offsets!(BnFinalizeArgs {
     eps: 96,
     channels: 104,
     pad: 108,
+    shift: 112,
 });
 
 #[repr(C)]
@@ -274,7 +278,7 @@ fn launch_tiles(
     // and inner describe exactly that shape, so every access is inside them; a wide unit
     // is 16 bytes at a multiple of 16 bytes (vec divides H W or C, and the buffers are
     // checked 16-aligned when wide). Statistics write tiles x C f32 to each scratch
-    // buffer; apply reads C f32 of mean and invstd, and of gamma and beta unless null,
+    // buffer and C f32 to the shifts (tile 0 of each channel); apply reads C f32 of mean and invstd, and of gamma and beta unless null,
     // all checked by Pointers. The launch was checked against the device and function
     // limits.
     unsafe { stream.launch_builder(&f).arg(args).launch(cfg) }
@@ -332,6 +336,7 @@ impl BnStatsKernels for CudaBackend {
         let beta = affine.beta.map(|b| view(b, "beta")).transpose()?;
         let mut tile_mean = alloc_output(stream, parts * 4, Fill::Unwritten)?;
         let mut tile_m2 = alloc_output(stream, parts * 4, Fill::Unwritten)?;
+        let mut shift = alloc_output(stream, spec.c * 4, Fill::Unwritten)?;
         let mut out = StatsBuffers::new(stream, spec.c)?;
         let mut y = match call.normalize {
             Some(_) => Some(alloc_output(stream, call.x.byte_len(), Fill::Unwritten)?),
@@ -351,6 +356,7 @@ impl BnStatsKernels for CudaBackend {
         args.x = p.read(&x, call.x.byte_len(), align, "x")?;
         args.tile_mean = p.write(&mut tile_mean, parts * 4, 4, "tile means")?;
         args.tile_m2 = p.write(&mut tile_m2, parts * 4, 4, "tile M2s")?;
+        args.shift = p.write(&mut shift, spec.c * 4, 4, "channel shifts")?;
         launch_tiles(&kernels, stream, true, &tiling, spec.dtype, &args)?;
 
         let mut fin = BnFinalizeArgs {
@@ -362,6 +368,7 @@ impl BnStatsKernels for CudaBackend {
             unit_elems: as_i64(tiling.unit_elements(), "unit elements")?,
             eps: spec.eps,
             channels: args.channels,
+            shift: args.shift,
             ..BnFinalizeArgs::default()
         };
         out.point(&mut p, &mut fin, spec.c)?;

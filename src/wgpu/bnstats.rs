@@ -224,7 +224,8 @@ fn stats_tensors(backend: &WgpuBackend, bound: &BnStatsCall<'_>) -> Result<BnSta
     // One element per unit: the shader indexes elements, not 16-byte vectors.
     let tiling = Tiling::new(spec, spec.dtype.size() as u64);
     let c = spec.c;
-    let tile_bytes = 2 * 4 * tiling.tiles * c as u64;
+    // [tiles][C] means and M2s, then [C] shifts.
+    let tile_bytes = 4 * (2 * tiling.tiles + 1) * c as u64;
     backend.check_binding(STATS_ROWS, "the tile partials", tile_bytes)?;
     let tiles = scratch(backend, "bnstats tiles", tile_bytes)?;
     let stats = scratch(backend, "bnstats stats", (STATS_FIELDS * c * 4) as u64)?;

@@ -32,3 +32,11 @@ pub fn all() -> Vec<Device> {
 pub fn gpus() -> Vec<Device> {
     all().into_iter().filter(|d| *d != Device::Cpu).collect()
 }
+
+/// PROPTEST_CASES when set (the GPU host runs 10000), else 24.
+pub fn proptest_cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(24)
+}

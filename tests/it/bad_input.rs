@@ -1,6 +1,6 @@
 //! Bad input to every op gives a typed error and leaves the caller's buffers as they were.
 
-use losskern::ops::bnstats::{self, BnStats, Layout};
+use losskern::ops::bnstats::{self, BnMerge, BnPartial, BnStats, Layout, RunningStats};
 use losskern::ops::energy::{self, EnergyDistance, EnergyScore, Statistic};
 use losskern::ops::ensemble::{self, Ensemble, Landscape};
 use losskern::ops::xent::{self, Directional, Targets, Xent, XentOptions};
@@ -374,7 +374,75 @@ fn bnstats_rejects_bad_input() {
             },
             |e| matches!(e, Error::Shape(_)),
         );
+        bnstats_merge_and_running_reject_bad_input(&device, &x);
     }
+}
+
+/// Merges of no, empty or mismatched partials, and running-statistics steps with a bad
+/// momentum or mismatched channels, are refused, and the running stats stay as they were.
+fn bnstats_merge_and_running_reject_bad_input(device: &Device, x: &Tensor) {
+    let stats = bnstats::bn_stats(&BnStats {
+        x,
+        layout: Layout::Nchw,
+        eps: 1e-5,
+        normalize: None,
+    })
+    .unwrap();
+    let merge = |parts: &[BnPartial<'_>], eps: f64| {
+        bnstats::merge(&BnMerge { parts, eps }).map(|o| o.count)
+    };
+    let is_empty = |e: &Error| matches!(e, Error::Empty(_));
+    assert_rejected("merge of no partial", &[], || merge(&[], 1e-5), is_empty);
+    let mut nothing = stats.partial();
+    nothing.count = 0;
+    assert_rejected(
+        "merge of count 0",
+        &[],
+        || merge(&[nothing, nothing], 1e-5),
+        is_empty,
+    );
+    let short = floats(device, &[2], 21);
+    let mut mismatched = stats.partial();
+    mismatched.mean = &short;
+    assert_rejected(
+        "merge of 3 and 2 channels",
+        &[&stats.mean, &short],
+        || merge(&[stats.partial(), mismatched], 1e-5),
+        |e| matches!(e, Error::Shape(_)),
+    );
+    assert_rejected(
+        "merge with eps -1",
+        &[&stats.mean],
+        || merge(&[stats.partial()], -1.0),
+        |e| matches!(e, Error::Option(_)),
+    );
+
+    let mut running = RunningStats::new(device, 3).unwrap();
+    for momentum in [-0.1, 1.5, f64::NAN, f64::INFINITY] {
+        let before = (
+            running.mean.to_f64_vec().unwrap(),
+            running.num_batches_tracked,
+        );
+        let err = running.update(&stats, Some(momentum)).unwrap_err();
+        assert!(
+            matches!(err, Error::Option(_)),
+            "momentum {momentum}: {err}"
+        );
+        assert_eq!(
+            before,
+            (
+                running.mean.to_f64_vec().unwrap(),
+                running.num_batches_tracked
+            )
+        );
+    }
+    let mut four = RunningStats::new(device, 4).unwrap();
+    let err = four.update(&stats, None).unwrap_err();
+    assert!(
+        matches!(err, Error::Shape(_)),
+        "4 running channels, 3 batch channels: {err}"
+    );
+    assert_eq!(four.num_batches_tracked, 0);
 }
 
 #[test]

@@ -2,6 +2,7 @@
 
 mod backends;
 mod bad_input;
+mod bnstats;
 mod compile;
 mod families;
 mod mutation;

@@ -157,16 +157,8 @@ fn case() -> impl Strategy<Value = XentCase> {
         )
 }
 
-/// PROPTEST_CASES when set (the GPU host runs 10000), else 24.
-fn proptest_cases() -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(24)
-}
-
 proptest! {
-    #![proptest_config(ProptestConfig { cases: proptest_cases(), ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: backends::proptest_cases(), ..ProptestConfig::default() })]
 
     #[test]
     fn xent_matches_the_reference_on_every_backend(case in case()) {
