@@ -1,60 +1,80 @@
-//! `losskern bench`: a quick benchmark of xent at one LLM-like shape (not the criterion
-//! benches).
+//! `losskern bench`: a quick benchmark of one op at one shape (not the criterion benches):
+//! xent at an LLM-like shape, or bnstats at an activation's shape.
 
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use losskern::check;
+use losskern::ops::bnstats::{self, Affine, BnStats, Layout};
 use losskern::ops::xent::{self, Targets, Xent, XentOptions};
 use losskern::{Backend, DType, Device, Tensor};
 
+use crate::bnstats::LayoutArg;
 use crate::json::Json;
 use crate::{DTypeArg, DeviceChoice, Failure};
 
 #[derive(Args)]
 pub struct BenchArgs {
+    /// The op to time
+    #[arg(long, value_enum, default_value_t = BenchOp::Xent)]
+    op: BenchOp,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Best)]
     device: DeviceChoice,
-    /// The logits' dtype [default: bf16 on a GPU, f32 on the CPU]
+    /// The input's dtype [default: bf16 on a GPU, f32 on the CPU]
     #[arg(long, value_enum)]
     dtype: Option<DTypeArg>,
-    /// B x V [default: 4096x32000 on a GPU, 256x32000 on the CPU]
-    #[arg(long, value_name = "BxV", value_parser = parse_shape)]
-    shape: Option<Shape>,
-    /// Also compute the gradient
+    /// xent: B x V [default: 4096x32000 on a GPU, 256x32000 on the CPU];
+    /// bnstats: N x C x H x W or N x C, whatever the layout [default: 32x64x28x28]
+    #[arg(long, value_name = "AxBx...", value_parser = parse_shape)]
+    shape: Option<Vec<usize>>,
+    /// xent: also compute the gradient
     #[arg(long)]
     grad: bool,
+    /// bnstats: the memory layout of x
+    #[arg(long, value_enum, default_value_t = LayoutArg::Nchw)]
+    layout: LayoutArg,
+    /// bnstats: also write the normalised y
+    #[arg(long)]
+    normalize: bool,
     /// Print one JSON line (benches/peers reads it)
     #[arg(long)]
     json: bool,
 }
 
-/// The benchmarked logits' shape.
-#[derive(Clone, Copy)]
-pub struct Shape {
-    batch: usize,
-    classes: usize,
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum BenchOp {
+    Xent,
+    Bnstats,
 }
 
-fn parse_shape(text: &str) -> Result<Shape, String> {
-    let (batch, classes) = text
-        .split_once('x')
-        .and_then(|(b, v)| Some((b.parse().ok()?, v.parse().ok()?)))
-        .ok_or_else(|| format!("'{text}' is not BxV"))?;
-    if batch == 0 || classes == 0 {
-        return Err(format!("'{text}': needs B >= 1 and V >= 1"));
+fn parse_shape(text: &str) -> Result<Vec<usize>, String> {
+    let dims: Option<Vec<usize>> = text.split('x').map(|d| d.parse().ok()).collect();
+    match dims {
+        Some(dims) if !dims.is_empty() && dims.iter().all(|&d| d > 0) => Ok(dims),
+        _ => Err(format!(
+            "'{text}' is not a shape of positive sizes like 8x128"
+        )),
     }
-    Ok(Shape { batch, classes })
 }
 
 pub fn bench_command(args: &BenchArgs) -> Result<(), Failure> {
-    bench(
-        &args.device.open()?,
-        args.dtype.map(DType::from),
-        args.shape,
-        args.grad,
-        args.json,
-    )
+    let device = args.device.open()?;
+    let dtype = args.dtype.map(DType::from);
+    match args.op {
+        BenchOp::Xent => {
+            let shape = match args.shape.as_deref() {
+                None => None,
+                Some(&[batch, classes]) => Some((batch, classes)),
+                Some(other) => {
+                    return Err(Failure::Usage(format!(
+                        "xent takes a B x V shape, not {other:?}"
+                    )))
+                }
+            };
+            bench(&device, dtype, shape, args.grad, args.json)
+        }
+        BenchOp::Bnstats => bench_bnstats(&device, dtype, args),
+    }
 }
 
 /// Milliseconds per call of `op`: the median over batches of back-to-back calls, each
@@ -114,7 +134,7 @@ fn time_cuda_raw(device: &Device, call: &Xent<'_>) -> Result<Option<Vec<f64>>, F
 pub fn bench(
     device: &Device,
     dtype: Option<DType>,
-    shape: Option<Shape>,
+    shape: Option<(usize, usize)>,
     grad: bool,
     json: bool,
 ) -> Result<(), Failure> {
@@ -122,7 +142,7 @@ pub fn bench(
         Backend::Cpu => ((256, 32000), DType::F32),
         Backend::Cuda | Backend::Wgpu => ((4096, 32000), DType::BF16),
     };
-    let (batch, classes) = shape.map_or(default_shape, |s| (s.batch, s.classes));
+    let (batch, classes) = shape.unwrap_or(default_shape);
     let dtype = dtype.unwrap_or(default_dtype);
     eprintln!(
         "bench: timing xent {batch} x {classes} {dtype} on {} (a few seconds) ...",
@@ -225,4 +245,82 @@ impl Timing {
 
 fn median(times: &[f64]) -> f64 {
     times[times.len() / 2]
+}
+
+/// Benchmarks bnstats on `device`: x of the given N x C x H x W (or N x C) in the layout;
+/// bytes counted: x read once, plus x read and y written with `normalize`.
+fn bench_bnstats(device: &Device, dtype: Option<DType>, args: &BenchArgs) -> Result<(), Failure> {
+    let layout = Layout::from(args.layout);
+    let dims = args.shape.clone().unwrap_or_else(|| vec![32, 64, 28, 28]);
+    let shape = match (layout, dims.as_slice()) {
+        (Layout::Nchw, &[n, c, h, w]) => vec![n, c, h, w],
+        (Layout::Nhwc, &[n, c, h, w]) => vec![n, h, w, c],
+        (Layout::Nc, &[n, c]) => vec![n, c],
+        _ => {
+            return Err(Failure::Usage(format!(
+                "bnstats in {layout:?} takes {} dims, got {dims:?}",
+                if layout == Layout::Nc { 2 } else { 4 }
+            )))
+        }
+    };
+    let dtype = dtype.unwrap_or(match device.backend() {
+        Backend::Cpu => DType::F32,
+        Backend::Cuda | Backend::Wgpu => DType::BF16,
+    });
+    eprintln!(
+        "bench: timing bnstats {dims:?} {layout:?} {dtype} on {} (a few seconds) ...",
+        device.name()
+    );
+    // A random block repeated with a prime period: random data, made quickly at any size.
+    let block = check::Rng::new(8).normals(65_521, 1.0);
+    let len: usize = shape.iter().product();
+    let values: Vec<f64> = (0..len).map(|i| block[i % block.len()] + 0.5).collect();
+    let x = Tensor::from_f64(device, &values, &shape, dtype)?;
+    drop(values);
+    let call = BnStats {
+        x: &x,
+        layout,
+        eps: 1e-5,
+        normalize: args.normalize.then(Affine::default),
+    };
+    let times = time_calls(
+        || bnstats::bn_stats(&call).map(drop),
+        || device.synchronize(),
+    )?;
+    let passes = if args.normalize { 3.0 } else { 1.0 };
+    let timing = Timing {
+        bytes: passes * x.byte_len() as f64,
+        tensor: times,
+        raw: None,
+    };
+    if args.json {
+        println!(
+            "{}",
+            Json::object([
+                ("op", Json::Str("bnstats".into())),
+                ("device", Json::Str(device.name())),
+                ("shape", Json::shape(&shape)),
+                ("layout", Json::Str(format!("{layout:?}"))),
+                ("dtype", Json::Str(dtype.name().into())),
+                ("normalize", Json::Bool(args.normalize)),
+                ("bytes", Json::Num(timing.bytes)),
+                ("median_ms", Json::Num(median(&timing.tensor))),
+                ("best_ms", Json::Num(timing.tensor[0])),
+                ("gb_per_s", Json::Num(timing.gbps(median(&timing.tensor)))),
+            ])
+        );
+        return Ok(());
+    }
+    let what = if args.normalize {
+        "stats + normalise"
+    } else {
+        "stats"
+    };
+    println!(
+        "\nbench: bnstats {what}, {shape:?} {layout:?} {dtype}, on {} ({:.1} MB counted)",
+        device.name(),
+        timing.bytes / 1e6
+    );
+    timing.print();
+    Ok(())
 }

@@ -44,7 +44,7 @@ pub struct BnstatsArgs {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
-enum LayoutArg {
+pub enum LayoutArg {
     Nchw,
     Nhwc,
     Nc,

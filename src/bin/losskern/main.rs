@@ -115,6 +115,9 @@ enum Failure {
     File(String),
     /// `check` found this many failing cases.
     Checks(usize),
+    /// Options that parse but do not fit together (a shape of the wrong rank for the op);
+    /// exits 2, as clap does for a bad command line.
+    Usage(String),
 }
 
 impl From<Error> for Failure {
@@ -142,17 +145,15 @@ fn main() -> ExitCode {
         Some(Command::EnergyDistance(args)) => energy::distance_command(&args),
         Some(Command::Bnstats(args)) => bnstats::bnstats_command(&args),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(failure) => {
-            match failure {
-                Failure::Lib(e) => eprintln!("losskern: {e}"),
-                Failure::File(message) => eprintln!("losskern: {message}"),
-                Failure::Checks(count) => eprintln!("losskern: {count} check(s) failed"),
-            }
-            ExitCode::FAILURE
-        }
-    }
+    let (message, code) = match result {
+        Ok(()) => return ExitCode::SUCCESS,
+        Err(Failure::Lib(e)) => (e.to_string(), 1),
+        Err(Failure::File(message)) => (message, 1),
+        Err(Failure::Checks(count)) => (format!("{count} check(s) failed"), 1),
+        Err(Failure::Usage(message)) => (message, 2),
+    };
+    eprintln!("losskern: {message}");
+    ExitCode::from(code)
 }
 
 /// No arguments: the checks on every backend present, then the benchmark on the best
