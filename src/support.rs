@@ -53,7 +53,11 @@ impl Backend {
     pub fn supports(self, op: Op) -> bool {
         match self {
             Backend::Cpu => true,
-            Backend::Cuda | Backend::Wgpu => matches!(op, Op::Xent | Op::XentDirectional),
+            Backend::Cuda => matches!(
+                op,
+                Op::Xent | Op::XentDirectional | Op::EnergyScore | Op::EnergyDistance
+            ),
+            Backend::Wgpu => matches!(op, Op::Xent | Op::XentDirectional),
         }
     }
 }

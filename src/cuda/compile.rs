@@ -63,16 +63,18 @@ const COMMON: &str = include_str!("../../kernels/common.cuh");
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum KernelSource {
     Xent,
+    Energy,
 }
 
 impl KernelSource {
     /// Every kernel source, for `check`-style commands that compile them all.
-    pub const ALL: [KernelSource; 1] = [KernelSource::Xent];
+    pub const ALL: [KernelSource; 2] = [KernelSource::Xent, KernelSource::Energy];
 
     /// The file name under `kernels/`.
     pub fn name(self) -> &'static str {
         match self {
             KernelSource::Xent => "xent.cu",
+            KernelSource::Energy => "energy.cu",
         }
     }
 
@@ -80,6 +82,7 @@ impl KernelSource {
     fn family_source(self) -> &'static str {
         match self {
             KernelSource::Xent => include_str!("../../kernels/xent.cu"),
+            KernelSource::Energy => include_str!("../../kernels/energy.cu"),
         }
     }
 

@@ -234,6 +234,30 @@ pub(crate) fn check_weight_values(name: &str, values: &[f64]) -> Result<()> {
     Ok(())
 }
 
+/// Bits of the status word a GPU energy distance leaves for its weight check: weights_x
+/// holds a negative or non-finite value, weights_x is all 0, and the same for weights_y.
+pub(crate) const WEIGHTS_X_BAD: u64 = 1;
+pub(crate) const WEIGHTS_X_ZERO: u64 = 2;
+pub(crate) const WEIGHTS_Y_BAD: u64 = 4;
+pub(crate) const WEIGHTS_Y_ZERO: u64 = 8;
+
+/// The error a non-zero weight status word stands for: the one [`check_weight_values`]
+/// gives on the CPU for the first set at fault.
+pub(crate) fn weight_status_error(status: u64) -> Error {
+    let (name, bad, zero) = if status & (WEIGHTS_X_BAD | WEIGHTS_X_ZERO) != 0 {
+        ("weights_x", WEIGHTS_X_BAD, WEIGHTS_X_ZERO)
+    } else {
+        ("weights_y", WEIGHTS_Y_BAD, WEIGHTS_Y_ZERO)
+    };
+    if status & bad != 0 {
+        Error::Option(format!("{name} must be finite and >= 0"))
+    } else if status & zero != 0 {
+        Error::Option(format!("{name} must not all be 0"))
+    } else {
+        Error::Option(format!("unknown energy weight status word {status:#x}"))
+    }
+}
+
 /// A validated energy-distance call, as the backends receive it.
 pub(crate) type EnergyDistanceCall<'a> = Bound<EnergyDistance<'a>, EnergyDistanceSpec>;
 

@@ -3,6 +3,7 @@
 mod backends;
 mod bad_input;
 mod compile;
+mod energy;
 mod families;
 mod mutation;
 mod nvrtc_cache;
