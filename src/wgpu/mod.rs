@@ -15,11 +15,12 @@ use crate::device::{Backend, Storage, Tensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::spec::bnstats::BnStatsKernels;
-use crate::spec::energy::EnergyKernels;
+use crate::spec::energy::weight_status_error;
 use crate::spec::ensemble::EnsembleKernels;
 use crate::spec::BackendKind;
 use crate::watch::Watches;
 
+pub mod energy;
 pub mod xent;
 
 pub use xent::{xent_raw, XentBuffers, XentTargets};
@@ -37,21 +38,24 @@ pub(crate) const MAX_BINDING_BYTES: u64 = 1 << 31;
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ShaderSource {
     Xent,
+    Energy,
 }
 
 impl ShaderSource {
     /// Every shader, so that tests can compile them all.
-    pub const ALL: [ShaderSource; 1] = [ShaderSource::Xent];
+    pub const ALL: [ShaderSource; 2] = [ShaderSource::Xent, ShaderSource::Energy];
 
     pub fn name(self) -> &'static str {
         match self {
             ShaderSource::Xent => "xent.wgsl",
+            ShaderSource::Energy => "energy.wgsl",
         }
     }
 
     fn code(self) -> &'static str {
         match self {
             ShaderSource::Xent => include_str!("../../shaders/xent.wgsl"),
+            ShaderSource::Energy => include_str!("../../shaders/energy.wgsl"),
         }
     }
 
@@ -59,6 +63,7 @@ impl ShaderSource {
     fn bindings(self) -> &'static [BindingKind] {
         match self {
             ShaderSource::Xent => xent::BINDINGS,
+            ShaderSource::Energy => energy::BINDINGS,
         }
     }
 
@@ -66,6 +71,7 @@ impl ShaderSource {
     fn pipelines(self) -> Vec<PipelineKey> {
         match self {
             ShaderSource::Xent => xent::all_pipelines(),
+            ShaderSource::Energy => energy::all_pipelines(),
         }
     }
 }
@@ -127,7 +133,14 @@ pub struct WgpuBackend {
     /// Buffers of dropped tensors, by (size, usage), for the next buffer of that kind.
     free: Mutex<BufferPool>,
     /// Status words of ops queued since each thread's last readback.
-    watched: Watches<TargetWatch>,
+    watched: Watches<Watch>,
+}
+
+/// A status word (u32) some op's kernels write, and how to read it.
+pub(crate) enum Watch {
+    Targets(TargetWatch),
+    /// An energy distance's weight check (`spec::energy::weight_status_error`).
+    Weights(wgpu::Buffer),
 }
 
 /// A status word (u32) an op's kernels write: 0, or !row for the first row whose class
@@ -323,23 +336,37 @@ impl WgpuBackend {
 
     /// Checks `watch` at the calling thread's next readback or synchronisation.
     pub(crate) fn watch_targets(&self, watch: TargetWatch) {
-        self.watched.push(watch);
+        self.watched.push(Watch::Targets(watch));
+    }
+
+    /// Checks the weight status word of an energy distance at the calling thread's next
+    /// readback or synchronisation.
+    pub(crate) fn watch_weights(&self, status: wgpu::Buffer) {
+        self.watched.push(Watch::Weights(status));
     }
 
     /// Reads the status word of every op queued since the last check and reports the
-    /// first op's first bad row.
+    /// first op's first bad row or weight.
     fn check_targets(&self) -> Result<()> {
         let watched = self.watched.take();
         for watch in watched {
-            let word = self.read_back(&watch.status, 4)?;
+            let buffer = match &watch {
+                Watch::Targets(t) => &t.status,
+                Watch::Weights(status) => status,
+            };
+            let word = self.read_back(buffer, 4)?;
             let status = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
-            if status != 0 {
-                return Err(Error::Target {
-                    row: (!status) as usize,
-                    classes: watch.classes,
-                    ignore_index: watch.ignore_index,
-                });
+            if status == 0 {
+                continue;
             }
+            return Err(match watch {
+                Watch::Targets(t) => Error::Target {
+                    row: (!status) as usize,
+                    classes: t.classes,
+                    ignore_index: t.ignore_index,
+                },
+                Watch::Weights(_) => weight_status_error(u64::from(status)),
+            });
         }
         Ok(())
     }
@@ -938,5 +965,4 @@ impl BackendKind for WgpuBackend {
 
 // Families without WGSL kernels yet: every op answers Error::Unsupported.
 impl EnsembleKernels for WgpuBackend {}
-impl EnergyKernels for WgpuBackend {}
 impl BnStatsKernels for WgpuBackend {}
