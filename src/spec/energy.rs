@@ -235,14 +235,20 @@ pub(crate) fn check_weight_values(name: &str, values: &[f64]) -> Result<()> {
 }
 
 /// Bits of the status word a GPU energy distance leaves for its weight check: weights_x
-/// holds a negative or non-finite value, weights_x is all 0, and the same for weights_y.
+/// holds a negative or non-finite value, weights_x is all 0, and the same for weights_y
+/// (kernels/energy.cu and shaders/energy.wgsl write the same numbers).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) const WEIGHTS_X_BAD: u64 = 1;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) const WEIGHTS_X_ZERO: u64 = 2;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) const WEIGHTS_Y_BAD: u64 = 4;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) const WEIGHTS_Y_ZERO: u64 = 8;
 
 /// The error a non-zero weight status word stands for: the one [`check_weight_values`]
 /// gives on the CPU for the first set at fault.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) fn weight_status_error(status: u64) -> Error {
     let (name, bad, zero) = if status & (WEIGHTS_X_BAD | WEIGHTS_X_ZERO) != 0 {
         ("weights_x", WEIGHTS_X_BAD, WEIGHTS_X_ZERO)

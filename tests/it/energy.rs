@@ -439,3 +439,147 @@ fn energy_ops_are_deterministic_and_the_forward_ignores_the_gradient() {
         assert_eq!(run(), run(), "{}", device.name());
     }
 }
+
+/// x [40, 5], y [23, 5] and x's weights as f32 bytes, with the Tensor entry's outputs
+/// (as bits) on `device` for the same data: what the zero-copy entries must reproduce.
+struct RawCase {
+    x: Vec<u8>,
+    y: Vec<u8>,
+    weights: Vec<u8>,
+    spec: energy::EnergyDistanceSpec,
+    want: [u64; 4],
+}
+
+fn raw_case(device: &Device) -> Option<RawCase> {
+    let (n, m, d) = (40, 23, 5);
+    let mut rng = Rng::new(47);
+    let f32s = |v: Vec<f64>| -> Vec<f32> { v.into_iter().map(|a| a as f32).collect() };
+    let x = f32s(rng.normals(n * d, 1.0));
+    let y = f32s(rng.normals(m * d, 1.0));
+    let w: Vec<f32> = (0..n).map(|_| (0.1 + rng.uniform()) as f32).collect();
+    let xt = Tensor::from_slice(device, &x, &[n, d]).unwrap();
+    let yt = Tensor::from_slice(device, &y, &[m, d]).unwrap();
+    let wt = Tensor::from_slice(device, &w, &[n]).unwrap();
+    let call = EnergyDistance {
+        x: &xt,
+        y: &yt,
+        weights_x: Some(&wt),
+        weights_y: None,
+        beta: 1.0,
+        statistic: Statistic::U,
+    };
+    let spec = energy::validate_distance(&call).unwrap();
+    let out = match energy::energy_distance(&call) {
+        Ok(out) => out,
+        Err(losskern::Error::Unsupported { .. }) => return None,
+        Err(e) => panic!("{e}"),
+    };
+    Some(RawCase {
+        x: bytemuck::cast_slice(&x).to_vec(),
+        y: bytemuck::cast_slice(&y).to_vec(),
+        weights: bytemuck::cast_slice(&w).to_vec(),
+        spec,
+        want: terms(&out).map(f64::to_bits),
+    })
+}
+
+fn f32_bits(bytes: &[u8]) -> u64 {
+    f64::from(f32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])).to_bits()
+}
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn energy_distance_raw_wgpu_entry_checks_buffers_and_matches_the_tensor_entry() {
+    use losskern::wgpu::energy::{energy_distance_raw, EnergyDistanceBuffers};
+    for device in backends::gpus() {
+        let Device::Wgpu(backend) = &device else {
+            continue;
+        };
+        let Some(case) = raw_case(&device) else {
+            continue;
+        };
+        let upload = |bytes: &[u8]| backend.upload(bytes).unwrap();
+        let (x, y, w) = (upload(&case.x), upload(&case.y), upload(&case.weights));
+        let outs: Vec<_> = (0..5).map(|_| upload(&[0u8; 4])).collect();
+        let buffers = EnergyDistanceBuffers {
+            distance: &outs[0],
+            cross: &outs[1],
+            within_x: &outs[2],
+            within_y: &outs[3],
+            status: &outs[4],
+        };
+        energy_distance_raw(backend, &case.spec, &x, &y, (Some(&w), None), &buffers).unwrap();
+        buffers.check_weights(backend).unwrap();
+        let got: Vec<u64> = outs[..4]
+            .iter()
+            .map(|b| f32_bits(&backend.download(b, 4).unwrap()))
+            .collect();
+        assert_eq!(got, case.want, "raw and Tensor entries differ");
+
+        let short = upload(&case.x[..case.x.len() - 4]);
+        let refused = energy_distance_raw(backend, &case.spec, &short, &y, (None, None), &buffers);
+        assert!(
+            matches!(refused, Err(losskern::Error::Shape(_))),
+            "{refused:?}"
+        );
+        let mut negative = case.weights.clone();
+        negative[3] |= 0x80;
+        let negative = upload(&negative);
+        energy_distance_raw(
+            backend,
+            &case.spec,
+            &x,
+            &y,
+            (Some(&negative), None),
+            &buffers,
+        )
+        .unwrap();
+        assert!(matches!(
+            buffers.check_weights(backend),
+            Err(losskern::Error::Option(_))
+        ));
+    }
+}
+
+#[cfg(feature = "cuda")]
+#[test]
+fn energy_distance_raw_cuda_entry_checks_buffers_and_matches_the_tensor_entry() {
+    use losskern::cuda::energy::{
+        energy_distance_raw, EnergyDistanceBuffers, EnergyDistanceInputs,
+    };
+    for device in backends::gpus() {
+        let Device::Cuda(backend) = &device else {
+            continue;
+        };
+        let Some(case) = raw_case(&device) else {
+            continue;
+        };
+        let stream = backend.stream();
+        let upload = |bytes: &[u8]| stream.clone_htod(bytes).unwrap();
+        let (x, y, w) = (upload(&case.x), upload(&case.y), upload(&case.weights));
+        let mut out = EnergyDistanceBuffers::new(stream, &case.spec).unwrap();
+        let inputs = EnergyDistanceInputs {
+            x: x.as_view(),
+            y: y.as_view(),
+            weights_x: Some(w.as_view()),
+            weights_y: None,
+        };
+        energy_distance_raw(stream, &case.spec, &inputs, &mut out).unwrap();
+        out.check_weights(stream).unwrap();
+        let got: Vec<u64> = [&out.distance, &out.cross, &out.within_x, &out.within_y]
+            .into_iter()
+            .map(|b| f32_bits(&stream.clone_dtoh(b).unwrap()))
+            .collect();
+        assert_eq!(got, case.want, "raw and Tensor entries differ");
+
+        let short = EnergyDistanceInputs {
+            x: x.slice(4..),
+            ..inputs
+        };
+        let refused = energy_distance_raw(stream, &case.spec, &short, &mut out);
+        assert!(
+            matches!(refused, Err(losskern::Error::Shape(_))),
+            "{refused:?}"
+        );
+    }
+}
