@@ -14,11 +14,12 @@
 //!   more is handed back at the next synchronisation, and [`CudaBackend::trim`] hands
 //!   back all of it.
 //! - Data errors: a kernel that finds a class target out of range records the row in
-//!   a device-side status word; [`CudaBackend::download`] and
-//!   [`CudaBackend::synchronize`] read the words of every op since the last check and
-//!   return `Error::Target` for the first bad one, so no op waits for the device.
+//!   a device-side status word (an energy distance's merge kernel, a bad sample
+//!   weight); [`CudaBackend::download`] and [`CudaBackend::synchronize`] read the words
+//!   of every op since the last check and return `Error::Target` (or the weights'
+//!   `Error::Option`) for the first bad one, so no op waits for the device.
 //! - [`compile`] / [`KernelSource`]: NVRTC compilation, usable with no GPU.
-//! - Each family's file (`xent.rs`) has a Tensor entry and a zero-copy entry
+//! - Each family's file (`xent.rs`, `energy.rs`) has a Tensor entry and a zero-copy entry
 //!   on the caller's own cudarc stream and device memory.
 
 use std::collections::HashMap;

@@ -1,6 +1,6 @@
 //! wgpu backend: adapter and device, shader modules and a pipeline cache, buffer
 //! upload / download, and a dispatch helper that checks launches against the device's
-//! limits. One file per family holds its kernels' host side (`xent.rs`).
+//! limits. One file per family holds its kernels' host side (`xent.rs`, `energy.rs`).
 //!
 //! Errors: wgpu reports validation, out-of-memory and internal errors through error
 //! scopes (or panics, when none is open and no handler is installed). Every call here
