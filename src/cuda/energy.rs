@@ -35,28 +35,15 @@ use crate::device::{Storage, Tensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::spec::energy::{
-    weight_status_error, EnergyDistanceCall, EnergyDistanceOutput, EnergyDistanceSpec,
-    EnergyKernels, EnergyScoreCall, EnergyScoreOutput, EnergyScoreSpec, Statistic,
+    pair_slots, power_code, weight_status_error, EnergyDistanceCall, EnergyDistanceOutput,
+    EnergyDistanceSpec, EnergyKernels, EnergyScoreCall, EnergyScoreOutput, EnergyScoreSpec,
+    Statistic,
 };
 
-/// Rows of a pair tile and the column tiles of one block's chunk (kernels/energy.cu).
-const PAIR_TILE: usize = 64;
-const PAIR_CHUNK: usize = 16;
+/// Threads of a pair block (kernels/energy.cu lays its 64 x 64 tiles out for 256).
 const PAIR_THREADS: u32 = 256;
 /// Prediction rows (warps) per block of the score kernel.
 const SCORE_WARPS: usize = 8;
-
-/// 1 and 2 have exact shapes in the kernels (sqrt, the square itself); 0 is any other
-/// beta, raised in f64.
-fn power_code(beta: f64) -> i32 {
-    if beta == 1.0 {
-        1
-    } else if beta == 2.0 {
-        2
-    } else {
-        0
-    }
-}
 
 fn kernel_name(family: &str, dtype: DType) -> Result<&'static str> {
     Ok(match (family, dtype) {
@@ -352,7 +339,7 @@ pub fn energy_score_raw(
         beta: spec.beta,
         c1,
         c2,
-        power: power_code(spec.beta),
+        power: i32::from(power_code(spec.beta)),
         pad: 0,
     };
     let cfg = kernels.fixed_config(
@@ -402,14 +389,8 @@ pub struct EnergyDistanceInputs<'a> {
     pub weights_y: Option<CudaView<'a, u8>>,
 }
 
-/// The pair tiles of one term: (row tiles * column chunks, column chunks).
-fn term_tiles(na: usize, nb: usize) -> (usize, usize) {
-    let chunks = nb.div_ceil(PAIR_TILE).div_ceil(PAIR_CHUNK);
-    (na.div_ceil(PAIR_TILE) * chunks, chunks)
-}
-
 fn distance_slots(spec: &EnergyDistanceSpec) -> usize {
-    term_tiles(spec.n, spec.m).0 + term_tiles(spec.n, spec.n).0 + term_tiles(spec.m, spec.m).0
+    pair_slots(spec.n, spec.m).0 + pair_slots(spec.n, spec.n).0 + pair_slots(spec.m, spec.m).0
 }
 
 /// Device outputs (and scratch) of one energy-distance shape; reusable across calls with
@@ -544,9 +525,9 @@ pub fn energy_distance_raw(
         within_x: p.write(within_x, 4, 4, "within_x")?,
         within_y: p.write(within_y, 4, 4, "within_y")?,
         status: p.write(status, 8, 8, "status word")?,
-        tiles_xy: as_i64(term_tiles(n, m).0, "X-Y tiles")?,
-        tiles_xx: as_i64(term_tiles(n, n).0, "X-X tiles")?,
-        tiles_yy: as_i64(term_tiles(m, m).0, "Y-Y tiles")?,
+        tiles_xy: as_i64(pair_slots(n, m).0, "X-Y tiles")?,
+        tiles_xx: as_i64(pair_slots(n, n).0, "X-X tiles")?,
+        tiles_yy: as_i64(pair_slots(m, m).0, "Y-Y tiles")?,
         n: as_i64(n, "N")?,
         m: as_i64(m, "M")?,
         u_statistic: i32::from(spec.statistic == Statistic::U),
@@ -584,7 +565,7 @@ pub fn energy_distance_raw(
     ];
     let mut slot = 0usize;
     for term in &terms {
-        let (tiles, chunks) = term_tiles(term.na, term.nb);
+        let (tiles, chunks) = pair_slots(term.na, term.nb);
         let args = EnergyPairArgs {
             a: term.a,
             b: term.b,
@@ -599,7 +580,7 @@ pub fn energy_distance_raw(
             tiles: as_i64(tiles, "tiles")?,
             beta: spec.beta,
             within: i32::from(term.within),
-            power: power_code(spec.beta),
+            power: i32::from(power_code(spec.beta)),
         };
         let cfg = kernels.fixed_config(name, &pairs, tiles, PAIR_THREADS)?;
         // SAFETY: the argument block matches the kernel's parameter (see the DeviceRepr

@@ -264,6 +264,34 @@ pub(crate) fn weight_status_error(status: u64) -> Error {
     }
 }
 
+/// How the GPU kernels raise a squared distance s to beta / 2: 1 for beta = 1 (sqrt),
+/// 2 for beta = 2 (s itself), 0 for any other beta (a power).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) fn power_code(beta: f64) -> u8 {
+    if beta == 1.0 {
+        1
+    } else if beta == 2.0 {
+        2
+    } else {
+        0
+    }
+}
+
+/// Rows of a pair tile and column tiles per block (workgroup) of the GPU pair kernels,
+/// as kernels/energy.cu and shaders/energy.wgsl lay them out.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) const PAIR_TILE: usize = 64;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) const PAIR_CHUNK: usize = 16;
+
+/// The scratch slots of one pair term of `na` rows against `nb` (one per row tile and
+/// column chunk), and its column chunks per row tile.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) fn pair_slots(na: usize, nb: usize) -> (usize, usize) {
+    let chunks = nb.div_ceil(PAIR_TILE).div_ceil(PAIR_CHUNK);
+    (na.div_ceil(PAIR_TILE) * chunks, chunks)
+}
+
 /// A validated energy-distance call, as the backends receive it.
 pub(crate) type EnergyDistanceCall<'a> = Bound<EnergyDistance<'a>, EnergyDistanceSpec>;
 

@@ -17,8 +17,9 @@ use crate::device::{Storage, Tensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::spec::energy::{
-    weight_status_error, EnergyDistanceCall, EnergyDistanceOutput, EnergyDistanceSpec,
-    EnergyKernels, EnergyScoreCall, EnergyScoreOutput, EnergyScoreSpec, Statistic,
+    pair_slots, power_code, weight_status_error, EnergyDistanceCall, EnergyDistanceOutput,
+    EnergyDistanceSpec, EnergyKernels, EnergyScoreCall, EnergyScoreOutput, EnergyScoreSpec,
+    Statistic,
 };
 use crate::wgpu::{
     dtype_code, index, padded_size, require, wgpu_buffer, BindingKind, PipelineKey, ShaderSource,
@@ -42,10 +43,6 @@ const PAIRS: &str = "energy_pairs";
 const DISTANCE_MERGE: &str = "energy_distance_merge";
 const SCORE: &str = "energy_score";
 const SCORE_MERGE: &str = "energy_score_merge";
-
-/// Rows of a pair tile and column tiles per workgroup, as in the shader.
-const TILE: u64 = 64;
-const CHUNK: u64 = 16;
 
 // Params.flags, as in the shader.
 const F_WA: u32 = 1;
@@ -134,17 +131,6 @@ pub(crate) fn all_pipelines() -> Vec<PipelineKey> {
     keys
 }
 
-/// 1 and 2 have exact shapes in the shader (sqrt, the square itself); 0 is any other beta.
-fn power_code(beta: f64) -> u32 {
-    if beta == 1.0 {
-        1
-    } else if beta == 2.0 {
-        2
-    } else {
-        0
-    }
-}
-
 /// Bytes of `elements` values of `dtype`, checked to fit one binding of `kernel`.
 fn binding_bytes(
     backend: &WgpuBackend,
@@ -215,10 +201,11 @@ impl EnergyDistanceBuffers<'_> {
     }
 }
 
-/// The slots of one pair term: (row tiles * column chunks, column chunks).
+/// The slots of one pair term and its column chunks, as u64.
 fn term_tiles(na: u64, nb: u64) -> (u64, u64) {
-    let chunks = nb.div_ceil(TILE).div_ceil(CHUNK);
-    (na.div_ceil(TILE) * chunks, chunks)
+    // The sizes came from usize; the slot count is at most the row count.
+    let (slots, chunks) = pair_slots(na as usize, nb as usize);
+    (slots as u64, chunks as u64)
 }
 
 /// The placeholders for bindings a dispatch does not use.
@@ -237,18 +224,16 @@ impl Unused {
     }
 }
 
-/// Runs the two-sample energy distance on buffers of `backend`'s device with no copy of
-/// the inputs: x [N, d] and y [M, d] in `spec.dtype`, optional weights [N] and [M] f32,
-/// not checked on the host (see the module docs). `spec` is trusted as validated; every
-/// buffer's size is checked against it. Work is queued, not waited for.
-pub fn energy_distance_raw(
+/// Checks the buffers of a raw energy distance against `spec` and the binding limits;
+/// the bytes of x and y.
+fn check_distance_buffers(
     backend: &WgpuBackend,
     spec: &EnergyDistanceSpec,
     x: &wgpu::Buffer,
     y: &wgpu::Buffer,
     weights: (Option<&wgpu::Buffer>, Option<&wgpu::Buffer>),
     out: &EnergyDistanceBuffers<'_>,
-) -> Result<()> {
+) -> Result<(u64, u64)> {
     backend.check_kernel_limits(ShaderSource::Energy)?;
     let (n, m, d) = (spec.n as u64, spec.m as u64, spec.d as u64);
     if n == 0 || m == 0 || d == 0 {
@@ -289,7 +274,26 @@ pub fn energy_distance_raw(
     ] {
         require(buffer, what, 4, copy_dst)?;
     }
+    Ok((x_bytes, y_bytes))
+}
 
+/// Runs the two-sample energy distance on buffers of `backend`'s device with no copy of
+/// the inputs: x [N, d] and y [M, d] in `spec.dtype`, optional weights [N] and [M] f32,
+/// not checked on the host (see the module docs). `spec` is trusted as validated; every
+/// buffer's size is checked against it. Work is queued, not waited for.
+pub fn energy_distance_raw(
+    backend: &WgpuBackend,
+    spec: &EnergyDistanceSpec,
+    x: &wgpu::Buffer,
+    y: &wgpu::Buffer,
+    weights: (Option<&wgpu::Buffer>, Option<&wgpu::Buffer>),
+    out: &EnergyDistanceBuffers<'_>,
+) -> Result<()> {
+    let (x_bytes, y_bytes) = check_distance_buffers(backend, spec, x, y, weights, out)?;
+    let (n, m, d) = (spec.n as u64, spec.m as u64, spec.d as u64);
+    let storage = wgpu::BufferUsages::STORAGE;
+    let elem = spec.dtype.size() as u64;
+    let (wx, wy) = weights;
     let terms = [
         (term_tiles(n, m), false),
         (term_tiles(n, n), true),
@@ -320,7 +324,7 @@ pub fn energy_distance_raw(
         tiles_xy: index(terms[0].0 .0, "X-Y tiles")?,
         tiles_xx: index(terms[1].0 .0, "X-X tiles")?,
         tiles_yy: index(terms[2].0 .0, "Y-Y tiles")?,
-        power: power_code(spec.beta),
+        power: u32::from(power_code(spec.beta)),
         half_beta: (0.5 * spec.beta) as f32,
         beta: spec.beta as f32,
         nan_bits: 0x7fc0_0000,
@@ -389,6 +393,26 @@ pub fn energy_distance_raw(
         ],
     )?;
 
+    submit_distance(
+        backend,
+        (&pairs, &merge),
+        &dispatches,
+        &merge_group,
+        &red,
+        out,
+    )
+}
+
+/// Queues the pair dispatches (each with its bind group and grid), the merge and the
+/// copies from `red` into the outputs, in one submission.
+fn submit_distance(
+    backend: &WgpuBackend,
+    (pairs, merge): (&wgpu::ComputePipeline, &wgpu::ComputePipeline),
+    dispatches: &[(wgpu::BindGroup, (u32, u32))],
+    merge_group: &wgpu::BindGroup,
+    red: &wgpu::Buffer,
+    out: &EnergyDistanceBuffers<'_>,
+) -> Result<()> {
     backend.scoped("energy distance", || {
         let mut encoder =
             backend
@@ -401,22 +425,22 @@ pub fn energy_distance_raw(
                 label: Some("energy distance"),
                 timestamp_writes: None,
             });
-            pass.set_pipeline(&pairs);
-            for (group, (gx, gy)) in &dispatches {
+            pass.set_pipeline(pairs);
+            for (group, (gx, gy)) in dispatches {
                 pass.set_bind_group(0, group, &[]);
                 pass.dispatch_workgroups(*gx, *gy, 1);
             }
-            pass.set_pipeline(&merge);
-            pass.set_bind_group(0, &merge_group, &[]);
+            pass.set_pipeline(merge);
+            pass.set_bind_group(0, merge_group, &[]);
             pass.dispatch_workgroups(1, 1, 1);
         }
         for (k, dst) in [out.distance, out.cross, out.within_x, out.within_y]
             .into_iter()
             .enumerate()
         {
-            encoder.copy_buffer_to_buffer(&red, 4 * k as u64, dst, 0, 4);
+            encoder.copy_buffer_to_buffer(red, 4 * k as u64, dst, 0, 4);
         }
-        encoder.copy_buffer_to_buffer(&red, RED_STATUS_OFFSET, out.status, 0, 4);
+        encoder.copy_buffer_to_buffer(red, RED_STATUS_OFFSET, out.status, 0, 4);
         backend.queue().submit([encoder.finish()]);
         Ok(())
     })
@@ -498,7 +522,7 @@ pub fn energy_score_raw(
         nb: index(m, "m")?,
         d: index(d, "d")?,
         flags: if spec.grad { F_GRAD } else { 0 },
-        power: power_code(spec.beta),
+        power: u32::from(power_code(spec.beta)),
         half_beta: (0.5 * spec.beta) as f32,
         beta: spec.beta as f32,
         c1: (1.0 / (nf * mf)) as f32,
