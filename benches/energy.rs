@@ -1,58 +1,86 @@
-//! energy: engression loss with gradient, and the two-sample energy distance.
+//! energy: engression loss with gradient, and the two-sample energy distance, at the
+//! shapes of issue 8 (engression's n=1024 m=16 d=100 and n=16384 m=64 d=16, a large-m
+//! sample, N=M=16384 d=64 and the d=3 N=M=10^5 pair-rate case). Throughput is the input
+//! bytes read once (and the gradient written once); the pair counts are in the names, so
+//! pairs/s is pairs over the time. The CPU backend runs the f64 reference, so it is timed
+//! only where a call stays under about 10^8 distance terms.
 
 mod harness;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use losskern::check::Rng;
 use losskern::ops::energy::{self, EnergyDistance, EnergyScore, Statistic};
-use losskern::{DType, Tensor};
+use losskern::{DType, Device, Tensor};
 
-fn bench(c: &mut Criterion) {
-    let mut group = c.benchmark_group("energy");
-    harness::configure(&mut group);
-    let mut rng = Rng::new(5);
-    for device in harness::devices() {
-        let (n, m, d) = (256usize, 16usize, 32usize);
-        let y = Tensor::from_f64(&device, &rng.normals(n * d, 1.0), &[n, d], DType::F32)
-            .expect("upload");
-        let preds = Tensor::from_f64(
-            &device,
-            &rng.normals(n * m * d, 1.0),
-            &[n, m, d],
-            DType::F32,
-        )
-        .expect("upload");
-        let bytes = (y.byte_len() + 2 * preds.byte_len()) as u64;
+/// The CPU's reference loops take seconds past this many distance coordinates.
+const CPU_WORK: usize = 100_000_000;
+
+fn upload(device: &Device, rng: &mut Rng, shape: &[usize]) -> Tensor {
+    let len = shape.iter().product();
+    Tensor::from_f64(device, &rng.normals(len, 1.0), shape, DType::F32).expect("upload")
+}
+
+fn score_benches(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    device: &Device,
+    rng: &mut Rng,
+) {
+    for (n, m, d, grad) in [
+        (1024usize, 16usize, 100usize, true),
+        (16384, 64, 16, true),
+        (16384, 64, 16, false),
+        (65536, 64, 16, true),
+        (8, 512, 64, true),
+    ] {
+        if *device == Device::Cpu && n * m * m * d > CPU_WORK {
+            continue;
+        }
+        let y = upload(device, rng, &[n, d]);
+        let preds = upload(device, rng, &[n, m, d]);
+        let grad_bytes = if grad { preds.byte_len() } else { 0 };
+        let bytes = (y.byte_len() + preds.byte_len() + grad_bytes) as u64;
+        let what = if grad { "score+grad" } else { "score" };
         harness::bench_op(
-            &mut group,
-            &device,
-            "score+grad/f32/n256-m16-d32",
+            group,
+            device,
+            &format!("{what}/f32/n{n}-m{m}-d{d}"),
             bytes,
             || {
                 energy::energy_score(&EnergyScore {
                     y: &y,
                     preds: &preds,
                     beta: 1.0,
-                    grad: true,
+                    grad,
                 })
                 .map(drop)
             },
         );
-        let (nx, ny) = (1024usize, 1024usize);
-        let x = Tensor::from_f64(&device, &rng.normals(nx * d, 1.0), &[nx, d], DType::F32)
-            .expect("upload");
-        let y2 = Tensor::from_f64(&device, &rng.normals(ny * d, 1.0), &[ny, d], DType::F32)
-            .expect("upload");
-        let bytes = (x.byte_len() + y2.byte_len()) as u64;
+    }
+}
+
+fn distance_benches(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    device: &Device,
+    rng: &mut Rng,
+) {
+    for (n, m, d) in [(16384usize, 16384usize, 64usize), (100_000, 100_000, 3)] {
+        if *device == Device::Cpu && n * m * d > CPU_WORK {
+            continue;
+        }
+        let x = upload(device, rng, &[n, d]);
+        let y = upload(device, rng, &[m, d]);
+        // xy pairs plus the i < j pairs of each set.
+        let pairs = n * m + n * (n - 1) / 2 + m * (m - 1) / 2;
+        let bytes = (x.byte_len() + y.byte_len()) as u64;
         harness::bench_op(
-            &mut group,
-            &device,
-            "distance/f32/1024x1024-d32",
+            group,
+            device,
+            &format!("distance/f32/N{n}-M{m}-d{d}-pairs{pairs}"),
             bytes,
             || {
                 energy::energy_distance(&EnergyDistance {
                     x: &x,
-                    y: &y2,
+                    y: &y,
                     weights_x: None,
                     weights_y: None,
                     beta: 1.0,
@@ -61,6 +89,16 @@ fn bench(c: &mut Criterion) {
                 .map(drop)
             },
         );
+    }
+}
+
+fn bench(c: &mut Criterion) {
+    let mut group = c.benchmark_group("energy");
+    harness::configure(&mut group);
+    let mut rng = Rng::new(5);
+    for device in harness::devices() {
+        score_benches(&mut group, &device, &mut rng);
+        distance_benches(&mut group, &device, &mut rng);
     }
     group.finish();
 }

@@ -80,6 +80,7 @@ enum Input {
         beta: u8,
         grad: bool,
         coincide: bool,
+        magnitude: u8,
         seed: u64,
     },
     EnergyDistance {
@@ -90,6 +91,7 @@ enum Input {
         weighted: bool,
         beta: u8,
         u_statistic: bool,
+        magnitude: u8,
         seed: u64,
     },
     BnStats {
@@ -121,6 +123,12 @@ fn size(n: impl Into<u64>, max: u64) -> usize {
 
 fn dtype(i: u8) -> DType {
     pick(&[DType::F32, DType::F16, DType::BF16], i)
+}
+
+/// (offset, scale) of an energy case's values: unit, an offset where distances from norms
+/// would cancel, and a wide range.
+fn energy_magnitude(i: u8) -> (f64, f64) {
+    pick(&[(0.0, 1.0), (1e3, 0.01), (0.0, 100.0)], i)
 }
 
 /// beta in (0, 2], the range the energy ops take.
@@ -232,15 +240,18 @@ fn case(input: &Input) -> Case {
             beta: b,
             grad,
             coincide,
+            magnitude,
             seed,
         } => Case::EnergyScore(EnergyScoreCase {
             n: size(n, 16),
-            m: size(m, 16),
+            m: size(m, 40),
             d: size(d, 40),
             dtype: dtype(t),
             beta: beta(b),
             grad,
             coincide,
+            offset: energy_magnitude(magnitude).0,
+            scale: energy_magnitude(magnitude).1,
             seed,
         }),
         Input::EnergyDistance {
@@ -251,10 +262,11 @@ fn case(input: &Input) -> Case {
             weighted,
             beta: b,
             u_statistic,
+            magnitude,
             seed,
         } => Case::EnergyDistance(EnergyDistanceCase {
-            n: size(n, 24),
-            m: size(m, 24),
+            n: size(n, 150),
+            m: size(m, 150),
             d: size(d, 40),
             dtype: dtype(t),
             weighted,
@@ -264,6 +276,8 @@ fn case(input: &Input) -> Case {
             } else {
                 Statistic::V
             },
+            offset: energy_magnitude(magnitude).0,
+            scale: energy_magnitude(magnitude).1,
             seed,
         }),
         Input::BnStats {

@@ -31,6 +31,10 @@ pub struct EnergyScoreCase {
     pub grad: bool,
     /// Make two predictions of a sample coincide (the sub-gradient case).
     pub coincide: bool,
+    /// Values are offset + scale * N(0, 1): a large offset with a small scale is where a
+    /// distance taken from norms and dot products would cancel.
+    pub offset: f64,
+    pub scale: f64,
     pub seed: u64,
 }
 
@@ -44,6 +48,8 @@ pub fn score_cases() -> Vec<EnergyScoreCase> {
             beta: 1.0,
             grad: true,
             coincide: true,
+            offset: 0.0,
+            scale: 1.0,
             seed: 21,
         },
         EnergyScoreCase {
@@ -54,6 +60,8 @@ pub fn score_cases() -> Vec<EnergyScoreCase> {
             beta: 1.5,
             grad: true,
             coincide: false,
+            offset: 0.0,
+            scale: 1.0,
             seed: 22,
         },
         EnergyScoreCase {
@@ -64,7 +72,34 @@ pub fn score_cases() -> Vec<EnergyScoreCase> {
             beta: 0.5,
             grad: false,
             coincide: false,
+            offset: 0.0,
+            scale: 1.0,
             seed: 23,
+        },
+        // More than one 512-wide batch of k per row, at an offset where norms would cancel.
+        EnergyScoreCase {
+            n: 2,
+            m: 600,
+            d: 5,
+            dtype: DType::F32,
+            beta: 1.0,
+            grad: true,
+            coincide: true,
+            offset: 1e3,
+            scale: 0.01,
+            seed: 24,
+        },
+        EnergyScoreCase {
+            n: 3,
+            m: 3,
+            d: 4100,
+            dtype: DType::F32,
+            beta: 1.25,
+            grad: true,
+            coincide: false,
+            offset: 0.0,
+            scale: 1.0,
+            seed: 25,
         },
     ]
 }
@@ -88,8 +123,13 @@ impl EnergyScoreCase {
     fn draw(&self) -> Result<(Tensor, Tensor)> {
         let (n, m, d) = (self.n, self.m, self.d);
         let mut rng = Rng::new(self.seed);
-        let y = Tensor::from_f64(&Device::Cpu, &rng.normals(n * d, 1.0), &[n, d], self.dtype)?;
-        let mut p = rng.normals(n * m * d, 1.0);
+        let mut draw = |len: usize| -> Vec<f64> {
+            let mut v = rng.normals(len, self.scale);
+            v.iter_mut().for_each(|x| *x += self.offset);
+            v
+        };
+        let y = Tensor::from_f64(&Device::Cpu, &draw(n * d), &[n, d], self.dtype)?;
+        let mut p = draw(n * m * d);
         if self.coincide && m > 1 {
             let (first, rest) = p.split_at_mut(d);
             rest[..d].copy_from_slice(first);
@@ -196,6 +236,9 @@ pub struct EnergyDistanceCase {
     pub weighted: bool,
     pub beta: f64,
     pub statistic: Statistic,
+    /// X is offset + scale * N(0, 1), Y offset + scale * (0.5 + 1.5 N(0, 1)).
+    pub offset: f64,
+    pub scale: f64,
     pub seed: u64,
 }
 
@@ -209,6 +252,8 @@ pub fn distance_cases() -> Vec<EnergyDistanceCase> {
             weighted: false,
             beta: 1.0,
             statistic: Statistic::V,
+            offset: 0.0,
+            scale: 1.0,
             seed: 31,
         },
         EnergyDistanceCase {
@@ -219,6 +264,8 @@ pub fn distance_cases() -> Vec<EnergyDistanceCase> {
             weighted: true,
             beta: 1.0,
             statistic: Statistic::U,
+            offset: 0.0,
+            scale: 1.0,
             seed: 32,
         },
         EnergyDistanceCase {
@@ -229,7 +276,34 @@ pub fn distance_cases() -> Vec<EnergyDistanceCase> {
             weighted: false,
             beta: 2.0,
             statistic: Statistic::U,
+            offset: 0.0,
+            scale: 1.0,
             seed: 33,
+        },
+        // Several 16-tile column chunks within X, and d past a 32-wide stage.
+        EnergyDistanceCase {
+            n: 1100,
+            m: 70,
+            d: 3,
+            dtype: DType::F32,
+            weighted: true,
+            beta: 1.0,
+            statistic: Statistic::V,
+            offset: 1e3,
+            scale: 0.01,
+            seed: 34,
+        },
+        EnergyDistanceCase {
+            n: 70,
+            m: 3,
+            d: 4096,
+            dtype: DType::BF16,
+            weighted: false,
+            beta: 0.75,
+            statistic: Statistic::U,
+            offset: 0.0,
+            scale: 1.0,
+            seed: 35,
         },
     ]
 }
@@ -249,9 +323,12 @@ impl EnergyDistanceCase {
     fn draw(&self) -> Result<(Tensor, Tensor, Option<Vec<f64>>, Option<Vec<f64>>)> {
         let (n, m, d) = (self.n, self.m, self.d);
         let mut rng = Rng::new(self.seed);
-        let x = Tensor::from_f64(&Device::Cpu, &rng.normals(n * d, 1.0), &[n, d], self.dtype)?;
-        let mut shifted = rng.normals(m * d, 1.5);
-        shifted.iter_mut().for_each(|v| *v += 0.5);
+        let (offset, scale) = (self.offset, self.scale);
+        let mut x = rng.normals(n * d, scale);
+        x.iter_mut().for_each(|v| *v += offset);
+        let x = Tensor::from_f64(&Device::Cpu, &x, &[n, d], self.dtype)?;
+        let mut shifted = rng.normals(m * d, 1.5 * scale);
+        shifted.iter_mut().for_each(|v| *v += offset + 0.5 * scale);
         let y = Tensor::from_f64(&Device::Cpu, &shifted, &[m, d], self.dtype)?;
         let weight = |rng: &mut Rng, len: usize| -> Vec<f64> {
             (0..len)

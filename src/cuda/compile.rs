@@ -64,17 +64,23 @@ const COMMON: &str = include_str!("../../kernels/common.cuh");
 pub enum KernelSource {
     Xent,
     BnStats,
+    Energy,
 }
 
 impl KernelSource {
     /// Every kernel source, for `check`-style commands that compile them all.
-    pub const ALL: [KernelSource; 2] = [KernelSource::Xent, KernelSource::BnStats];
+    pub const ALL: [KernelSource; 3] = [
+        KernelSource::Xent,
+        KernelSource::BnStats,
+        KernelSource::Energy,
+    ];
 
     /// The file name under `kernels/`.
     pub fn name(self) -> &'static str {
         match self {
             KernelSource::Xent => "xent.cu",
             KernelSource::BnStats => "bnstats.cu",
+            KernelSource::Energy => "energy.cu",
         }
     }
 
@@ -83,6 +89,7 @@ impl KernelSource {
         match self {
             KernelSource::Xent => include_str!("../../kernels/xent.cu"),
             KernelSource::BnStats => include_str!("../../kernels/bnstats.cu"),
+            KernelSource::Energy => include_str!("../../kernels/energy.cu"),
         }
     }
 

@@ -231,6 +231,22 @@ impl Kernels {
         self.checked(name, f, (grid, 1, 1), (block, 1, 1))
     }
 
+    /// `blocks` blocks (capped at the device's grid limit: the kernel must grid-stride)
+    /// of exactly `threads` threads, for kernels whose tile shape is compiled in.
+    pub(crate) fn fixed_config(
+        &self,
+        name: &str,
+        f: &CudaFunction,
+        blocks: usize,
+        threads: u32,
+    ) -> Result<LaunchConfig> {
+        let grid = u32::try_from(blocks)
+            .unwrap_or(u32::MAX)
+            .min(self.limits.max_grid[0])
+            .max(1);
+        self.checked(name, f, (grid, 1, 1), (threads, 1, 1))
+    }
+
     /// How many blocks of `block` threads of `f` one multiprocessor holds at
     /// once (registers, shared memory and thread limits), at least 1.
     pub(crate) fn blocks_per_multiprocessor(&self, f: &CudaFunction, block: u32) -> Result<u32> {
@@ -433,6 +449,13 @@ impl<'a> Pointers<'a> {
         self.guards.push(guard);
         check_buffer(ptr, len, need, align, what)
     }
+}
+
+/// `count` elements of `size` bytes, or a shape error naming `what` on overflow.
+pub(crate) fn bytes(count: usize, size: usize, what: &str) -> Result<usize> {
+    count
+        .checked_mul(size)
+        .ok_or_else(|| Error::Shape(format!("{what}: {count} elements overflow usize bytes")))
 }
 
 pub(crate) fn as_i64(value: usize, what: &str) -> Result<i64> {

@@ -14,11 +14,12 @@
 //!   more is handed back at the next synchronisation, and [`CudaBackend::trim`] hands
 //!   back all of it.
 //! - Data errors: a kernel that finds a class target out of range records the row in
-//!   a device-side status word; [`CudaBackend::download`] and
-//!   [`CudaBackend::synchronize`] read the words of every op since the last check and
-//!   return `Error::Target` for the first bad one, so no op waits for the device.
+//!   a device-side status word (an energy distance's merge kernel, a bad sample
+//!   weight); [`CudaBackend::download`] and [`CudaBackend::synchronize`] read the words
+//!   of every op since the last check and return `Error::Target` (or the weights'
+//!   `Error::Option`) for the first bad one, so no op waits for the device.
 //! - [`compile`] / [`KernelSource`]: NVRTC compilation, usable with no GPU.
-//! - Each family's file (`xent.rs`) has a Tensor entry and a zero-copy entry
+//! - Each family's file (`xent.rs`, `energy.rs`) has a Tensor entry and a zero-copy entry
 //!   on the caller's own cudarc stream and device memory.
 
 use std::collections::HashMap;
@@ -28,13 +29,14 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 
 use crate::device::Backend;
 use crate::error::{Error, Result};
-use crate::spec::energy::EnergyKernels;
+use crate::spec::energy::weight_status_error;
 use crate::spec::ensemble::EnsembleKernels;
 use crate::spec::BackendKind;
 use crate::watch::Watches;
 
 mod bnstats;
 mod compile;
+pub mod energy;
 mod launch;
 pub mod xent;
 
@@ -61,7 +63,14 @@ pub struct CudaBackend {
     stream: Arc<CudaStream>,
     info: CudaInfo,
     /// Status words of ops queued since each thread's last readback.
-    watched: Watches<TargetWatch>,
+    watched: Watches<Watch>,
+}
+
+/// A status word some op's kernels write, and how to read it.
+pub(crate) enum Watch {
+    Targets(TargetWatch),
+    /// An energy distance's weight check (`spec::energy::weight_status_error`).
+    Weights(CudaSlice<u8>),
 }
 
 /// A device-side status word an op's kernels write: 0, or !row for the first row whose
@@ -178,30 +187,45 @@ impl CudaBackend {
 
     /// Checks `watch` at the calling thread's next readback or synchronisation.
     pub(crate) fn watch_targets(&self, watch: TargetWatch) {
-        self.watched.push(watch);
+        self.watched.push(Watch::Targets(watch));
+    }
+
+    /// Checks the weight status word of an energy distance at the calling thread's next
+    /// readback or synchronisation.
+    pub(crate) fn watch_weights(&self, status: CudaSlice<u8>) {
+        self.watched.push(Watch::Weights(status));
     }
 
     /// Reads the status word of every op queued since the last check (the stream has
     /// passed them: the caller synchronised or read back) and reports the first op's
-    /// first bad row.
+    /// first bad row or weight.
     fn check_targets(&self) -> Result<()> {
         let watched = self.watched.take();
         for watch in watched {
+            let slice = match &watch {
+                Watch::Targets(t) => &t.status,
+                Watch::Weights(status) => status,
+            };
             let word = self
                 .stream
-                .clone_dtoh(&watch.status)
+                .clone_dtoh(slice)
                 .map_err(driver_error("cuMemcpyDtoH"))?;
-            let status =
-                u64::from_le_bytes(word[..8].try_into().map_err(|_| {
-                    Error::Cuda("a target status word is shorter than 8 bytes".into())
-                })?);
-            if status != 0 {
-                return Err(Error::Target {
-                    row: usize::try_from(!status).unwrap_or(usize::MAX),
-                    classes: watch.classes,
-                    ignore_index: watch.ignore_index,
-                });
+            let status = u64::from_le_bytes(
+                word[..8]
+                    .try_into()
+                    .map_err(|_| Error::Cuda("a status word is shorter than 8 bytes".into()))?,
+            );
+            if status == 0 {
+                continue;
             }
+            return Err(match watch {
+                Watch::Targets(t) => Error::Target {
+                    row: usize::try_from(!status).unwrap_or(usize::MAX),
+                    classes: t.classes,
+                    ignore_index: t.ignore_index,
+                },
+                Watch::Weights(_) => weight_status_error(status),
+            });
         }
         Ok(())
     }
@@ -290,4 +314,3 @@ impl BackendKind for CudaBackend {
 
 // Families without CUDA kernels yet: every op answers Error::Unsupported.
 impl EnsembleKernels for CudaBackend {}
-impl EnergyKernels for CudaBackend {}

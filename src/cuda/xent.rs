@@ -39,8 +39,8 @@ use cudarc::driver::{
 
 use super::compile::KernelSource;
 use super::launch::{
-    alloc_output, as_i64, check_context, cuda_slice, driver_error, kernels, offsets, Fill, Kernels,
-    Pointers,
+    alloc_output, as_i64, bytes, check_context, cuda_slice, driver_error, kernels, offsets, Fill,
+    Kernels, Pointers,
 };
 use super::{CudaBackend, TargetWatch};
 use crate::device::{Storage, Tensor};
@@ -109,12 +109,6 @@ fn rho_len(spec: &XentSpec) -> usize {
         RhoReduce::PerSample => spec.batch,
         RhoReduce::Mean | RhoReduce::Max => 1,
     }
-}
-
-fn bytes(count: usize, size: usize, what: &str) -> Result<usize> {
-    count
-        .checked_mul(size)
-        .ok_or_else(|| Error::Shape(format!("{what}: {count} elements overflow usize bytes")))
 }
 
 impl XentBuffers {

@@ -234,6 +234,64 @@ pub(crate) fn check_weight_values(name: &str, values: &[f64]) -> Result<()> {
     Ok(())
 }
 
+/// Bits of the status word a GPU energy distance leaves for its weight check: weights_x
+/// holds a negative or non-finite value, weights_x is all 0, and the same for weights_y
+/// (kernels/energy.cu and shaders/energy.wgsl write the same numbers).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) const WEIGHTS_X_BAD: u64 = 1;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) const WEIGHTS_X_ZERO: u64 = 2;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) const WEIGHTS_Y_BAD: u64 = 4;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) const WEIGHTS_Y_ZERO: u64 = 8;
+
+/// The error a non-zero weight status word stands for: the one [`check_weight_values`]
+/// gives on the CPU for the first set at fault.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) fn weight_status_error(status: u64) -> Error {
+    let (name, bad, zero) = if status & (WEIGHTS_X_BAD | WEIGHTS_X_ZERO) != 0 {
+        ("weights_x", WEIGHTS_X_BAD, WEIGHTS_X_ZERO)
+    } else {
+        ("weights_y", WEIGHTS_Y_BAD, WEIGHTS_Y_ZERO)
+    };
+    if status & bad != 0 {
+        Error::Option(format!("{name} must be finite and >= 0"))
+    } else if status & zero != 0 {
+        Error::Option(format!("{name} must not all be 0"))
+    } else {
+        Error::Option(format!("unknown energy weight status word {status:#x}"))
+    }
+}
+
+/// How the GPU kernels raise a squared distance s to beta / 2: 1 for beta = 1 (sqrt),
+/// 2 for beta = 2 (s itself), 0 for any other beta (a power).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) fn power_code(beta: f64) -> u8 {
+    if beta == 1.0 {
+        1
+    } else if beta == 2.0 {
+        2
+    } else {
+        0
+    }
+}
+
+/// Rows of a pair tile and column tiles per block (workgroup) of the GPU pair kernels,
+/// as kernels/energy.cu and shaders/energy.wgsl lay them out.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) const PAIR_TILE: usize = 64;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) const PAIR_CHUNK: usize = 16;
+
+/// The scratch slots of one pair term of `na` rows against `nb` (one per row tile and
+/// column chunk), and its column chunks per row tile.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+pub(crate) fn pair_slots(na: usize, nb: usize) -> (usize, usize) {
+    let chunks = nb.div_ceil(PAIR_TILE).div_ceil(PAIR_CHUNK);
+    (na.div_ceil(PAIR_TILE) * chunks, chunks)
+}
+
 /// A validated energy-distance call, as the backends receive it.
 pub(crate) type EnergyDistanceCall<'a> = Bound<EnergyDistance<'a>, EnergyDistanceSpec>;
 

@@ -1,6 +1,6 @@
 //! wgpu backend: adapter and device, shader modules and a pipeline cache, buffer
 //! upload / download, and a dispatch helper that checks launches against the device's
-//! limits. One file per family holds its kernels' host side (`xent.rs`).
+//! limits. One file per family holds its kernels' host side (`xent.rs`, `energy.rs`).
 //!
 //! Errors: wgpu reports validation, out-of-memory and internal errors through error
 //! scopes (or panics, when none is open and no handler is installed). Every call here
@@ -14,12 +14,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 use crate::device::{Backend, Storage, Tensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
-use crate::spec::energy::EnergyKernels;
+use crate::spec::energy::weight_status_error;
 use crate::spec::ensemble::EnsembleKernels;
 use crate::spec::BackendKind;
 use crate::watch::Watches;
 
 mod bnstats;
+pub mod energy;
 pub mod xent;
 
 pub use xent::{xent_raw, XentBuffers, XentTargets};
@@ -38,16 +39,22 @@ pub(crate) const MAX_BINDING_BYTES: u64 = 1 << 31;
 pub enum ShaderSource {
     Xent,
     BnStats,
+    Energy,
 }
 
 impl ShaderSource {
     /// Every shader, so that tests can compile them all.
-    pub const ALL: [ShaderSource; 2] = [ShaderSource::Xent, ShaderSource::BnStats];
+    pub const ALL: [ShaderSource; 3] = [
+        ShaderSource::Xent,
+        ShaderSource::BnStats,
+        ShaderSource::Energy,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             ShaderSource::Xent => "xent.wgsl",
             ShaderSource::BnStats => "bnstats.wgsl",
+            ShaderSource::Energy => "energy.wgsl",
         }
     }
 
@@ -56,6 +63,7 @@ impl ShaderSource {
         match self {
             ShaderSource::Xent => include_str!("../../shaders/xent.wgsl"),
             ShaderSource::BnStats => include_str!("../../shaders/bnstats.wgsl"),
+            ShaderSource::Energy => include_str!("../../shaders/energy.wgsl"),
         }
     }
 
@@ -73,6 +81,7 @@ impl ShaderSource {
         match self {
             ShaderSource::Xent => xent::BINDINGS,
             ShaderSource::BnStats => bnstats::BINDINGS,
+            ShaderSource::Energy => energy::BINDINGS,
         }
     }
 
@@ -81,6 +90,7 @@ impl ShaderSource {
         match self {
             ShaderSource::Xent => xent::all_pipelines(),
             ShaderSource::BnStats => bnstats::all_pipelines(),
+            ShaderSource::Energy => energy::all_pipelines(),
         }
     }
 }
@@ -142,7 +152,14 @@ pub struct WgpuBackend {
     /// Buffers of dropped tensors, by (size, usage), for the next buffer of that kind.
     free: Mutex<BufferPool>,
     /// Status words of ops queued since each thread's last readback.
-    watched: Watches<TargetWatch>,
+    watched: Watches<Watch>,
+}
+
+/// A status word (u32) some op's kernels write, and how to read it.
+pub(crate) enum Watch {
+    Targets(TargetWatch),
+    /// An energy distance's weight check (`spec::energy::weight_status_error`).
+    Weights(wgpu::Buffer),
 }
 
 /// A status word (u32) an op's kernels write: 0, or !row for the first row whose class
@@ -338,23 +355,37 @@ impl WgpuBackend {
 
     /// Checks `watch` at the calling thread's next readback or synchronisation.
     pub(crate) fn watch_targets(&self, watch: TargetWatch) {
-        self.watched.push(watch);
+        self.watched.push(Watch::Targets(watch));
+    }
+
+    /// Checks the weight status word of an energy distance at the calling thread's next
+    /// readback or synchronisation.
+    pub(crate) fn watch_weights(&self, status: wgpu::Buffer) {
+        self.watched.push(Watch::Weights(status));
     }
 
     /// Reads the status word of every op queued since the last check and reports the
-    /// first op's first bad row.
+    /// first op's first bad row or weight.
     fn check_targets(&self) -> Result<()> {
         let watched = self.watched.take();
         for watch in watched {
-            let word = self.read_back(&watch.status, 4)?;
+            let buffer = match &watch {
+                Watch::Targets(t) => &t.status,
+                Watch::Weights(status) => status,
+            };
+            let word = self.read_back(buffer, 4)?;
             let status = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
-            if status != 0 {
-                return Err(Error::Target {
-                    row: (!status) as usize,
-                    classes: watch.classes,
-                    ignore_index: watch.ignore_index,
-                });
+            if status == 0 {
+                continue;
             }
+            return Err(match watch {
+                Watch::Targets(t) => Error::Target {
+                    row: (!status) as usize,
+                    classes: t.classes,
+                    ignore_index: t.ignore_index,
+                },
+                Watch::Weights(_) => weight_status_error(u64::from(status)),
+            });
         }
         Ok(())
     }
@@ -953,4 +984,3 @@ impl BackendKind for WgpuBackend {
 
 // Families without WGSL kernels yet: every op answers Error::Unsupported.
 impl EnsembleKernels for WgpuBackend {}
-impl EnergyKernels for WgpuBackend {}

@@ -277,20 +277,38 @@ fn energy_rejects_bad_input() {
         );
         let negative = Tensor::from_slice(&device, &[1.0f32, -1.0, 1.0, 1.0, 1.0], &[5]).unwrap();
         let zeros = Tensor::from_slice(&device, &[0.0f32; 5], &[5]).unwrap();
-        // A value check needs the data: a backend without the op refuses it first.
-        if device.backend().supports(Op::EnergyDistance) {
-            assert_rejected(
-                "negative weight",
-                &[&x, &y, &negative],
-                || energy::energy_distance(&distance(Some(&negative), 1.0)),
-                option_error,
-            );
-            assert_rejected(
-                "all-zero weights",
-                &[&x, &y, &zeros],
-                || energy::energy_distance(&distance(Some(&zeros), 1.0)),
-                option_error,
-            );
+        let not_finite =
+            Tensor::from_slice(&device, &[1.0f32, 1.0, f32::NAN, 1.0, 1.0], &[5]).unwrap();
+        let fine = Tensor::from_slice(&device, &[1.0f32; 5], &[5]).unwrap();
+        // A value check needs the data: it is made wherever the op runs (a backend without
+        // the kernel refuses the call first). The CPU refuses bad weights at the call; a
+        // GPU kernel flags them on the device (the outputs are NaN) and the error comes at
+        // the next synchronize, as for targets.
+        let runs = !matches!(
+            energy::energy_distance(&distance(Some(&fine), 1.0)),
+            Err(Error::Unsupported { .. }) if !device.backend().supports(Op::EnergyDistance)
+        );
+        if runs {
+            let run_and_wait = |weights| {
+                energy::energy_distance(&distance(Some(weights), 1.0)).and_then(|out| {
+                    device.synchronize()?;
+                    Ok(out)
+                })
+            };
+            for (name, weights) in [
+                ("negative weight", &negative),
+                ("NaN weight", &not_finite),
+                ("all-zero weights", &zeros),
+            ] {
+                assert_rejected(
+                    name,
+                    &[&x, &y, weights],
+                    || run_and_wait(weights),
+                    option_error,
+                );
+            }
+            // The weight check of one call does not leak into the next.
+            run_and_wait(&fine).unwrap();
         }
         let short = Tensor::from_slice(&device, &[1.0f32; 4], &[4]).unwrap();
         assert_rejected(

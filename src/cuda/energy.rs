@@ -1,0 +1,664 @@
+//! energy on CUDA: `kernels/energy.cu`, on one stream.
+//!
+//! Two-sample energy distance:
+//!
+//! 1. `energy_pairs_{dtype}`, three launches (X-Y, X-X, Y-Y): 64-row tiles of one set
+//!    against 64-row tiles of the other staged through shared memory, each block a row
+//!    tile and a chunk of up to 16 column tiles, writing the f64 sum of its pairs to its
+//!    own scratch slot (within a set, pairs i < j only).
+//! 2. `energy_distance_merge`: one block; the slots of each term summed in f64 in slot
+//!    order, the weight totals, the weight check (status word, outputs NaN on bad
+//!    weights) and the four outputs.
+//!
+//! Energy score:
+//!
+//! 1. `energy_score_{dtype}`: a warp per prediction row (i, j), 8 rows a block; the row's
+//!    sums toward term1 and term2 to f64 scratch and, with the gradient, the row of
+//!    d loss / d preds.
+//! 2. `energy_score_merge`: one block; term1, term2 and the loss in f64.
+//!
+//! Scratch is O(N / 64 * M / 1024) slots for the distance and 2 n m f64 for the score:
+//! never a distance matrix. [`energy_score`] / [`energy_distance`] are the Tensor entries
+//! (in the `EnergyKernels` impl); [`energy_score_raw`] / [`energy_distance_raw`] the
+//! zero-copy ones, which the Tensor entries call.
+
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceRepr, PushKernelArg};
+
+use super::compile::KernelSource;
+use super::launch::{
+    alloc_output, as_i64, bytes, cuda_slice, driver_error, kernels, offsets, Fill, Pointers,
+};
+use super::CudaBackend;
+use crate::device::{Storage, Tensor};
+use crate::dtype::DType;
+use crate::error::{Error, Result};
+use crate::spec::energy::{
+    pair_slots, power_code, weight_status_error, EnergyDistanceCall, EnergyDistanceOutput,
+    EnergyDistanceSpec, EnergyKernels, EnergyScoreCall, EnergyScoreOutput, EnergyScoreSpec,
+    Statistic,
+};
+
+/// Threads of a pair block (kernels/energy.cu lays its 64 x 64 tiles out for 256).
+const PAIR_THREADS: u32 = 256;
+/// Prediction rows (warps) per block of the score kernel.
+const SCORE_WARPS: usize = 8;
+
+fn kernel_name(family: &str, dtype: DType) -> Result<&'static str> {
+    Ok(match (family, dtype) {
+        ("pairs", DType::F32) => "energy_pairs_f32",
+        ("pairs", DType::F16) => "energy_pairs_f16",
+        ("pairs", DType::BF16) => "energy_pairs_bf16",
+        ("score", DType::F32) => "energy_score_f32",
+        ("score", DType::F16) => "energy_score_f16",
+        ("score", DType::BF16) => "energy_score_bf16",
+        (_, other) => {
+            return Err(Error::DType(format!(
+                "the CUDA energy kernels take f32, f16 or bf16, not {other}"
+            )))
+        }
+    })
+}
+
+// The kernel argument blocks. Each must match its struct in kernels/energy.cu field for
+// field: the size and every field's offset are asserted here and, with the same
+// numbers, in the .cu (LK_FIELD_AT). Pointers are CUdeviceptr values, 0 for null.
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct EnergyPairArgs {
+    a: u64,
+    b: u64,
+    wa: u64,
+    wb: u64,
+    partial: u64,
+    na: i64,
+    nb: i64,
+    d: i64,
+    chunks: i64,
+    tiles: i64,
+    beta: f64,
+    within: i32,
+    power: i32,
+}
+const _: () = assert!(std::mem::size_of::<EnergyPairArgs>() == 96);
+offsets!(EnergyPairArgs {
+    a: 0,
+    b: 8,
+    wa: 16,
+    wb: 24,
+    partial: 32,
+    na: 40,
+    nb: 48,
+    d: 56,
+    chunks: 64,
+    tiles: 72,
+    beta: 80,
+    within: 88,
+    power: 92,
+});
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct EnergyMergeArgs {
+    partial: u64,
+    wx: u64,
+    wy: u64,
+    distance: u64,
+    cross: u64,
+    within_x: u64,
+    within_y: u64,
+    status: u64,
+    tiles_xy: i64,
+    tiles_xx: i64,
+    tiles_yy: i64,
+    n: i64,
+    m: i64,
+    u_statistic: i32,
+    pad: i32,
+}
+const _: () = assert!(std::mem::size_of::<EnergyMergeArgs>() == 112);
+offsets!(EnergyMergeArgs {
+    partial: 0,
+    wx: 8,
+    wy: 16,
+    distance: 24,
+    cross: 32,
+    within_x: 40,
+    within_y: 48,
+    status: 56,
+    tiles_xy: 64,
+    tiles_xx: 72,
+    tiles_yy: 80,
+    n: 88,
+    m: 96,
+    u_statistic: 104,
+    pad: 108,
+});
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct EnergyScoreArgs {
+    y: u64,
+    preds: u64,
+    row_sums: u64,
+    grad: u64,
+    n: i64,
+    m: i64,
+    d: i64,
+    beta: f64,
+    c1: f32,
+    c2: f32,
+    power: i32,
+    pad: i32,
+}
+const _: () = assert!(std::mem::size_of::<EnergyScoreArgs>() == 80);
+offsets!(EnergyScoreArgs {
+    y: 0,
+    preds: 8,
+    row_sums: 16,
+    grad: 24,
+    n: 32,
+    m: 40,
+    d: 48,
+    beta: 56,
+    c1: 64,
+    c2: 68,
+    power: 72,
+    pad: 76,
+});
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct EnergyScoreMergeArgs {
+    row_sums: u64,
+    term1: u64,
+    term2: u64,
+    loss: u64,
+    n: i64,
+    m: i64,
+}
+const _: () = assert!(std::mem::size_of::<EnergyScoreMergeArgs>() == 48);
+offsets!(EnergyScoreMergeArgs {
+    row_sums: 0,
+    term1: 8,
+    term2: 16,
+    loss: 24,
+    n: 32,
+    m: 40,
+});
+
+// SAFETY: the four argument structs are #[repr(C)], made only of integers and floats
+// (pointers travel as u64 CUdeviceptr values), with the field order, sizes and
+// alignments of their C++ twins in kernels/energy.cu (sizes and offsets asserted on both
+// sides), so the kernel reads exactly the bytes written here.
+unsafe impl DeviceRepr for EnergyPairArgs {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for EnergyMergeArgs {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for EnergyScoreArgs {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for EnergyScoreMergeArgs {}
+
+/// Device outputs (and scratch) of one energy-score shape; reusable across calls with
+/// the same n, m, d and grad. Outputs are f32, laid out as `EnergyScoreOutput` says.
+#[derive(Debug)]
+pub struct EnergyScoreBuffers {
+    /// [1] each.
+    pub term1: CudaSlice<u8>,
+    pub term2: CudaSlice<u8>,
+    pub loss: CudaSlice<u8>,
+    /// [n, m, d], when `spec.grad`.
+    pub grad: Option<CudaSlice<u8>>,
+    /// [n m, 2] f64: each prediction row's sums toward term1 and term2.
+    row_sums: CudaSlice<u8>,
+}
+
+fn score_rows(spec: &EnergyScoreSpec) -> Result<usize> {
+    spec.n
+        .checked_mul(spec.m)
+        .ok_or_else(|| Error::Shape("n * m overflows usize".into()))
+}
+
+fn grad_bytes(spec: &EnergyScoreSpec) -> Result<usize> {
+    let elements = score_rows(spec)?
+        .checked_mul(spec.d)
+        .ok_or_else(|| Error::Shape("n * m * d overflows usize".into()))?;
+    bytes(elements, 4, "grad")
+}
+
+impl EnergyScoreBuffers {
+    /// Allocates the buffers for `spec` on `stream`, zeroed.
+    pub fn new(stream: &Arc<CudaStream>, spec: &EnergyScoreSpec) -> Result<EnergyScoreBuffers> {
+        EnergyScoreBuffers::allocate(stream, spec, Fill::Zero)
+    }
+
+    fn allocate(
+        stream: &Arc<CudaStream>,
+        spec: &EnergyScoreSpec,
+        fill: Fill,
+    ) -> Result<EnergyScoreBuffers> {
+        let alloc = |len: usize| alloc_output(stream, len, fill);
+        Ok(EnergyScoreBuffers {
+            term1: alloc(4)?,
+            term2: alloc(4)?,
+            loss: alloc(4)?,
+            grad: if spec.grad {
+                Some(alloc(grad_bytes(spec)?)?)
+            } else {
+                None
+            },
+            row_sums: alloc(bytes(score_rows(spec)?, 16, "score row sums")?)?,
+        })
+    }
+}
+
+/// Runs the energy score on `stream` over the caller's device memory: y [n, d] and
+/// preds [n, m, d] dense in `spec.dtype`, aligned to its element size; writes `out`. No
+/// copy, no allocation, no synchronisation. `spec` is trusted for semantics (build it
+/// with `ops::energy::validate_score`), but every buffer's size and alignment is checked
+/// against it, so a wrong spec gives an error, never an out-of-bounds access.
+pub fn energy_score_raw(
+    stream: &Arc<CudaStream>,
+    spec: &EnergyScoreSpec,
+    y: &CudaView<'_, u8>,
+    preds: &CudaView<'_, u8>,
+    out: &mut EnergyScoreBuffers,
+) -> Result<()> {
+    let (n, m, d) = (spec.n, spec.m, spec.d);
+    if n == 0 || m == 0 || d == 0 {
+        return Err(Error::Empty(format!(
+            "the energy score needs n, m, d >= 1, got {n}, {m}, {d}"
+        )));
+    }
+    let name = kernel_name("score", spec.dtype)?;
+    let elem = spec.dtype.size();
+    let rows = score_rows(spec)?;
+    let y_elements = n
+        .checked_mul(d)
+        .ok_or_else(|| Error::Shape("n * d overflows usize".into()))?;
+    let pred_elements = rows
+        .checked_mul(d)
+        .ok_or_else(|| Error::Shape("n * m * d overflows usize".into()))?;
+
+    let kernels = kernels(stream.context())?;
+    let score = kernels.function(KernelSource::Energy, name)?;
+    let merge = kernels.function(KernelSource::Energy, "energy_score_merge")?;
+
+    let mut p = Pointers {
+        stream,
+        guards: Vec::new(),
+    };
+    let y_ptr = p.read(y, bytes(y_elements, elem, "y")?, elem, "y")?;
+    let preds_ptr = p.read(preds, bytes(pred_elements, elem, "preds")?, elem, "preds")?;
+    let EnergyScoreBuffers {
+        term1,
+        term2,
+        loss,
+        grad,
+        row_sums,
+    } = out;
+    let row_sums_ptr = p.write(
+        row_sums,
+        bytes(rows, 16, "score row sums")?,
+        8,
+        "score row sums",
+    )?;
+    let grad_ptr = match (grad.as_mut(), spec.grad) {
+        (Some(g), true) => p.write(g, grad_bytes(spec)?, 4, "grad")?,
+        (None, false) => 0,
+        _ => {
+            return Err(Error::Shape(
+                "the grad buffer must be present exactly when spec.grad is set".into(),
+            ))
+        }
+    };
+    let term1_ptr = p.write(term1, 4, 4, "term1")?;
+    let term2_ptr = p.write(term2, 4, 4, "term2")?;
+    let loss_ptr = p.write(loss, 4, 4, "loss")?;
+
+    let (nf, mf) = (n as f64, m as f64);
+    // Rounded once here from f64: the factors of d loss / d preds (term2's pairs count
+    // in both orders, hence no 0.5).
+    let c1 = (1.0 / (nf * mf)) as f32;
+    let c2 = if m < 2 {
+        0.0
+    } else {
+        (-(mf / (mf - 1.0)) / (nf * mf * mf)) as f32
+    };
+    let (n64, m64) = (as_i64(n, "n")?, as_i64(m, "m")?);
+    let args = EnergyScoreArgs {
+        y: y_ptr,
+        preds: preds_ptr,
+        row_sums: row_sums_ptr,
+        grad: grad_ptr,
+        n: n64,
+        m: m64,
+        d: as_i64(d, "d")?,
+        beta: spec.beta,
+        c1,
+        c2,
+        power: i32::from(power_code(spec.beta)),
+        pad: 0,
+    };
+    let cfg = kernels.fixed_config(
+        name,
+        &score,
+        rows.div_ceil(SCORE_WARPS),
+        32 * SCORE_WARPS as u32,
+    )?;
+    // SAFETY: the argument block matches the kernel's parameter (see the DeviceRepr
+    // impl). The kernel reads n d elements of y and n m d of preds, writes 2 n m f64 of
+    // row sums and, when the pointer is not null, n m d f32 of grad, all checked above
+    // for size and alignment; rows are indexed below n m only (64-bit). The block is the
+    // 256 threads the kernel's shared slopes are sized for, checked against the device
+    // and function limits.
+    unsafe { stream.launch_builder(&score).arg(&args).launch(cfg) }.map_err(driver_error(name))?;
+
+    let merge_args = EnergyScoreMergeArgs {
+        row_sums: row_sums_ptr,
+        term1: term1_ptr,
+        term2: term2_ptr,
+        loss: loss_ptr,
+        n: n64,
+        m: m64,
+    };
+    let cfg = kernels.single_block_config("energy_score_merge", &merge)?;
+    // SAFETY: the argument block matches energy_score_merge's parameter. It reads the
+    // 2 n m f64 of row sums the score kernel wrote before it on this stream and writes
+    // one f32 each of term1, term2 and loss, all checked above. One block, checked
+    // against the limits.
+    unsafe { stream.launch_builder(&merge).arg(&merge_args).launch(cfg) }
+        .map_err(driver_error("energy_score_merge"))?;
+    drop(p);
+    Ok(())
+}
+
+/// Device inputs of one energy distance, as byte views of the caller's memory, each
+/// aligned to its element size.
+#[derive(Debug)]
+pub struct EnergyDistanceInputs<'a> {
+    /// X [N, d] and Y [M, d] in `spec.dtype`.
+    pub x: CudaView<'a, u8>,
+    pub y: CudaView<'a, u8>,
+    /// [N] and [M] f32, not checked on the host: the merge kernel checks them (finite,
+    /// at least 0, not all 0), and on bad weights every output is NaN and the status word of
+    /// [`EnergyDistanceBuffers`] says why.
+    pub weights_x: Option<CudaView<'a, u8>>,
+    pub weights_y: Option<CudaView<'a, u8>>,
+}
+
+fn distance_slots(spec: &EnergyDistanceSpec) -> usize {
+    pair_slots(spec.n, spec.m).0 + pair_slots(spec.n, spec.n).0 + pair_slots(spec.m, spec.m).0
+}
+
+/// Device outputs (and scratch) of one energy-distance shape; reusable across calls with
+/// the same N, M. Outputs are [1] f32.
+#[derive(Debug)]
+pub struct EnergyDistanceBuffers {
+    pub distance: CudaSlice<u8>,
+    pub cross: CudaSlice<u8>,
+    pub within_x: CudaSlice<u8>,
+    pub within_y: CudaSlice<u8>,
+    /// One f64 slot per pair tile chunk of the three terms.
+    partial: CudaSlice<u8>,
+    /// [1] u64: 0, or the bits of `spec::energy::WEIGHTS_*` for bad weights.
+    pub(crate) status: CudaSlice<u8>,
+}
+
+impl EnergyDistanceBuffers {
+    /// Allocates the buffers for `spec` on `stream`, zeroed.
+    pub fn new(
+        stream: &Arc<CudaStream>,
+        spec: &EnergyDistanceSpec,
+    ) -> Result<EnergyDistanceBuffers> {
+        EnergyDistanceBuffers::allocate(stream, spec, Fill::Zero)
+    }
+
+    fn allocate(
+        stream: &Arc<CudaStream>,
+        spec: &EnergyDistanceSpec,
+        fill: Fill,
+    ) -> Result<EnergyDistanceBuffers> {
+        let alloc = |len: usize| alloc_output(stream, len, fill);
+        Ok(EnergyDistanceBuffers {
+            distance: alloc(4)?,
+            cross: alloc(4)?,
+            within_x: alloc(4)?,
+            within_y: alloc(4)?,
+            partial: alloc(bytes(distance_slots(spec), 8, "pair slots")?)?,
+            status: alloc(8)?,
+        })
+    }
+
+    /// The weight check of the last call on these buffers: `Error::Option` as the CPU
+    /// gives for bad weights (the outputs are then NaN). Waits for `stream` (the one the
+    /// call ran on): it downloads.
+    pub fn check_weights(&self, stream: &Arc<CudaStream>) -> Result<()> {
+        let bytes = stream
+            .clone_dtoh(&self.status)
+            .map_err(driver_error("reading the energy status word"))?;
+        let word = bytes
+            .get(..8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+            .ok_or_else(|| Error::Cuda("the energy status word holds under 8 bytes".into()))?;
+        if word == 0 {
+            Ok(())
+        } else {
+            Err(weight_status_error(word))
+        }
+    }
+}
+
+/// One pair term's launch: rows of `a` against rows of `b` (`within`: b is a, i < j).
+struct PairTerm {
+    a: u64,
+    b: u64,
+    wa: u64,
+    wb: u64,
+    na: usize,
+    nb: usize,
+    within: bool,
+}
+
+/// Runs the two-sample energy distance on `stream` over the caller's device memory,
+/// writing `out`; no copy, no allocation, no synchronisation. `spec` is trusted for
+/// semantics (build it with `ops::energy::validate_distance`), but every buffer's size
+/// and alignment is checked against it, so a wrong spec gives an error, never an
+/// out-of-bounds access. Bad weight values are found on the device:
+/// [`EnergyDistanceBuffers::check_weights`].
+pub fn energy_distance_raw(
+    stream: &Arc<CudaStream>,
+    spec: &EnergyDistanceSpec,
+    inputs: &EnergyDistanceInputs<'_>,
+    out: &mut EnergyDistanceBuffers,
+) -> Result<()> {
+    let (n, m, d) = (spec.n, spec.m, spec.d);
+    if n == 0 || m == 0 || d == 0 {
+        return Err(Error::Empty(format!(
+            "the energy distance needs N, M, d >= 1, got {n}, {m}, {d}"
+        )));
+    }
+    let name = kernel_name("pairs", spec.dtype)?;
+    let elem = spec.dtype.size();
+    let elements = |rows: usize, what: &str| {
+        rows.checked_mul(d)
+            .ok_or_else(|| Error::Shape(format!("{what}: rows * d overflows usize")))
+            .and_then(|e| bytes(e, elem, what))
+    };
+    let kernels = kernels(stream.context())?;
+    let pairs = kernels.function(KernelSource::Energy, name)?;
+    let merge = kernels.function(KernelSource::Energy, "energy_distance_merge")?;
+
+    let mut p = Pointers {
+        stream,
+        guards: Vec::new(),
+    };
+    let x = p.read(&inputs.x, elements(n, "x")?, elem, "x")?;
+    let y = p.read(&inputs.y, elements(m, "y")?, elem, "y")?;
+    let wx = match &inputs.weights_x {
+        Some(w) => p.read(w, bytes(n, 4, "weights_x")?, 4, "weights_x")?,
+        None => 0,
+    };
+    let wy = match &inputs.weights_y {
+        Some(w) => p.read(w, bytes(m, 4, "weights_y")?, 4, "weights_y")?,
+        None => 0,
+    };
+    let EnergyDistanceBuffers {
+        distance,
+        cross,
+        within_x,
+        within_y,
+        partial,
+        status,
+    } = out;
+    let slots = distance_slots(spec);
+    let partial_ptr = p.write(partial, bytes(slots, 8, "pair slots")?, 8, "pair slots")?;
+    let merge_args = EnergyMergeArgs {
+        partial: partial_ptr,
+        wx,
+        wy,
+        distance: p.write(distance, 4, 4, "distance")?,
+        cross: p.write(cross, 4, 4, "cross")?,
+        within_x: p.write(within_x, 4, 4, "within_x")?,
+        within_y: p.write(within_y, 4, 4, "within_y")?,
+        status: p.write(status, 8, 8, "status word")?,
+        tiles_xy: as_i64(pair_slots(n, m).0, "X-Y tiles")?,
+        tiles_xx: as_i64(pair_slots(n, n).0, "X-X tiles")?,
+        tiles_yy: as_i64(pair_slots(m, m).0, "Y-Y tiles")?,
+        n: as_i64(n, "N")?,
+        m: as_i64(m, "M")?,
+        u_statistic: i32::from(spec.statistic == Statistic::U),
+        pad: 0,
+    };
+
+    let terms = [
+        PairTerm {
+            a: x,
+            b: y,
+            wa: wx,
+            wb: wy,
+            na: n,
+            nb: m,
+            within: false,
+        },
+        PairTerm {
+            a: x,
+            b: x,
+            wa: wx,
+            wb: wx,
+            na: n,
+            nb: n,
+            within: true,
+        },
+        PairTerm {
+            a: y,
+            b: y,
+            wa: wy,
+            wb: wy,
+            na: m,
+            nb: m,
+            within: true,
+        },
+    ];
+    let mut slot = 0usize;
+    for term in &terms {
+        let (tiles, chunks) = pair_slots(term.na, term.nb);
+        let args = EnergyPairArgs {
+            a: term.a,
+            b: term.b,
+            wa: term.wa,
+            wb: term.wb,
+            // In bounds: the three terms' slots add up to `slots`, checked above.
+            partial: partial_ptr + 8 * slot as u64,
+            na: as_i64(term.na, "rows")?,
+            nb: as_i64(term.nb, "rows")?,
+            d: as_i64(d, "d")?,
+            chunks: as_i64(chunks, "column chunks")?,
+            tiles: as_i64(tiles, "tiles")?,
+            beta: spec.beta,
+            within: i32::from(term.within),
+            power: i32::from(power_code(spec.beta)),
+        };
+        let cfg = kernels.fixed_config(name, &pairs, tiles, PAIR_THREADS)?;
+        // SAFETY: the argument block matches the kernel's parameter (see the DeviceRepr
+        // impl). It reads na d and nb d elements of the two sets and na, nb f32 weights
+        // (null: uniform), all checked above for size and alignment, and writes `tiles`
+        // f64 slots starting `slot` slots into the scratch, which holds all three
+        // terms' slots (checked). Tiles past the sets' rows are masked in the kernel.
+        // The block is the 256 threads the kernel's tiles are laid out for, checked
+        // against the device and function limits.
+        unsafe { stream.launch_builder(&pairs).arg(&args).launch(cfg) }
+            .map_err(driver_error(name))?;
+        slot += tiles;
+    }
+
+    let cfg = kernels.single_block_config("energy_distance_merge", &merge)?;
+    // SAFETY: the argument block matches energy_distance_merge's parameter. It reads
+    // the `slots` f64 the pair kernels wrote before it on this stream and the N and M
+    // weights (null: uniform), and writes one f32 of each output and the u64 status
+    // word, all checked above. One block, checked against the limits.
+    unsafe { stream.launch_builder(&merge).arg(&merge_args).launch(cfg) }
+        .map_err(driver_error("energy_distance_merge"))?;
+    drop(p);
+    Ok(())
+}
+
+fn view<'t>(tensor: &'t Tensor, what: &str) -> Result<CudaView<'t, u8>> {
+    cuda_slice(tensor, what).map(CudaSlice::as_view)
+}
+
+impl EnergyKernels for CudaBackend {
+    /// The Tensor entry: allocates the outputs and runs [`energy_score_raw`] on the
+    /// backend's stream; nothing waits for the device.
+    fn energy_score(&self, bound: &EnergyScoreCall<'_>) -> Result<EnergyScoreOutput> {
+        let (spec, call) = (bound.spec(), bound.call());
+        let y = cuda_slice(call.y, "y")?.as_view();
+        let preds = cuda_slice(call.preds, "preds")?.as_view();
+        let stream = self.stream();
+        let mut out = EnergyScoreBuffers::allocate(stream, spec, Fill::Unwritten)?;
+        energy_score_raw(stream, spec, &y, &preds, &mut out)?;
+
+        let device = call.preds.device();
+        let tensor = |slice: CudaSlice<u8>, shape: Vec<usize>| {
+            Tensor::from_storage(device, Storage::Cuda(slice), shape, DType::F32)
+        };
+        Ok(EnergyScoreOutput {
+            term1: tensor(out.term1, vec![1]),
+            term2: tensor(out.term2, vec![1]),
+            loss: tensor(out.loss, vec![1]),
+            grad: out.grad.map(|g| tensor(g, vec![spec.n, spec.m, spec.d])),
+        })
+    }
+
+    /// The Tensor entry of [`energy_distance_raw`]; a bad weight is reported at the
+    /// calling thread's next readback or synchronisation.
+    fn energy_distance(&self, bound: &EnergyDistanceCall<'_>) -> Result<EnergyDistanceOutput> {
+        let (spec, call) = (bound.spec(), bound.call());
+        let inputs = EnergyDistanceInputs {
+            x: view(call.x, "x")?,
+            y: view(call.y, "y")?,
+            weights_x: call.weights_x.map(|w| view(w, "weights_x")).transpose()?,
+            weights_y: call.weights_y.map(|w| view(w, "weights_y")).transpose()?,
+        };
+        let stream = self.stream();
+        let mut out = EnergyDistanceBuffers::allocate(stream, spec, Fill::Unwritten)?;
+        energy_distance_raw(stream, spec, &inputs, &mut out)?;
+        if call.weights_x.is_some() || call.weights_y.is_some() {
+            self.watch_weights(out.status);
+        }
+
+        let device = call.x.device();
+        let tensor = |slice: CudaSlice<u8>| {
+            Tensor::from_storage(device, Storage::Cuda(slice), vec![1], DType::F32)
+        };
+        Ok(EnergyDistanceOutput {
+            distance: tensor(out.distance),
+            cross: tensor(out.cross),
+            within_x: tensor(out.within_x),
+            within_y: tensor(out.within_y),
+        })
+    }
+}
