@@ -59,10 +59,7 @@ impl Backend {
     pub fn supports(self, op: Op) -> bool {
         match self {
             Backend::Cpu => true,
-            // CUDA has energy and bnstats kernels too (kernels/energy.cu, kernels/bnstats.cu),
-            // compiled by NVRTC in CI, but they are listed only once a GPU run passes the tests.
-            Backend::Cuda => matches!(op, Op::Xent | Op::XentDirectional),
-            Backend::Wgpu => matches!(
+            Backend::Cuda | Backend::Wgpu => matches!(
                 op,
                 Op::Xent
                     | Op::XentDirectional

@@ -26,7 +26,7 @@ pub struct BenchArgs {
     /// xent: B x V [default: 4096x32000 on a GPU, 256x32000 on the CPU];
     /// bnstats: N x C x H x W or N x C, whatever the layout [default: 32x64x28x28]
     #[arg(long, value_name = "AxBx...", value_parser = parse_shape)]
-    shape: Option<Vec<usize>>,
+    shape: Option<Dims>,
     /// xent: also compute the gradient
     #[arg(long)]
     grad: bool,
@@ -47,10 +47,14 @@ enum BenchOp {
     Bnstats,
 }
 
-fn parse_shape(text: &str) -> Result<Vec<usize>, String> {
+/// A shape given as `AxBx...`: one value for clap (a bare Vec would be read as a list).
+#[derive(Clone, Debug)]
+struct Dims(Vec<usize>);
+
+fn parse_shape(text: &str) -> Result<Dims, String> {
     let dims: Option<Vec<usize>> = text.split('x').map(|d| d.parse().ok()).collect();
     match dims {
-        Some(dims) if !dims.is_empty() && dims.iter().all(|&d| d > 0) => Ok(dims),
+        Some(dims) if !dims.is_empty() && dims.iter().all(|&d| d > 0) => Ok(Dims(dims)),
         _ => Err(format!(
             "'{text}' is not a shape of positive sizes like 8x128"
         )),
@@ -62,7 +66,7 @@ pub fn bench_command(args: &BenchArgs) -> Result<(), Failure> {
     let dtype = args.dtype.map(DType::from);
     match args.op {
         BenchOp::Xent => {
-            let shape = match args.shape.as_deref() {
+            let shape = match args.shape.as_ref().map(|d| d.0.as_slice()) {
                 None => None,
                 Some(&[batch, classes]) => Some((batch, classes)),
                 Some(other) => {
@@ -251,7 +255,10 @@ fn median(times: &[f64]) -> f64 {
 /// bytes counted: x read once, plus x read and y written with `normalize`.
 fn bench_bnstats(device: &Device, dtype: Option<DType>, args: &BenchArgs) -> Result<(), Failure> {
     let layout = Layout::from(args.layout);
-    let dims = args.shape.clone().unwrap_or_else(|| vec![32, 64, 28, 28]);
+    let dims = args
+        .shape
+        .as_ref()
+        .map_or_else(|| vec![32, 64, 28, 28], |d| d.0.clone());
     let shape = match (layout, dims.as_slice()) {
         (Layout::Nchw, &[n, c, h, w]) => vec![n, c, h, w],
         (Layout::Nhwc, &[n, c, h, w]) => vec![n, h, w, c],
