@@ -25,30 +25,17 @@ import tempfile
 import numpy as np
 import torch
 
+import functools
+
+from peer_timing import losskern_binary, median_ms as timed
+
+# The big pairwise problems take seconds per call: fewer repetitions than the default.
+median_ms = functools.partial(timed, warmup=3, reps=15)
+
 SCORES = [(1024, 16, 100), (16384, 64, 16), (65536, 64, 16)]
 DISTANCES = [(16384, 16384, 64), (100_000, 100_000, 3)]
 
 
-def median_ms(fn, warmup=3, reps=15):
-    """Median of CUDA-event timings of fn(), after warm-up; NaN if fn raises."""
-    try:
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    except (RuntimeError, torch.cuda.OutOfMemoryError) as e:
-        print(f"  failed: {str(e).splitlines()[0]}", file=sys.stderr)
-        torch.cuda.empty_cache()
-        return float("nan")
-    times.sort()
-    return times[len(times) // 2]
 
 
 def score_cdist(y, p, mode):
@@ -130,11 +117,7 @@ def main():
     except ImportError as e:
         energy_loss = None
         print(f"engression not importable ({e}): its row is left out")
-    here = os.path.dirname(os.path.abspath(__file__))
-    binary = os.environ.get("LOSSKERN_BIN") or next(
-        (p for p in [os.path.join(here, "..", "bin", "losskern"), ".device/bin/losskern", "target/release/losskern"] if os.path.exists(p)),
-        None,
-    )
+    binary = losskern_binary()
     print(f"{torch.cuda.get_device_name()} (torch {torch.__version__})")
     rows = []
     for n, m, d in SCORES:
@@ -171,7 +154,7 @@ def main():
         for mode in ["use_mm_for_euclid_dist", "donot_use_mm_for_euclid_dist"]:
             run = lambda mode=mode: distance_chunked(x, y, mode, torch.float32)
             value = run().item()
-            rows.append(("distance", shape, f"torch.cdist {mode.split('_')[0]} (chunked)", median_ms(run, 1, 3), rel(value, exact)))
+            rows.append(("distance", shape, f"torch.cdist {mode.split('_')[0]} (chunked)", timed(run, 1, 3), rel(value, exact)))
         pairs = n * m + n * (n - 1) // 2 + m * (m - 1) // 2
         ours = losskern_value(binary, "energy-distance", {"x": x, "y": y}, "distance")
         rows.append(("distance", shape, "losskern", criterion_ms(f"distance/f32/N{n}-M{m}-d{d}-pairs{pairs}"), rel(ours, exact)))

@@ -12,41 +12,20 @@ Run from the repository root on the GPU host: python3 benches/peers/xent_torch.p
 """
 import json
 import math
-import os
 import subprocess
 import sys
 
 import torch
+
+from peer_timing import copy_bandwidth, losskern_binary, median_ms
 import torch.nn.functional as F
 
 SHAPES = [(4096, 32000), (8192, 128256), (32768, 50257)]
 DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}
 
 
-def median_ms(fn, warmup=5, reps=30):
-    """Median of CUDA-event timings of fn(), after warm-up."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
 
 
-def copy_bandwidth():
-    """Device-to-device copy of 2 GiB: bytes read plus bytes written over time, GB/s."""
-    n = 1 << 29
-    src = torch.randn(n, device="cuda")
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src))
-    return 2 * n * 4 / (ms * 1e-3) / 1e9
 
 
 def all_outputs(z, y):
@@ -80,11 +59,7 @@ def main():
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to compare")
         return 0
-    here = os.path.dirname(os.path.abspath(__file__))
-    binary = os.environ.get("LOSSKERN_BIN") or next(
-        (p for p in [os.path.join(here, "..", "bin", "losskern"), ".device/bin/losskern", "target/release/losskern"] if os.path.exists(p)),
-        None,
-    )
+    binary = losskern_binary()
     copy = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy:.0f} GB/s (torch {torch.__version__})")
     compiled = torch.compile(all_outputs)
