@@ -1,6 +1,7 @@
 //! energy: engression loss with gradient, and the two-sample energy distance, at the
 //! shapes of issue 8 (engression's n=1024 m=16 d=100 and n=16384 m=64 d=16, a large-m
-//! sample, N=M=16384 d=64 and the d=3 N=M=10^5 pair-rate case). Throughput is the input
+//! sample, N=M=16384 d=64 with and without the gradient, and the d=3 N=M=10^5 pair-rate
+//! case). Throughput is the input
 //! bytes read once (and the gradient written once); the pair counts are in the names, so
 //! pairs/s is pairs over the time. The CPU backend runs the f64 reference, so it is timed
 //! only where a call stays under about 10^8 distance terms.
@@ -63,7 +64,11 @@ fn distance_benches(
     device: &Device,
     rng: &mut Rng,
 ) {
-    for (n, m, d) in [(16384usize, 16384usize, 64usize), (100_000, 100_000, 3)] {
+    for (n, m, d, grad) in [
+        (16384usize, 16384usize, 64usize, false),
+        (16384, 16384, 64, true),
+        (100_000, 100_000, 3, false),
+    ] {
         if *device == Device::Cpu && n * m * d > CPU_WORK {
             continue;
         }
@@ -71,11 +76,14 @@ fn distance_benches(
         let y = upload(device, rng, &[m, d]);
         // xy pairs plus the i < j pairs of each set.
         let pairs = n * m + n * (n - 1) / 2 + m * (m - 1) / 2;
-        let bytes = (x.byte_len() + y.byte_len()) as u64;
+        // The gradient is written once: as many bytes as the inputs in f32.
+        let io = (x.byte_len() + y.byte_len()) as u64;
+        let bytes = if grad { 2 * io } else { io };
+        let what = if grad { "distance+grad" } else { "distance" };
         harness::bench_op(
             group,
             device,
-            &format!("distance/f32/N{n}-M{m}-d{d}-pairs{pairs}"),
+            &format!("{what}/f32/N{n}-M{m}-d{d}-pairs{pairs}"),
             bytes,
             || {
                 energy::energy_distance(&EnergyDistance {
@@ -85,6 +93,7 @@ fn distance_benches(
                     weights_y: None,
                     beta: 1.0,
                     statistic: Statistic::V,
+                    grad,
                 })
                 .map(drop)
             },

@@ -15,7 +15,15 @@
 //   energy_distance_merge     ONE block: sums the slots of each term in f64 in
 //                             slot order (thread-strided, then the fixed
 //                             tree), the weight totals, checks the weights and
-//                             writes the four f32 outputs and the status word.
+//                             writes the four f32 outputs, the status word and
+//                             the gradient's four term coefficients.
+//   energy_grad_{f32,f16,bf16}   with the gradient, four launches (X against Y,
+//                             X against X, Y against X, Y against Y): a block owns
+//                             64 rows x 64 dims of one set's gradient and walks
+//                             every column tile of the other set in order, the
+//                             pair slopes in shared memory, f32 per tile, f64
+//                             across tiles; the second launch of a set adds to
+//                             the first's rows.
 //
 // Energy score, in order on one stream:
 //   energy_score_{f32,f16,bf16}  one warp per prediction row (i, j) (8 rows per
@@ -111,25 +119,25 @@ __device__ __forceinline__ void energy_stage(float (*tile)[EP_TILE + 1], const T
     }
 }
 
-// The weighted powered distances of one 64 x 64 tile, summed in f32 by each
-// thread over its 4 x 4 pairs (rows ty + 16 r, columns tx + 16 c).
+// The squared distances of one thread's 4 x 4 pairs of a 64 x 64 tile (rows
+// ty + 16 r of A from r0, columns tx + 16 c of B from c0), over all d dims.
 template <typename T>
-__device__ __forceinline__ float energy_tile(const EnergyPairArgs& a, float (*as)[EP_TILE + 1],
-                                             float (*bs)[EP_TILE + 1], lk_i64 r0, lk_i64 c0,
-                                             const float (&wr)[4]) {
+__device__ __forceinline__ void energy_tile_squares(const void* a_rows, lk_i64 na, const void* b_rows,
+                                                    lk_i64 nb, lk_i64 d, float (*as)[EP_TILE + 1],
+                                                    float (*bs)[EP_TILE + 1], lk_i64 r0, lk_i64 c0,
+                                                    float (&s)[4][4]) {
     const int tx = threadIdx.x & 15;
     const int ty = threadIdx.x >> 4;
-    float s[4][4];
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
 #pragma unroll
         for (int c = 0; c < 4; ++c) s[r][c] = 0.0f;
     }
-    for (lk_i64 d0 = 0; d0 < a.d; d0 += EP_DIMS) {
-        const int dims = (int)(a.d - d0 < EP_DIMS ? a.d - d0 : EP_DIMS);
+    for (lk_i64 d0 = 0; d0 < d; d0 += EP_DIMS) {
+        const int dims = (int)(d - d0 < EP_DIMS ? d - d0 : EP_DIMS);
         __syncthreads();  // the previous stage's reads are done
-        energy_stage(as, (const T*)a.a, a.na, a.d, r0, d0, dims);
-        energy_stage(bs, (const T*)a.b, a.nb, a.d, c0, d0, dims);
+        energy_stage(as, (const T*)a_rows, na, d, r0, d0, dims);
+        energy_stage(bs, (const T*)b_rows, nb, d, c0, d0, dims);
         __syncthreads();
 #pragma unroll 4
         for (int k = 0; k < dims; ++k) {
@@ -148,6 +156,18 @@ __device__ __forceinline__ float energy_tile(const EnergyPairArgs& a, float (*as
             }
         }
     }
+}
+
+// The weighted powered distances of one 64 x 64 tile, summed in f32 by each
+// thread over its 4 x 4 pairs.
+template <typename T>
+__device__ __forceinline__ float energy_tile(const EnergyPairArgs& a, float (*as)[EP_TILE + 1],
+                                             float (*bs)[EP_TILE + 1], lk_i64 r0, lk_i64 c0,
+                                             const float (&wr)[4]) {
+    const int tx = threadIdx.x & 15;
+    const int ty = threadIdx.x >> 4;
+    float s[4][4];
+    energy_tile_squares<T>(a.a, a.na, a.b, a.nb, a.d, as, bs, r0, c0, s);
     float sum = 0.0f;
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
@@ -217,6 +237,7 @@ struct EnergyMergeArgs {
     float* within_x;
     float* within_y;
     unsigned long long* status;  // [1]: ENERGY_BAD_* bits, 0 when the weights are fine
+    double* coef;           // [4]: the gradient's term coefficients (EnergyGradArgs::coef)
     lk_i64 tiles_xy;
     lk_i64 tiles_xx;
     lk_i64 tiles_yy;
@@ -233,14 +254,23 @@ LK_FIELD_AT(EnergyMergeArgs, cross, 32);
 LK_FIELD_AT(EnergyMergeArgs, within_x, 40);
 LK_FIELD_AT(EnergyMergeArgs, within_y, 48);
 LK_FIELD_AT(EnergyMergeArgs, status, 56);
-LK_FIELD_AT(EnergyMergeArgs, tiles_xy, 64);
-LK_FIELD_AT(EnergyMergeArgs, tiles_xx, 72);
-LK_FIELD_AT(EnergyMergeArgs, tiles_yy, 80);
-LK_FIELD_AT(EnergyMergeArgs, n, 88);
-LK_FIELD_AT(EnergyMergeArgs, m, 96);
-LK_FIELD_AT(EnergyMergeArgs, u_statistic, 104);
-LK_FIELD_AT(EnergyMergeArgs, pad_, 108);
-static_assert(sizeof(EnergyMergeArgs) == 112, "EnergyMergeArgs is 112 bytes in Rust");
+LK_FIELD_AT(EnergyMergeArgs, coef, 64);
+LK_FIELD_AT(EnergyMergeArgs, tiles_xy, 72);
+LK_FIELD_AT(EnergyMergeArgs, tiles_xx, 80);
+LK_FIELD_AT(EnergyMergeArgs, tiles_yy, 88);
+LK_FIELD_AT(EnergyMergeArgs, n, 96);
+LK_FIELD_AT(EnergyMergeArgs, m, 104);
+LK_FIELD_AT(EnergyMergeArgs, u_statistic, 112);
+LK_FIELD_AT(EnergyMergeArgs, pad_, 116);
+static_assert(sizeof(EnergyMergeArgs) == 120, "EnergyMergeArgs is 120 bytes in Rust");
+
+// Slots of the merge's gradient coefficients, in raw (unnormalised) weights: the
+// cross term 2 / (W_x W_y) and the within terms -2 / P (P = W^2 for V, W^2 - sum w^2
+// for U), as EnergyGradArgs::coef_index picks them.
+#define ENERGY_COEF_X_CROSS 0
+#define ENERGY_COEF_X_WITHIN 1
+#define ENERGY_COEF_Y_CROSS 2
+#define ENERGY_COEF_Y_WITHIN 3
 
 // Status bits, as spec::energy::weight_status_error reads them.
 #define ENERGY_BAD_X 1ull   // weights_x holds a negative or non-finite value
@@ -293,6 +323,13 @@ __device__ double energy_within(double half_sum, const EnergyWeights& w, int u_s
     return off_diagonal == 0.0 ? 0.0 : 2.0 * half_sum / off_diagonal;
 }
 
+// The factor of sum_k w_i w_k g(x_i - x_k) in d distance / dx_i: -2 over the weight the
+// within-set sum was divided by (0 for a U statistic without pairs).
+__device__ double energy_within_coef(const EnergyWeights& w, int u_statistic) {
+    const double divisor = u_statistic ? w.total * w.total - w.squares : w.total * w.total;
+    return divisor == 0.0 ? 0.0 : -2.0 / divisor;
+}
+
 extern "C" __global__ void __launch_bounds__(1024) energy_distance_merge(const EnergyMergeArgs a) {
     const double xy = energy_slot_sum(a.partial, a.tiles_xy);
     const double xx = energy_slot_sum(a.partial + a.tiles_xy, a.tiles_xx);
@@ -307,12 +344,17 @@ extern "C" __global__ void __launch_bounds__(1024) energy_distance_merge(const E
     else if (wy.total == 0.0) status |= ENERGY_ZERO_Y;
     *a.status = status;
     if (status != 0) {
+        for (int t = 0; t < 4; ++t) a.coef[t] = (double)LK_NAN_F;
         *a.distance = LK_NAN_F;
         *a.cross = LK_NAN_F;
         *a.within_x = LK_NAN_F;
         *a.within_y = LK_NAN_F;
         return;
     }
+    a.coef[ENERGY_COEF_X_CROSS] = 2.0 / (wx.total * wy.total);
+    a.coef[ENERGY_COEF_X_WITHIN] = energy_within_coef(wx, a.u_statistic);
+    a.coef[ENERGY_COEF_Y_CROSS] = 2.0 / (wx.total * wy.total);
+    a.coef[ENERGY_COEF_Y_WITHIN] = energy_within_coef(wy, a.u_statistic);
     const double cross = xy / (wx.total * wy.total);
     const double within_x = energy_within(xx, wx, a.u_statistic);
     const double within_y = energy_within(yy, wy, a.u_statistic);
@@ -320,6 +362,140 @@ extern "C" __global__ void __launch_bounds__(1024) energy_distance_merge(const E
     *a.cross = (float)cross;
     *a.within_x = (float)within_x;
     *a.within_y = (float)within_y;
+}
+
+// ---------------------------------------------------------------------------
+// The distance's gradient, one term (a set's rows against one set) per launch.
+
+// Must match EnergyGradArgs in src/cuda/energy.rs field for field.
+struct EnergyGradArgs {
+    const void* a;       // [na, d] of T: the rows whose gradient this is
+    const void* b;       // [nb, d] of T
+    const float* wa;     // [na] or null (uniform)
+    const float* wb;     // [nb] or null
+    const double* coef;  // [4] from energy_distance_merge
+    float* grad;         // [na, d]
+    lk_i64 na;
+    lk_i64 nb;
+    lk_i64 d;
+    lk_i64 dim_chunks;   // EG_DIMS-dimension chunks of d
+    lk_i64 tiles;        // row tiles * dim_chunks
+    double beta;
+    int coef_index;      // ENERGY_COEF_*
+    int power;
+    int accumulate;      // 1: add to grad (the set's second term), 0: write it
+    int pad_;
+};
+LK_FIELD_AT(EnergyGradArgs, a, 0);
+LK_FIELD_AT(EnergyGradArgs, b, 8);
+LK_FIELD_AT(EnergyGradArgs, wa, 16);
+LK_FIELD_AT(EnergyGradArgs, wb, 24);
+LK_FIELD_AT(EnergyGradArgs, coef, 32);
+LK_FIELD_AT(EnergyGradArgs, grad, 40);
+LK_FIELD_AT(EnergyGradArgs, na, 48);
+LK_FIELD_AT(EnergyGradArgs, nb, 56);
+LK_FIELD_AT(EnergyGradArgs, d, 64);
+LK_FIELD_AT(EnergyGradArgs, dim_chunks, 72);
+LK_FIELD_AT(EnergyGradArgs, tiles, 80);
+LK_FIELD_AT(EnergyGradArgs, beta, 88);
+LK_FIELD_AT(EnergyGradArgs, coef_index, 96);
+LK_FIELD_AT(EnergyGradArgs, power, 100);
+LK_FIELD_AT(EnergyGradArgs, accumulate, 104);
+LK_FIELD_AT(EnergyGradArgs, pad_, 108);
+static_assert(sizeof(EnergyGradArgs) == 112, "EnergyGradArgs is 112 bytes in Rust");
+
+#define EG_DIMS 64
+#define EG_ROWS_PER_WARP (EP_TILE / (EP_THREADS / 32))
+
+// sum_j w_j g(a_i - b_j) for a 64-row tile of A and EG_DIMS of its dims, over every
+// column tile of B in order: per tile, the pair slopes (from the full-d distances)
+// wait in shared memory while warp w's lanes, over 32 dims at a time, sum
+// slope_ij (a_i - b_j) for rows w + 8 q in j order; each tile's f32 sum is added to an
+// f64 accumulator. Differences, never a_i sum_j c_ij - sum_j c_ij b_j, which would
+// cancel for offset data. A block owns its (rows, dims) of grad: no atomics.
+template <typename T>
+__device__ void energy_grad(const EnergyGradArgs& a) {
+    __shared__ float as[EP_DIMS][EP_TILE + 1];
+    __shared__ float bs[EP_DIMS][EP_TILE + 1];
+    __shared__ float slopes[EP_TILE][EP_TILE + 1];
+    const int tx = threadIdx.x & 15;
+    const int ty = threadIdx.x >> 4;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const lk_i64 col_tiles = (a.nb + EP_TILE - 1) / EP_TILE;
+    const double coef = a.coef[a.coef_index];
+    for (lk_i64 t = blockIdx.x; t < a.tiles; t += gridDim.x) {
+        const lk_i64 row_tile = t / a.dim_chunks;
+        const lk_i64 g0 = (t - row_tile * a.dim_chunks) * EG_DIMS;
+        const lk_i64 r0 = row_tile * EP_TILE;
+        double acc[EG_DIMS / EP_DIMS][EG_ROWS_PER_WARP];
+#pragma unroll
+        for (int h = 0; h < EG_DIMS / EP_DIMS; ++h) {
+#pragma unroll
+            for (int q = 0; q < EG_ROWS_PER_WARP; ++q) acc[h][q] = 0.0;
+        }
+        for (lk_i64 tile = 0; tile < col_tiles; ++tile) {
+            const lk_i64 c0 = tile * EP_TILE;
+            float s[4][4];
+            energy_tile_squares<T>(a.a, a.na, a.b, a.nb, a.d, as, bs, r0, c0, s);
+            // The distance loop's barriers order the previous tile's slope reads first.
+#pragma unroll
+            for (int c = 0; c < 4; ++c) {
+                const lk_i64 j = c0 + tx + 16 * c;
+                const float wc = j < a.nb ? (a.wb ? a.wb[j] : 1.0f) : 0.0f;
+#pragma unroll
+                for (int r = 0; r < 4; ++r) {
+                    const bool pair = r0 + ty + 16 * r < a.na && j < a.nb;
+                    slopes[ty + 16 * r][tx + 16 * c] =
+                        pair ? wc * energy_slope(s[r][c], a.power, a.beta) : 0.0f;
+                }
+            }
+#pragma unroll
+            for (int h = 0; h < EG_DIMS / EP_DIMS; ++h) {
+                const lk_i64 d0 = g0 + h * EP_DIMS;
+                if (d0 >= a.d) break;
+                const int dims = (int)(a.d - d0 < EP_DIMS ? a.d - d0 : EP_DIMS);
+                __syncthreads();  // slopes written, the last stage's reads done
+                energy_stage(as, (const T*)a.a, a.na, a.d, r0, d0, dims);
+                energy_stage(bs, (const T*)a.b, a.nb, a.d, c0, d0, dims);
+                __syncthreads();
+                if (lane >= dims) continue;
+#pragma unroll
+                for (int q = 0; q < EG_ROWS_PER_WARP; ++q) {
+                    const int row = warp + 8 * q;
+                    const float av = as[lane][row];
+                    float g = 0.0f;
+#pragma unroll 8
+                    for (int j = 0; j < EP_TILE; ++j) g = fmaf(slopes[row][j], av - bs[lane][j], g);
+                    acc[h][q] += (double)g;
+                }
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < EG_DIMS / EP_DIMS; ++h) {
+            const lk_i64 dim = g0 + h * EP_DIMS + lane;
+            if (dim >= a.d) break;
+#pragma unroll
+            for (int q = 0; q < EG_ROWS_PER_WARP; ++q) {
+                const lk_i64 i = r0 + warp + 8 * q;
+                if (i >= a.na) break;
+                const double wi = a.wa ? (double)a.wa[i] : 1.0;
+                const float v = (float)(coef * wi * acc[h][q]);
+                float* out = a.grad + i * a.d + dim;
+                *out = a.accumulate ? *out + v : v;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(EP_THREADS) energy_grad_f32(const EnergyGradArgs a) {
+    energy_grad<float>(a);
+}
+extern "C" __global__ void __launch_bounds__(EP_THREADS) energy_grad_f16(const EnergyGradArgs a) {
+    energy_grad<lk_f16>(a);
+}
+extern "C" __global__ void __launch_bounds__(EP_THREADS) energy_grad_bf16(const EnergyGradArgs a) {
+    energy_grad<lk_bf16>(a);
 }
 
 // ---------------------------------------------------------------------------

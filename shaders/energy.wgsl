@@ -10,7 +10,14 @@
 //                          Dispatched three times: X-Y, X-X, Y-Y.
 //   energy_distance_merge  one workgroup: each term's slots summed in slot order with
 //                          two-float (compensated) arithmetic, the weight totals, the
-//                          weight check, the four outputs and the status word -> `red`.
+//                          weight check, the four outputs, the status word and the
+//                          gradient's four term coefficients -> `red`.
+//   energy_grad            with the gradient, four dispatches (X against Y and X, Y
+//                          against X and Y): a workgroup owns 64 rows x 64 dims of one
+//                          set's gradient and walks every column tile of the other set,
+//                          the pair slopes in workgroup memory 32 columns at a time, f32
+//                          per tile and two-float across tiles; a set's second dispatch
+//                          adds to the rows its first wrote.
 //   energy_score           one invocation per prediction row (i, j): ||p_ij - y_i||^beta
 //                          and sum_{k > j} ||p_ij - p_ik||^beta -> `slots`; with the
 //                          gradient, the row of d loss / d preds, accumulated over k in
@@ -44,6 +51,12 @@ const RED_CROSS: u32 = 1u;
 const RED_WITHIN_X: u32 = 2u;
 const RED_WITHIN_Y: u32 = 3u;
 const RED_STATUS: u32 = 4u;
+// The gradient's coefficients (f32 bits): each set's cross term 2 / (W_x W_y) and within
+// term -2 / P (P = W^2 for V, W^2 - sum w^2 for U, the term 0 without pairs).
+const RED_COEF_X_CROSS: u32 = 8u;
+const RED_COEF_X_WITHIN: u32 = 9u;
+const RED_COEF_Y_CROSS: u32 = 10u;
+const RED_COEF_Y_WITHIN: u32 = 11u;
 const RED_TERM1: u32 = 0u;
 const RED_TERM2: u32 = 1u;
 const RED_LOSS: u32 = 2u;
@@ -60,13 +73,16 @@ const F_WB: u32 = 2u;
 const F_WITHIN: u32 = 4u;
 const F_U: u32 = 8u;
 const F_GRAD: u32 = 16u;
+// Gradient: add to the rows (a set's within term) rather than write them.
+const F_ADD: u32 = 32u;
 
 struct Params {
     // Pairs: rows of A and B; merge: N and M; score: n and m.
     na: u32,
     nb: u32,
     d: u32,
-    // Pairs: column chunks per row tile, slots of this dispatch, first slot.
+    // Pairs: column chunks per row tile, slots of this dispatch, first slot. Gradient:
+    // 64-dim chunks of d, (row tile, dim chunk) tiles, the coefficient's word of `red`.
     chunks: u32,
     tiles: u32,
     slot_base: u32,
@@ -255,9 +271,9 @@ fn stage(lid: u32, r0: u32, c0: u32, d0: u32, dims: u32) {
     }
 }
 
-// The invocation's f32 sum over its 4 x 4 pairs of one tile (rows ty + 16 r, columns
-// tx + 16 c), weighted; masked, not weighted by 0, outside the pairs.
-fn tile_sum(lid: u32, r0: u32, c0: u32, wr: array<f32, 4>) -> f32 {
+// The squared distances of the invocation's 4 x 4 pairs of one tile (rows ty + 16 r,
+// columns tx + 16 c, at r * 4 + c), over all d dims.
+fn tile_squares(lid: u32, r0: u32, c0: u32) -> array<f32, 16> {
     let tx = lid & 15u;
     let ty = lid >> 4u;
     var s: array<f32, 16>;
@@ -284,6 +300,15 @@ fn tile_sum(lid: u32, r0: u32, c0: u32, wr: array<f32, 4>) -> f32 {
             }
         }
     }
+    return s;
+}
+
+// The invocation's f32 sum over its 4 x 4 pairs of one tile, weighted; masked, not
+// weighted by 0, outside the pairs.
+fn tile_sum(lid: u32, r0: u32, c0: u32, wr: array<f32, 4>) -> f32 {
+    let tx = lid & 15u;
+    let ty = lid >> 4u;
+    let s = tile_squares(lid, r0, c0);
     var sum = 0.0;
     let within = (P.flags & F_WITHIN) != 0u;
     for (var c = 0u; c < 4u; c = c + 1u) {
@@ -416,6 +441,20 @@ fn within(half_sum: vec2<f32>, w: WeightSums) -> vec2<f32> {
     return df_div(2.0 * half_sum, den);
 }
 
+// The factor of sum_k w_i w_k g(x_i - x_k) in d distance / dx_i: -2 over the weight the
+// within-set sum was divided by (0 for a U statistic without pairs).
+fn within_coef(w: WeightSums) -> f32 {
+    var den = df_mul(w.total, w.total);
+    if (P.flags & F_U) != 0u {
+        den = df_add(den, -w.squares);
+    }
+    if den.x == 0.0 {
+        return 0.0;
+    }
+    let c = df_div(vec2<f32>(-2.0, 0.0), den);
+    return c.x + c.y;
+}
+
 @compute @workgroup_size(256)
 fn energy_distance_merge(@builtin(local_invocation_index) lid: u32) {
     let xy = slot_sum(lid, 0u, P.tiles_xy);
@@ -439,12 +478,20 @@ fn energy_distance_merge(@builtin(local_invocation_index) lid: u32) {
     }
     red[RED_STATUS] = status;
     if status != 0u {
+        for (var t = RED_COEF_X_CROSS; t <= RED_COEF_Y_WITHIN; t = t + 1u) {
+            red[t] = P.nan_bits;
+        }
         red[RED_DISTANCE] = P.nan_bits;
         red[RED_CROSS] = P.nan_bits;
         red[RED_WITHIN_X] = P.nan_bits;
         red[RED_WITHIN_Y] = P.nan_bits;
         return;
     }
+    let cross_coef = df_div(vec2<f32>(2.0, 0.0), df_mul(wx.total, wy.total));
+    red[RED_COEF_X_CROSS] = bitcast<u32>(cross_coef.x + cross_coef.y);
+    red[RED_COEF_Y_CROSS] = bitcast<u32>(cross_coef.x + cross_coef.y);
+    red[RED_COEF_X_WITHIN] = bitcast<u32>(within_coef(wx));
+    red[RED_COEF_Y_WITHIN] = bitcast<u32>(within_coef(wy));
     let cross = df_div(xy, df_mul(wx.total, wy.total));
     let within_x = within(xx, wx);
     let within_y = within(yy, wy);
@@ -453,6 +500,111 @@ fn energy_distance_merge(@builtin(local_invocation_index) lid: u32) {
     red[RED_CROSS] = bitcast<u32>(cross.x + cross.y);
     red[RED_WITHIN_X] = bitcast<u32>(within_x.x + within_x.y);
     red[RED_WITHIN_Y] = bitcast<u32>(within_y.x + within_y.y);
+}
+
+// --------------------------------------------------------------- distance gradient
+
+const GRAD_DIMS: u32 = 64u;
+const HALF_TILE: u32 = 32u;
+
+// One half (32 columns) of a tile's pair slopes, w_j g'(s_ij), at row * HALF_TILE + column.
+var<workgroup> slopes: array<f32, 2048>;
+
+// sum_j w_j g(a_i - b_j) for a 64-row tile of A and 64 of its dims, over every column
+// tile of B in order: per tile, the pair slopes (from the full-d distances) wait in
+// workgroup memory 32 columns at a time while invocation (dim = lid % 32, rows
+// lid / 32 + 8 q) sums slope_ij (a_i - b_j) in j order over 32 staged dims; each tile's
+// f32 sum is added to a two-float accumulator. Differences, never a_i sum c - sum c b,
+// which would cancel for offset data. A workgroup owns its (rows, dims) of grad.
+@compute @workgroup_size(256)
+fn energy_grad(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) groups: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let t = wg.y * groups.x + wg.x;
+    if t >= P.tiles {
+        return;
+    }
+    let row_tile = t / P.chunks;
+    let g0 = (t - row_tile * P.chunks) * GRAD_DIMS;
+    let r0 = row_tile * TILE;
+    let tx = lid & 15u;
+    let ty = lid >> 4u;
+    let lane = lid & 31u;
+    let group = lid >> 5u;
+    let col_tiles = (P.nb + TILE - 1u) / TILE;
+    var acc: array<vec2<f32>, 16>;
+    for (var q = 0u; q < 16u; q = q + 1u) {
+        acc[q] = vec2<f32>(0.0, 0.0);
+    }
+    for (var tile = 0u; tile < col_tiles; tile = tile + 1u) {
+        let c0 = tile * TILE;
+        let s = tile_squares(lid, r0, c0);
+        var part: array<f32, 16>;
+        for (var q = 0u; q < 16u; q = q + 1u) {
+            part[q] = 0.0;
+        }
+        for (var half = 0u; half < 2u; half = half + 1u) {
+            workgroupBarrier();  // the previous half's slope reads are done
+            for (var c = 2u * half; c < 2u * half + 2u; c = c + 1u) {
+                let j = c0 + tx + 16u * c;
+                for (var r = 0u; r < 4u; r = r + 1u) {
+                    var v = 0.0;
+                    if r0 + ty + 16u * r < P.na && j < P.nb {
+                        v = weight_b(j) * slope(s[r * 4u + c]);
+                    }
+                    slopes[(ty + 16u * r) * HALF_TILE + tx + 16u * (c - 2u * half)] = v;
+                }
+            }
+            for (var h = 0u; h < 2u; h = h + 1u) {
+                let d0 = g0 + h * DIMS;
+                if d0 >= P.d {
+                    break;
+                }
+                let dims = min(DIMS, P.d - d0);
+                workgroupBarrier();  // slopes written, the last stage's reads done
+                stage(lid, r0, c0, d0, dims);
+                workgroupBarrier();
+                if lane < dims {
+                    for (var q = 0u; q < 8u; q = q + 1u) {
+                        let row = group + 8u * q;
+                        let av = tile_a[lane * STRIDE + row];
+                        var g = part[h * 8u + q];
+                        for (var j = 0u; j < HALF_TILE; j = j + 1u) {
+                            let b_value = tile_b[lane * STRIDE + HALF_TILE * half + j];
+                            g = g + slopes[row * HALF_TILE + j] * (av - b_value);
+                        }
+                        part[h * 8u + q] = g;
+                    }
+                }
+            }
+        }
+        for (var q = 0u; q < 16u; q = q + 1u) {
+            acc[q] = df_add(acc[q], vec2<f32>(part[q], 0.0));
+        }
+    }
+    let coef = bitcast<f32>(red[P.slot_base]);
+    for (var h = 0u; h < 2u; h = h + 1u) {
+        let dim = g0 + h * DIMS + lane;
+        if dim >= P.d {
+            break;
+        }
+        for (var q = 0u; q < 8u; q = q + 1u) {
+            let i = r0 + group + 8u * q;
+            if i >= P.na {
+                break;
+            }
+            let total = acc[h * 8u + q];
+            let v = coef * weight_a(i) * (total.x + total.y);
+            let at = i * P.d + dim;
+            if (P.flags & F_ADD) != 0u {
+                grad[at] = grad[at] + v;
+            } else {
+                grad[at] = v;
+            }
+        }
+    }
 }
 
 // --------------------------------------------------------------- energy score

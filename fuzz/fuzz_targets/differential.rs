@@ -91,6 +91,7 @@ enum Input {
         weighted: bool,
         beta: u8,
         u_statistic: bool,
+        grad: bool,
         magnitude: u8,
         seed: u64,
     },
@@ -262,6 +263,7 @@ fn case(input: &Input) -> Case {
             weighted,
             beta: b,
             u_statistic,
+            grad,
             magnitude,
             seed,
         } => Case::EnergyDistance(EnergyDistanceCase {
@@ -276,6 +278,7 @@ fn case(input: &Input) -> Case {
             } else {
                 Statistic::V
             },
+            grad,
             offset: energy_magnitude(magnitude).0,
             scale: energy_magnitude(magnitude).1,
             seed,

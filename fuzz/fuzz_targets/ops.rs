@@ -214,6 +214,7 @@ fn energy_ops(device: &Device, input: &Input) {
                 } else {
                     Statistic::V
                 },
+                grad: input.flag(4),
             }),
         );
     }

@@ -10,6 +10,8 @@
 //! combination. The score's gradient element is a signed sum of m + 1 terms
 //! c beta ||u||^(beta - 2) (a - b): each within r_g = |beta - 2| (2u + k_d / 2) + 8u relative,
 //! the sum k_{m+1} of the sum of their magnitudes G (computed here from the inputs).
+//! The distance's gradient element is the same kind of sum over the N + M points of both
+//! sets, each term also carrying the weight normalisations: k_{N+M} and k_N + k_M of G.
 
 use losskern_reference::energy as reference;
 
@@ -157,6 +159,22 @@ pub fn score_outputs(case: &EnergyScoreCase, device: &Device) -> Result<Vec<Outp
     widen(&named)
 }
 
+/// out += |c d||a - b||^beta / da| per element (0 where a = b).
+fn add_magnitude(out: &mut [f64], c: f64, a: &[f64], b: &[f64], beta: f64) {
+    let norm = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y) * (x - y))
+        .sum::<f64>()
+        .sqrt();
+    if norm > 0.0 {
+        let factor = c * beta * norm.powf(beta - 2.0);
+        for (o, (x, y)) in out.iter_mut().zip(a.iter().zip(b)) {
+            *o += factor * (x - y).abs();
+        }
+    }
+}
+
 /// G per gradient element: the sum of the magnitudes of the terms the element sums.
 fn gradient_magnitudes(case: &EnergyScoreCase, y: &[f64], p: &[f64]) -> Vec<f64> {
     let (n, m, d, beta) = (case.n, case.m, case.d, case.beta);
@@ -167,20 +185,7 @@ fn gradient_magnitudes(case: &EnergyScoreCase, y: &[f64], p: &[f64]) -> Vec<f64>
         (m as f64 / (m - 1) as f64) / (n * m * m) as f64
     };
     let mut g = vec![0.0; n * m * d];
-    let add = |out: &mut [f64], c: f64, a: &[f64], b: &[f64]| {
-        let norm = a
-            .iter()
-            .zip(b)
-            .map(|(x, y)| (x - y) * (x - y))
-            .sum::<f64>()
-            .sqrt();
-        if norm > 0.0 {
-            let factor = c * beta * norm.powf(beta - 2.0);
-            for k in 0..d {
-                out[k] += factor * (a[k] - b[k]).abs();
-            }
-        }
-    };
+    let add = |out: &mut [f64], c: f64, a: &[f64], b: &[f64]| add_magnitude(out, c, a, b, beta);
     for i in 0..n {
         for j in 0..m {
             let at = (i * m + j) * d;
@@ -236,6 +241,7 @@ pub struct EnergyDistanceCase {
     pub weighted: bool,
     pub beta: f64,
     pub statistic: Statistic,
+    pub grad: bool,
     /// X is offset + scale * N(0, 1), Y offset + scale * (0.5 + 1.5 N(0, 1)).
     pub offset: f64,
     pub scale: f64,
@@ -252,6 +258,7 @@ pub fn distance_cases() -> Vec<EnergyDistanceCase> {
             weighted: false,
             beta: 1.0,
             statistic: Statistic::V,
+            grad: true,
             offset: 0.0,
             scale: 1.0,
             seed: 31,
@@ -264,6 +271,7 @@ pub fn distance_cases() -> Vec<EnergyDistanceCase> {
             weighted: true,
             beta: 1.0,
             statistic: Statistic::U,
+            grad: true,
             offset: 0.0,
             scale: 1.0,
             seed: 32,
@@ -276,6 +284,7 @@ pub fn distance_cases() -> Vec<EnergyDistanceCase> {
             weighted: false,
             beta: 2.0,
             statistic: Statistic::U,
+            grad: true,
             offset: 0.0,
             scale: 1.0,
             seed: 33,
@@ -289,6 +298,7 @@ pub fn distance_cases() -> Vec<EnergyDistanceCase> {
             weighted: true,
             beta: 1.0,
             statistic: Statistic::V,
+            grad: true,
             offset: 1e3,
             scale: 0.01,
             seed: 34,
@@ -301,6 +311,7 @@ pub fn distance_cases() -> Vec<EnergyDistanceCase> {
             weighted: false,
             beta: 0.75,
             statistic: Statistic::U,
+            grad: true,
             offset: 0.0,
             scale: 1.0,
             seed: 35,
@@ -314,7 +325,7 @@ impl EnergyDistanceCase {
             op: Op::EnergyDistance,
             dtype: self.dtype.name().into(),
             shape: format!("N{} M{} d{}", self.n, self.m, self.d),
-            tolerance: "(r_D + k(pairs) + k(N) + k(M)) |term|",
+            tolerance: "(r_D + k(pairs) + k(N) + k(M)) |term|; grad (r_g + k(N+M)) G",
         }
     }
 
@@ -363,13 +374,75 @@ pub fn distance_outputs(case: &EnergyDistanceCase, device: &Device) -> Result<Ve
         weights_y: wyt.as_ref(),
         beta: case.beta,
         statistic: case.statistic,
+        grad: case.grad,
     })?;
-    widen(&[
+    let mut named = vec![
         ("cross", &out.cross),
         ("within_x", &out.within_x),
         ("within_y", &out.within_y),
         ("distance", &out.distance),
-    ])
+    ];
+    named.extend(out.grad_x.as_ref().map(|g| ("grad_x", g)));
+    named.extend(out.grad_y.as_ref().map(|g| ("grad_y", g)));
+    widen(&named)
+}
+
+/// A set of the distance's gradient magnitudes: its points and normalised weights.
+struct MagnitudeSet<'a> {
+    points: &'a [f64],
+    weights: Vec<f64>,
+    /// The within-set divisor: 1 (V), the off-diagonal pair weight (U), 0: no term.
+    pair_weight: f64,
+}
+
+impl<'a> MagnitudeSet<'a> {
+    fn new(points: &'a [f64], raw: Option<&[f64]>, len: usize, statistic: Statistic) -> Self {
+        let weights: Vec<f64> = match raw {
+            Some(w) => {
+                let total: f64 = w.iter().sum();
+                w.iter().map(|v| v / total).collect()
+            }
+            None => vec![1.0 / len as f64; len],
+        };
+        let pair_weight = match statistic {
+            Statistic::V => 1.0,
+            Statistic::U => 1.0 - weights.iter().map(|w| w * w).sum::<f64>(),
+        };
+        MagnitudeSet {
+            points,
+            weights,
+            pair_weight,
+        }
+    }
+}
+
+/// G per element of d distance / d(own points): the magnitudes of the cross terms
+/// against `other` and of the within terms.
+fn distance_gradient_magnitudes(
+    own: &MagnitudeSet<'_>,
+    other: &MagnitudeSet<'_>,
+    d: usize,
+    beta: f64,
+) -> Vec<f64> {
+    let mut g = vec![0.0; own.weights.len() * d];
+    fn point<'p>(set: &MagnitudeSet<'p>, i: usize, d: usize) -> &'p [f64] {
+        &set.points[i * d..(i + 1) * d]
+    }
+    let add = |out: &mut [f64], c: f64, a: &[f64], b: &[f64]| add_magnitude(out, c, a, b, beta);
+    for i in 0..own.weights.len() {
+        let out = &mut g[i * d..(i + 1) * d];
+        for j in 0..other.weights.len() {
+            let c = 2.0 * own.weights[i] * other.weights[j];
+            add(out, c, point(own, i, d), point(other, j, d));
+        }
+        if own.pair_weight > 0.0 {
+            for k in 0..own.weights.len() {
+                let c = 2.0 * own.weights[i] * own.weights[k] / own.pair_weight;
+                add(out, c, point(own, i, d), point(own, k, d));
+            }
+        }
+    }
+    g
 }
 
 pub fn distance_expected(case: &EnergyDistanceCase) -> Result<Vec<Expected>> {
@@ -386,6 +459,7 @@ pub fn distance_expected(case: &EnergyDistanceCase) -> Result<Vec<Expected>> {
         weights_y: wy.as_deref(),
         beta: case.beta,
         statistic: case.statistic,
+        grad: case.grad,
     });
     // Weights: each normalised (k_len + u) and multiplied in pairs (3u); a U statistic
     // divides by a pair-weight sum (k_{len^2} + u).
@@ -394,7 +468,7 @@ pub fn distance_expected(case: &EnergyDistanceCase) -> Result<Vec<Expected>> {
     let cross_error = r_d + sum_error(n * m) + normalise(n) + normalise(m);
     let within_error = |len: usize| r_d + 2.0 * (sum_error(len * len) + normalise(len));
     let (c, wxa, wya) = (want.cross.abs(), want.within_x.abs(), want.within_y.abs());
-    Ok(vec![
+    let mut e = vec![
         Expected::within("cross", vec![want.cross], |_, w| cross_error * w.abs()),
         Expected::within("within_x", vec![want.within_x], |_, w| {
             within_error(n) * w.abs()
@@ -408,5 +482,24 @@ pub fn distance_expected(case: &EnergyDistanceCase) -> Result<Vec<Expected>> {
                 + within_error(m) * wya
                 + 2.0 * U * w.abs()
         }),
-    ])
+    ];
+    if let (Some(grad_x), Some(grad_y)) = (want.grad_x, want.grad_y) {
+        let set_x = MagnitudeSet::new(&x64, wx.as_deref(), n, case.statistic);
+        let set_y = MagnitudeSet::new(&y64, wy.as_deref(), m, case.statistic);
+        let r_g = (case.beta - 2.0).abs() * (2.0 * U + sum_error(d) / 2.0)
+            + 8.0 * U
+            + sum_error(n + m)
+            + normalise(n)
+            + normalise(m);
+        for (name, grad, own, other) in [
+            ("grad_x", grad_x, &set_x, &set_y),
+            ("grad_y", grad_y, &set_y, &set_x),
+        ] {
+            let magnitude = distance_gradient_magnitudes(own, other, d, case.beta);
+            e.push(Expected::within(name, grad, move |i, w| {
+                r_g * magnitude[i] + U * w.abs()
+            }));
+        }
+    }
+    Ok(e)
 }

@@ -56,12 +56,20 @@ impl EnergyKernels for CpuBackend {
             weights_y: weights_y.as_deref(),
             beta: spec.beta,
             statistic: spec.statistic,
+            grad: spec.grad,
         });
+        let grad = |values: Option<Vec<f64>>, rows: usize| {
+            values
+                .map(|g| tensor(&g, &[rows, spec.d], DType::F32))
+                .transpose()
+        };
         Ok(EnergyDistanceOutput {
             distance: scalar(out.distance)?,
             cross: scalar(out.cross)?,
             within_x: scalar(out.within_x)?,
             within_y: scalar(out.within_y)?,
+            grad_x: grad(out.grad_x, spec.n)?,
+            grad_y: grad(out.grad_y, spec.m)?,
         })
     }
 }

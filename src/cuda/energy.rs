@@ -8,7 +8,11 @@
 //!    own scratch slot (within a set, pairs i < j only).
 //! 2. `energy_distance_merge`: one block; the slots of each term summed in f64 in slot
 //!    order, the weight totals, the weight check (status word, outputs NaN on bad
-//!    weights) and the four outputs.
+//!    weights), the four outputs and the gradient's four term coefficients.
+//! 3. With the gradient, `energy_grad_{dtype}`, four launches (X against Y and X, then Y
+//!    against X and Y): a block owns 64 rows x 64 dims of one set's gradient and walks
+//!    every column tile of the other set, so the second launch of a set adds to rows no
+//!    other block touches.
 //!
 //! Energy score:
 //!
@@ -28,7 +32,8 @@ use cudarc::driver::{CudaSlice, CudaStream, CudaView, DeviceRepr, PushKernelArg}
 
 use super::compile::KernelSource;
 use super::launch::{
-    alloc_output, as_i64, bytes, cuda_slice, driver_error, kernels, offsets, Fill, Pointers,
+    alloc_output, as_i64, bytes, cuda_slice, driver_error, kernels, offsets, Fill, Kernels,
+    Pointers,
 };
 use super::CudaBackend;
 use crate::device::{Storage, Tensor};
@@ -37,7 +42,7 @@ use crate::error::{Error, Result};
 use crate::spec::energy::{
     pair_slots, power_code, weight_status_error, EnergyDistanceCall, EnergyDistanceOutput,
     EnergyDistanceSpec, EnergyKernels, EnergyScoreCall, EnergyScoreOutput, EnergyScoreSpec,
-    Statistic,
+    Statistic, PAIR_TILE,
 };
 
 /// Threads of a pair block (kernels/energy.cu lays its 64 x 64 tiles out for 256).
@@ -53,6 +58,9 @@ fn kernel_name(family: &str, dtype: DType) -> Result<&'static str> {
         ("score", DType::F32) => "energy_score_f32",
         ("score", DType::F16) => "energy_score_f16",
         ("score", DType::BF16) => "energy_score_bf16",
+        ("grad", DType::F32) => "energy_grad_f32",
+        ("grad", DType::F16) => "energy_grad_f16",
+        ("grad", DType::BF16) => "energy_grad_bf16",
         (_, other) => {
             return Err(Error::DType(format!(
                 "the CUDA energy kernels take f32, f16 or bf16, not {other}"
@@ -110,6 +118,7 @@ struct EnergyMergeArgs {
     within_x: u64,
     within_y: u64,
     status: u64,
+    coef: u64,
     tiles_xy: i64,
     tiles_xx: i64,
     tiles_yy: i64,
@@ -118,7 +127,7 @@ struct EnergyMergeArgs {
     u_statistic: i32,
     pad: i32,
 }
-const _: () = assert!(std::mem::size_of::<EnergyMergeArgs>() == 112);
+const _: () = assert!(std::mem::size_of::<EnergyMergeArgs>() == 120);
 offsets!(EnergyMergeArgs {
     partial: 0,
     wx: 8,
@@ -128,14 +137,58 @@ offsets!(EnergyMergeArgs {
     within_x: 40,
     within_y: 48,
     status: 56,
-    tiles_xy: 64,
-    tiles_xx: 72,
-    tiles_yy: 80,
-    n: 88,
-    m: 96,
-    u_statistic: 104,
+    coef: 64,
+    tiles_xy: 72,
+    tiles_xx: 80,
+    tiles_yy: 88,
+    n: 96,
+    m: 104,
+    u_statistic: 112,
+    pad: 116,
+});
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct EnergyGradArgs {
+    a: u64,
+    b: u64,
+    wa: u64,
+    wb: u64,
+    coef: u64,
+    grad: u64,
+    na: i64,
+    nb: i64,
+    d: i64,
+    dim_chunks: i64,
+    tiles: i64,
+    beta: f64,
+    coef_index: i32,
+    power: i32,
+    accumulate: i32,
+    pad: i32,
+}
+const _: () = assert!(std::mem::size_of::<EnergyGradArgs>() == 112);
+offsets!(EnergyGradArgs {
+    a: 0,
+    b: 8,
+    wa: 16,
+    wb: 24,
+    coef: 32,
+    grad: 40,
+    na: 48,
+    nb: 56,
+    d: 64,
+    dim_chunks: 72,
+    tiles: 80,
+    beta: 88,
+    coef_index: 96,
+    power: 100,
+    accumulate: 104,
     pad: 108,
 });
+
+/// Dimensions of one set's gradient a block of `energy_grad` owns (EG_DIMS).
+const GRAD_DIMS: usize = 64;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -189,7 +242,7 @@ offsets!(EnergyScoreMergeArgs {
     m: 40,
 });
 
-// SAFETY: the four argument structs are #[repr(C)], made only of integers and floats
+// SAFETY: the five argument structs are #[repr(C)], made only of integers and floats
 // (pointers travel as u64 CUdeviceptr values), with the field order, sizes and
 // alignments of their C++ twins in kernels/energy.cu (sizes and offsets asserted on both
 // sides), so the kernel reads exactly the bytes written here.
@@ -200,6 +253,8 @@ unsafe impl DeviceRepr for EnergyMergeArgs {}
 unsafe impl DeviceRepr for EnergyScoreArgs {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for EnergyScoreMergeArgs {}
+// SAFETY: as above.
+unsafe impl DeviceRepr for EnergyGradArgs {}
 
 /// Device outputs (and scratch) of one energy-score shape; reusable across calls with
 /// the same n, m, d and grad. Outputs are f32, laid out as `EnergyScoreOutput` says.
@@ -394,15 +449,20 @@ fn distance_slots(spec: &EnergyDistanceSpec) -> usize {
 }
 
 /// Device outputs (and scratch) of one energy-distance shape; reusable across calls with
-/// the same N, M. Outputs are [1] f32.
+/// the same spec. The distance and its terms are [1] f32; with `spec.grad`, `grad_x`
+/// [N, d] and `grad_y` [M, d] f32.
 #[derive(Debug)]
 pub struct EnergyDistanceBuffers {
     pub distance: CudaSlice<u8>,
     pub cross: CudaSlice<u8>,
     pub within_x: CudaSlice<u8>,
     pub within_y: CudaSlice<u8>,
+    pub grad_x: Option<CudaSlice<u8>>,
+    pub grad_y: Option<CudaSlice<u8>>,
     /// One f64 slot per pair tile chunk of the three terms.
     partial: CudaSlice<u8>,
+    /// [4] f64: the gradient's term coefficients, from the merge.
+    coef: CudaSlice<u8>,
     /// [1] u64: 0, or the bits of `spec::energy::WEIGHTS_*` for bad weights.
     pub(crate) status: CudaSlice<u8>,
 }
@@ -422,12 +482,24 @@ impl EnergyDistanceBuffers {
         fill: Fill,
     ) -> Result<EnergyDistanceBuffers> {
         let alloc = |len: usize| alloc_output(stream, len, fill);
+        let grad = |rows: usize, what: &str| -> Result<Option<CudaSlice<u8>>> {
+            if !spec.grad {
+                return Ok(None);
+            }
+            let elements = rows
+                .checked_mul(spec.d)
+                .ok_or_else(|| Error::Shape(format!("{what}: rows * d overflows usize")))?;
+            alloc(bytes(elements, 4, what)?).map(Some)
+        };
         Ok(EnergyDistanceBuffers {
             distance: alloc(4)?,
             cross: alloc(4)?,
             within_x: alloc(4)?,
             within_y: alloc(4)?,
+            grad_x: grad(spec.n, "grad_x")?,
+            grad_y: grad(spec.m, "grad_y")?,
             partial: alloc(bytes(distance_slots(spec), 8, "pair slots")?)?,
+            coef: alloc(4 * 8)?,
             status: alloc(8)?,
         })
     }
@@ -483,10 +555,10 @@ pub fn energy_distance_raw(
     }
     let name = kernel_name("pairs", spec.dtype)?;
     let elem = spec.dtype.size();
-    let elements = |rows: usize, what: &str| {
+    let rows_bytes = |rows: usize, size: usize, what: &str| {
         rows.checked_mul(d)
             .ok_or_else(|| Error::Shape(format!("{what}: rows * d overflows usize")))
-            .and_then(|e| bytes(e, elem, what))
+            .and_then(|e| bytes(e, size, what))
     };
     let kernels = kernels(stream.context())?;
     let pairs = kernels.function(KernelSource::Energy, name)?;
@@ -496,8 +568,8 @@ pub fn energy_distance_raw(
         stream,
         guards: Vec::new(),
     };
-    let x = p.read(&inputs.x, elements(n, "x")?, elem, "x")?;
-    let y = p.read(&inputs.y, elements(m, "y")?, elem, "y")?;
+    let x = p.read(&inputs.x, rows_bytes(n, elem, "x")?, elem, "x")?;
+    let y = p.read(&inputs.y, rows_bytes(m, elem, "y")?, elem, "y")?;
     let wx = match &inputs.weights_x {
         Some(w) => p.read(w, bytes(n, 4, "weights_x")?, 4, "weights_x")?,
         None => 0,
@@ -511,11 +583,15 @@ pub fn energy_distance_raw(
         cross,
         within_x,
         within_y,
+        grad_x,
+        grad_y,
         partial,
+        coef,
         status,
     } = out;
     let slots = distance_slots(spec);
     let partial_ptr = p.write(partial, bytes(slots, 8, "pair slots")?, 8, "pair slots")?;
+    let coef_ptr = p.write(coef, 4 * 8, 8, "gradient coefficients")?;
     let merge_args = EnergyMergeArgs {
         partial: partial_ptr,
         wx,
@@ -525,6 +601,7 @@ pub fn energy_distance_raw(
         within_x: p.write(within_x, 4, 4, "within_x")?,
         within_y: p.write(within_y, 4, 4, "within_y")?,
         status: p.write(status, 8, 8, "status word")?,
+        coef: coef_ptr,
         tiles_xy: as_i64(pair_slots(n, m).0, "X-Y tiles")?,
         tiles_xx: as_i64(pair_slots(n, n).0, "X-X tiles")?,
         tiles_yy: as_i64(pair_slots(m, m).0, "Y-Y tiles")?,
@@ -599,11 +676,99 @@ pub fn energy_distance_raw(
     // SAFETY: the argument block matches energy_distance_merge's parameter. It reads
     // the `slots` f64 the pair kernels wrote before it on this stream and the N and M
     // weights (null: uniform), and writes one f32 of each output and the u64 status
-    // word, all checked above. One block, checked against the limits.
+    // word and the four f64 gradient coefficients, all checked above. One block,
+    // checked against the limits.
     unsafe { stream.launch_builder(&merge).arg(&merge_args).launch(cfg) }
         .map_err(driver_error("energy_distance_merge"))?;
+
+    if spec.grad {
+        let (Some(grad_x), Some(grad_y)) = (grad_x.as_mut(), grad_y.as_mut()) else {
+            return Err(Error::Shape(
+                "the gradient was asked but the buffers hold no grad_x / grad_y".into(),
+            ));
+        };
+        let gx = p.write(grad_x, rows_bytes(n, 4, "grad_x")?, 4, "grad_x")?;
+        let gy = p.write(grad_y, rows_bytes(m, 4, "grad_y")?, 4, "grad_y")?;
+        let launch = GradLaunch {
+            stream,
+            spec,
+            kernels: &kernels,
+            coef: coef_ptr,
+        };
+        let (set_x, set_y) = ((x, wx, n), (y, wy, m));
+        // A set's cross term writes its rows, its within term adds to them.
+        launch.run(gx, set_x, set_y, COEF_X_CROSS)?;
+        launch.run(gx, set_x, set_x, COEF_X_WITHIN)?;
+        launch.run(gy, set_y, set_x, COEF_Y_CROSS)?;
+        launch.run(gy, set_y, set_y, COEF_Y_WITHIN)?;
+    }
     drop(p);
     Ok(())
+}
+
+/// The merge's coefficient slots (ENERGY_COEF_* in kernels/energy.cu): each set's cross
+/// term, which writes its gradient rows, and its within term, which adds to them.
+const COEF_X_CROSS: i32 = 0;
+const COEF_X_WITHIN: i32 = 1;
+const COEF_Y_CROSS: i32 = 2;
+const COEF_Y_WITHIN: i32 = 3;
+
+/// What every gradient launch of one distance call shares.
+struct GradLaunch<'s> {
+    stream: &'s Arc<CudaStream>,
+    spec: &'s EnergyDistanceSpec,
+    kernels: &'s Kernels,
+    /// The merge's four f64 coefficients.
+    coef: u64,
+}
+
+impl GradLaunch<'_> {
+    /// One term of d distance / dA into `grad` [na, d] f32 (written by a cross term,
+    /// added to by a within term): A's rows (pointer, weights, rows) against B's.
+    fn run(
+        &self,
+        grad: u64,
+        (a, wa, na): (u64, u64, usize),
+        (b, wb, nb): (u64, u64, usize),
+        coef_index: i32,
+    ) -> Result<()> {
+        let name = kernel_name("grad", self.spec.dtype)?;
+        let kernels = self.kernels;
+        let f = kernels.function(KernelSource::Energy, name)?;
+        let dim_chunks = self.spec.d.div_ceil(GRAD_DIMS);
+        let tiles = na
+            .div_ceil(PAIR_TILE)
+            .checked_mul(dim_chunks)
+            .ok_or_else(|| Error::Shape("gradient tiles overflow usize".into()))?;
+        let args = EnergyGradArgs {
+            a,
+            b,
+            wa,
+            wb,
+            coef: self.coef,
+            grad,
+            na: as_i64(na, "rows")?,
+            nb: as_i64(nb, "rows")?,
+            d: as_i64(self.spec.d, "d")?,
+            dim_chunks: as_i64(dim_chunks, "dimension chunks")?,
+            tiles: as_i64(tiles, "tiles")?,
+            beta: self.spec.beta,
+            coef_index,
+            power: i32::from(power_code(self.spec.beta)),
+            accumulate: i32::from(coef_index == COEF_X_WITHIN || coef_index == COEF_Y_WITHIN),
+            pad: 0,
+        };
+        let cfg = kernels.fixed_config(name, &f, tiles, PAIR_THREADS)?;
+        // SAFETY: the argument block matches the kernel's parameter. It reads na d and
+        // nb d elements of the two sets and their f32 weights (null: uniform), checked
+        // for size and alignment by energy_distance_raw, and the 4 f64 coefficients the
+        // merge wrote before it on this stream; each block reads and writes only its own
+        // 64 rows x 64 dims of `grad` [na, d] f32 (checked), rows and dims past the ends
+        // masked in the kernel. 256 threads, checked against the limits.
+        unsafe { self.stream.launch_builder(&f).arg(&args).launch(cfg) }
+            .map_err(driver_error(name))?;
+        Ok(())
+    }
 }
 
 fn view<'t>(tensor: &'t Tensor, what: &str) -> Result<CudaView<'t, u8>> {
@@ -651,14 +816,16 @@ impl EnergyKernels for CudaBackend {
         }
 
         let device = call.x.device();
-        let tensor = |slice: CudaSlice<u8>| {
-            Tensor::from_storage(device, Storage::Cuda(slice), vec![1], DType::F32)
+        let tensor = |slice: CudaSlice<u8>, shape: Vec<usize>| {
+            Tensor::from_storage(device, Storage::Cuda(slice), shape, DType::F32)
         };
         Ok(EnergyDistanceOutput {
-            distance: tensor(out.distance),
-            cross: tensor(out.cross),
-            within_x: tensor(out.within_x),
-            within_y: tensor(out.within_y),
+            distance: tensor(out.distance, vec![1]),
+            cross: tensor(out.cross, vec![1]),
+            within_x: tensor(out.within_x, vec![1]),
+            within_y: tensor(out.within_y, vec![1]),
+            grad_x: out.grad_x.map(|g| tensor(g, vec![spec.n, spec.d])),
+            grad_y: out.grad_y.map(|g| tensor(g, vec![spec.m, spec.d])),
         })
     }
 }

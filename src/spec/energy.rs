@@ -125,6 +125,8 @@ pub struct EnergyDistance<'a> {
     pub weights_y: Option<&'a Tensor>,
     pub beta: f64,
     pub statistic: Statistic,
+    /// Also return d distance / dX and d distance / dY.
+    pub grad: bool,
 }
 
 /// A validated energy-distance problem.
@@ -136,6 +138,7 @@ pub struct EnergyDistanceSpec {
     pub(crate) dtype: DType,
     pub(crate) beta: f64,
     pub(crate) statistic: Statistic,
+    pub(crate) grad: bool,
 }
 
 impl EnergyDistanceSpec {
@@ -162,15 +165,24 @@ impl EnergyDistanceSpec {
     pub fn statistic(&self) -> Statistic {
         self.statistic
     }
+
+    /// Whether d distance / dX and d distance / dY are returned.
+    pub fn grad(&self) -> bool {
+        self.grad
+    }
 }
 
-/// Outputs on the inputs' device, each [1] f32.
+/// Outputs on the inputs' device: the distance and its terms, each [1] f32, and with
+/// `grad` d distance / dX [N, d] and d distance / dY [M, d] in f32 (sub-gradient 0
+/// where two points coincide).
 #[derive(Debug)]
 pub struct EnergyDistanceOutput {
     pub distance: Tensor,
     pub cross: Tensor,
     pub within_x: Tensor,
     pub within_y: Tensor,
+    pub grad_x: Option<Tensor>,
+    pub grad_y: Option<Tensor>,
 }
 
 pub fn validate_distance(call: &EnergyDistance<'_>) -> Result<EnergyDistanceSpec> {
@@ -217,6 +229,7 @@ pub fn validate_distance(call: &EnergyDistance<'_>) -> Result<EnergyDistanceSpec
         dtype,
         beta: call.beta,
         statistic: call.statistic,
+        grad: call.grad,
     })
 }
 

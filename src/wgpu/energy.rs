@@ -2,8 +2,10 @@
 //!
 //! The two-sample distance is one submission: `energy_pairs` three times (X-Y, X-X, Y-Y;
 //! one workgroup per row tile and chunk of 16 column tiles, each writing its own
-//! two-float slot), `energy_distance_merge` (one workgroup: the outputs and the weight
-//! status word), then copies into the outputs. The energy score is one submission too:
+//! two-float slot), `energy_distance_merge` (one workgroup: the outputs, the weight
+//! status word and the gradient's coefficients), with the gradient `energy_grad` four
+//! times (X against Y and X, Y against X and Y; a workgroup per 64 rows x 64 dims of one
+//! set's gradient), then copies into the outputs. The energy score is one submission too:
 //! `energy_score` (one invocation per prediction row; it writes the gradient rows),
 //! `energy_score_merge` (one workgroup), then the copies.
 //! Bad weight values are not checked on the host: the outputs are NaN and the status word
@@ -19,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::spec::energy::{
     pair_slots, power_code, weight_status_error, EnergyDistanceCall, EnergyDistanceOutput,
     EnergyDistanceSpec, EnergyKernels, EnergyScoreCall, EnergyScoreOutput, EnergyScoreSpec,
-    Statistic,
+    Statistic, PAIR_TILE,
 };
 use crate::wgpu::{
     dtype_code, index, padded_size, require, wgpu_buffer, BindingKind, PipelineKey, ShaderSource,
@@ -43,6 +45,7 @@ const PAIRS: &str = "energy_pairs";
 const DISTANCE_MERGE: &str = "energy_distance_merge";
 const SCORE: &str = "energy_score";
 const SCORE_MERGE: &str = "energy_score_merge";
+const GRAD: &str = "energy_grad";
 
 // Params.flags, as in the shader.
 const F_WA: u32 = 1;
@@ -50,9 +53,19 @@ const F_WB: u32 = 2;
 const F_WITHIN: u32 = 4;
 const F_U: u32 = 8;
 const F_GRAD: u32 = 16;
+const F_ADD: u32 = 32;
+
+/// Words of `red` holding the gradient's coefficients: each set's cross term, which
+/// writes its gradient rows, and its within term, which adds to them.
+const RED_COEF_X_CROSS: u32 = 8;
+const RED_COEF_X_WITHIN: u32 = 9;
+const RED_COEF_Y_CROSS: u32 = 10;
+const RED_COEF_Y_WITHIN: u32 = 11;
+/// Dimensions of one set's gradient a workgroup of `energy_grad` owns.
+const GRAD_DIMS: u64 = 64;
 
 /// Words of the shader's `red`, and the byte offsets of its slots.
-const RED_BYTES: u64 = 32;
+const RED_BYTES: u64 = 48;
 const RED_STATUS_OFFSET: u64 = 16;
 
 /// The shader's `Params` uniform: 16 four-byte scalars in the shader's order, so field i
@@ -127,6 +140,7 @@ pub(crate) fn all_pipelines() -> Vec<PipelineKey> {
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         keys.extend(key(PAIRS, Some(dtype)));
         keys.extend(key(SCORE, Some(dtype)));
+        keys.extend(key(GRAD, Some(dtype)));
     }
     keys
 }
@@ -171,9 +185,10 @@ fn weight_binding<'b>(
     }
 }
 
-/// Output buffers of a raw energy-distance call, each [1] f32 and needing COPY_DST;
-/// `status` is one u32 (COPY_SRC too, to be read back): 0, or the bits of
-/// `spec::energy::WEIGHTS_*` for bad weights.
+/// Output buffers of a raw energy-distance call: the distance and its terms, each [1]
+/// f32 and needing COPY_DST; `status` is one u32 (COPY_SRC too, to be read back): 0, or
+/// the bits of `spec::energy::WEIGHTS_*` for bad weights; `grad_x` [N, d] and `grad_y`
+/// [M, d] f32 (STORAGE), present exactly when `spec.grad`.
 #[derive(Clone, Copy, Debug)]
 pub struct EnergyDistanceBuffers<'a> {
     pub distance: &'a wgpu::Buffer,
@@ -181,6 +196,8 @@ pub struct EnergyDistanceBuffers<'a> {
     pub within_x: &'a wgpu::Buffer,
     pub within_y: &'a wgpu::Buffer,
     pub status: &'a wgpu::Buffer,
+    pub grad_x: Option<&'a wgpu::Buffer>,
+    pub grad_y: Option<&'a wgpu::Buffer>,
 }
 
 impl EnergyDistanceBuffers<'_> {
@@ -273,6 +290,19 @@ fn check_distance_buffers(
         (out.status, "status"),
     ] {
         require(buffer, what, 4, copy_dst)?;
+    }
+    for (buffer, what, rows) in [(out.grad_x, "grad_x", n), (out.grad_y, "grad_y", m)] {
+        match (buffer, spec.grad) {
+            (Some(buffer), true) => {
+                let bytes = binding_bytes(backend, GRAD, what, rows * d, 4)?;
+                require(buffer, what, bytes, storage)?;
+            }
+            (None, false) => {}
+            (Some(_), false) => {
+                return Err(Error::Shape(format!("{what} given but no gradient asked")))
+            }
+            (None, true) => return Err(Error::Shape(format!("the gradient needs {what}"))),
+        }
     }
     Ok((x_bytes, y_bytes))
 }
@@ -393,23 +423,115 @@ pub fn energy_distance_raw(
         ],
     )?;
 
+    let grads = match (out.grad_x, out.grad_y) {
+        (Some(grad_x), Some(grad_y)) => {
+            let grad = GradDispatch {
+                backend,
+                base,
+                d,
+                elem,
+                red: &red,
+                unused: &unused,
+            };
+            let (set_x, set_y) = ((x, wx, n), (y, wy, m));
+            let flags = |wa: Option<_>, wb: Option<_>| flags_of(wa.is_some(), wb.is_some());
+            vec![
+                grad.group(grad_x, set_x, set_y, RED_COEF_X_CROSS, flags(wx, wy))?,
+                grad.group(
+                    grad_x,
+                    set_x,
+                    set_x,
+                    RED_COEF_X_WITHIN,
+                    flags(wx, wx) | F_ADD,
+                )?,
+                grad.group(grad_y, set_y, set_x, RED_COEF_Y_CROSS, flags(wy, wx))?,
+                grad.group(
+                    grad_y,
+                    set_y,
+                    set_y,
+                    RED_COEF_Y_WITHIN,
+                    flags(wy, wy) | F_ADD,
+                )?,
+            ]
+        }
+        _ => Vec::new(),
+    };
+    let grad_pipeline = backend.pipeline(&key(GRAD, Some(spec.dtype))?)?;
+
     submit_distance(
         backend,
-        (&pairs, &merge),
-        &dispatches,
-        &merge_group,
+        [(&pairs, &dispatches[..]), (&grad_pipeline, &grads[..])],
+        (&merge, &merge_group),
         &red,
         out,
     )
 }
 
-/// Queues the pair dispatches (each with its bind group and grid), the merge and the
-/// copies from `red` into the outputs, in one submission.
+/// One sample set of a gradient dispatch: its buffer, weights and rows.
+type GradSet<'b> = (&'b wgpu::Buffer, Option<&'b wgpu::Buffer>, u64);
+
+/// What every gradient dispatch of one distance call shares.
+struct GradDispatch<'b> {
+    backend: &'b WgpuBackend,
+    base: Params,
+    d: u64,
+    elem: u64,
+    red: &'b wgpu::Buffer,
+    unused: &'b Unused,
+}
+
+impl GradDispatch<'_> {
+    /// The bind group and grid of one term of d distance / dA into `grad` [na, d]: A's
+    /// rows against B's, scaled by the coefficient in word `coef` of `red`.
+    fn group(
+        &self,
+        grad: &wgpu::Buffer,
+        (a, wa, na): GradSet<'_>,
+        (b, wb, nb): GradSet<'_>,
+        coef: u32,
+        flags: u32,
+    ) -> Result<(wgpu::BindGroup, (u32, u32))> {
+        let chunks = self.d.div_ceil(GRAD_DIMS);
+        let tiles = na.div_ceil(PAIR_TILE as u64) * chunks;
+        let params = Params {
+            na: index(na, "rows")?,
+            nb: index(nb, "rows")?,
+            chunks: index(chunks, "dimension chunks")?,
+            tiles: index(tiles, "tiles")?,
+            slot_base: coef,
+            flags,
+            ..self.base
+        };
+        let uniform = uniform(self.backend, &params)?;
+        let group = self.backend.bind_group(
+            ShaderSource::Energy,
+            &[
+                whole(&uniform, 64),
+                whole(a, na * self.d * self.elem),
+                whole(b, nb * self.d * self.elem),
+                weight_binding(wa, na, &self.unused.read),
+                weight_binding(wb, nb, &self.unused.read),
+                whole(&self.unused.write, 16),
+                whole(self.red, RED_BYTES),
+                whole(grad, na * self.d * 4),
+            ],
+        )?;
+        Ok((group, self.backend.grid(GRAD, tiles)?))
+    }
+}
+
+/// A pipeline's dispatches, each with its bind group and grid.
+type Dispatches<'b> = (
+    &'b wgpu::ComputePipeline,
+    &'b [(wgpu::BindGroup, (u32, u32))],
+);
+
+/// Queues the pair dispatches, the merge, the gradient dispatches (none without the
+/// gradient) and the copies from `red` into the outputs, in one submission.
 fn submit_distance(
     backend: &WgpuBackend,
-    (pairs, merge): (&wgpu::ComputePipeline, &wgpu::ComputePipeline),
-    dispatches: &[(wgpu::BindGroup, (u32, u32))],
-    merge_group: &wgpu::BindGroup,
+    [(pairs, dispatches), (grad, grads)]: [Dispatches<'_>; 2],
+    (merge, merge_group): (&wgpu::ComputePipeline, &wgpu::BindGroup),
     red: &wgpu::Buffer,
     out: &EnergyDistanceBuffers<'_>,
 ) -> Result<()> {
@@ -433,6 +555,11 @@ fn submit_distance(
             pass.set_pipeline(merge);
             pass.set_bind_group(0, merge_group, &[]);
             pass.dispatch_workgroups(1, 1, 1);
+            pass.set_pipeline(grad);
+            for (group, (gx, gy)) in grads {
+                pass.set_bind_group(0, group, &[]);
+                pass.dispatch_workgroups(*gx, *gy, 1);
+            }
         }
         for (k, dst) in [out.distance, out.cross, out.within_x, out.within_y]
             .into_iter()
@@ -645,6 +772,20 @@ impl EnergyKernels for WgpuBackend {
         let within_x = scalar_buffer(self, "energy within_x")?;
         let within_y = scalar_buffer(self, "energy within_y")?;
         let status = scalar_buffer(self, "energy status")?;
+        let grad_buffer = |rows: usize, label: &str| -> Result<Option<wgpu::Buffer>> {
+            if !spec.grad {
+                return Ok(None);
+            }
+            let bytes = (rows as u64)
+                .saturating_mul(spec.d as u64)
+                .saturating_mul(4);
+            let usage = wgpu::BufferUsages::STORAGE
+                | wgpu::BufferUsages::COPY_SRC
+                | wgpu::BufferUsages::COPY_DST;
+            self.create_buffer(label, bytes, usage).map(Some)
+        };
+        let grad_x = grad_buffer(spec.n, "energy grad_x")?;
+        let grad_y = grad_buffer(spec.m, "energy grad_y")?;
         energy_distance_raw(
             self,
             spec,
@@ -657,20 +798,24 @@ impl EnergyKernels for WgpuBackend {
                 within_x: &within_x,
                 within_y: &within_y,
                 status: &status,
+                grad_x: grad_x.as_ref(),
+                grad_y: grad_y.as_ref(),
             },
         )?;
         if wx.is_some() || wy.is_some() {
             self.watch_weights(status);
         }
         let device = call.x.device();
-        let tensor = |buffer: wgpu::Buffer| {
-            Tensor::from_storage(device, Storage::Wgpu(buffer), vec![1], DType::F32)
+        let tensor = |buffer: wgpu::Buffer, shape: Vec<usize>| {
+            Tensor::from_storage(device, Storage::Wgpu(buffer), shape, DType::F32)
         };
         Ok(EnergyDistanceOutput {
-            distance: tensor(distance),
-            cross: tensor(cross),
-            within_x: tensor(within_x),
-            within_y: tensor(within_y),
+            distance: tensor(distance, vec![1]),
+            cross: tensor(cross, vec![1]),
+            within_x: tensor(within_x, vec![1]),
+            within_y: tensor(within_y, vec![1]),
+            grad_x: grad_x.map(|g| tensor(g, vec![spec.n, spec.d])),
+            grad_y: grad_y.map(|g| tensor(g, vec![spec.m, spec.d])),
         })
     }
 }

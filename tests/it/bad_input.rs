@@ -268,6 +268,7 @@ fn energy_rejects_bad_input() {
             weights_y: None,
             beta,
             statistic: Statistic::V,
+            grad: false,
         };
         assert_rejected(
             "beta 3",
@@ -329,6 +330,7 @@ fn energy_rejects_bad_input() {
                     weights_y: None,
                     beta: 1.0,
                     statistic: Statistic::U,
+                    grad: true,
                 })
             },
             shape_error,

@@ -74,11 +74,12 @@ fn distance_case() -> impl Strategy<Value = EnergyDistanceCase> {
         any::<bool>(),
         beta(),
         prop_oneof![Just(Statistic::V), Just(Statistic::U)],
+        any::<bool>(),
         magnitude(),
         any::<u64>(),
     )
         .prop_map(
-            |(n, m, d, dtype, weighted, beta, statistic, (offset, scale), seed)| {
+            |(n, m, d, dtype, weighted, beta, statistic, grad, (offset, scale), seed)| {
                 EnergyDistanceCase {
                     n,
                     m,
@@ -87,6 +88,7 @@ fn distance_case() -> impl Strategy<Value = EnergyDistanceCase> {
                     weighted,
                     beta,
                     statistic,
+                    grad,
                     offset,
                     scale,
                     seed,
@@ -152,14 +154,27 @@ fn distance(
     let yt = tensor(device, y.0, &[y.1, d]);
     let wx = weights.0.map(|w| tensor(device, w, &[x.1]));
     let wy = weights.1.map(|w| tensor(device, w, &[y.1]));
-    match energy::energy_distance(&EnergyDistance {
-        x: &xt,
-        y: &yt,
-        weights_x: wx.as_ref(),
-        weights_y: wy.as_ref(),
-        beta,
-        statistic,
-    }) {
+    distance_or_unsupported(
+        device,
+        &EnergyDistance {
+            x: &xt,
+            y: &yt,
+            weights_x: wx.as_ref(),
+            weights_y: wy.as_ref(),
+            beta,
+            statistic,
+            grad: false,
+        },
+    )
+}
+
+/// The call's outputs, or None where the backend has no kernel for it (and the support
+/// table says so).
+fn distance_or_unsupported(
+    device: &Device,
+    call: &EnergyDistance<'_>,
+) -> Option<EnergyDistanceOutput> {
+    match energy::energy_distance(call) {
         Ok(out) => Some(out),
         Err(losskern::Error::Unsupported { .. })
             if !device.backend().supports(Op::EnergyDistance) =>
@@ -391,6 +406,95 @@ fn energy_score_gradient_matches_finite_differences_of_the_reference() {
     }
 }
 
+/// Every output of an energy distance with its gradient on `device` (x [n, d], y [m, d],
+/// x weighted), as f64: the four terms, then grad_x and grad_y; None where unsupported.
+fn distance_with_grad(
+    device: &Device,
+    (x, n): (&[f64], usize),
+    (y, m): (&[f64], usize),
+    d: usize,
+    beta: f64,
+    statistic: Statistic,
+) -> Option<Vec<f64>> {
+    let (xt, yt) = (tensor(device, x, &[n, d]), tensor(device, y, &[m, d]));
+    let weights: Vec<f64> = (0..n).map(|i| 0.5 + (i % 3) as f64).collect();
+    let wx = tensor(device, &weights, &[n]);
+    let out = distance_or_unsupported(
+        device,
+        &EnergyDistance {
+            x: &xt,
+            y: &yt,
+            weights_x: Some(&wx),
+            weights_y: None,
+            beta,
+            statistic,
+            grad: true,
+        },
+    )?;
+    let mut values = terms(&out).to_vec();
+    for g in [out.grad_x, out.grad_y] {
+        values.extend(g.unwrap().to_f64_vec().unwrap());
+    }
+    Some(values)
+}
+
+#[test]
+fn energy_distance_gradient_matches_finite_differences_of_the_reference() {
+    let (n, m, d) = (5, 4, 3);
+    let mut rng = Rng::new(48);
+    let round = |v: Vec<f64>| -> Vec<f64> { v.iter().map(|a| f64::from(*a as f32)).collect() };
+    let x = round(rng.normals(n * d, 1.0));
+    let y = round(rng.normals(m * d, 1.5));
+    let weights: Vec<f64> = (0..n).map(|i| 0.5 + (i % 3) as f64).collect();
+    let value = |x: &[f64], y: &[f64], beta: f64, statistic: Statistic| {
+        reference::energy_distance(&reference::EnergyDistanceProblem {
+            x,
+            y,
+            n,
+            m,
+            d,
+            weights_x: Some(&weights),
+            weights_y: None,
+            beta,
+            statistic,
+            grad: false,
+        })
+        .distance
+    };
+    for device in backends::all() {
+        for (beta, statistic) in [
+            (0.7, Statistic::V),
+            (1.0, Statistic::U),
+            (1.6, Statistic::V),
+        ] {
+            let Some(out) = distance_with_grad(&device, (&x, n), (&y, m), d, beta, statistic)
+            else {
+                continue;
+            };
+            let grad = &out[4..];
+            let h = 1e-6;
+            for k in 0..x.len() + y.len() {
+                let (mut xp, mut xm, mut yp, mut ym) = (x.clone(), x.clone(), y.clone(), y.clone());
+                if k < x.len() {
+                    xp[k] += h;
+                    xm[k] -= h;
+                } else {
+                    yp[k - x.len()] += h;
+                    ym[k - x.len()] -= h;
+                }
+                let numeric = (value(&xp, &yp, beta, statistic) - value(&xm, &ym, beta, statistic))
+                    / (2.0 * h);
+                assert!(
+                    (grad[k] - numeric).abs() <= 1e-5 * (1.0 + numeric.abs()),
+                    "{} beta {beta} {statistic:?} at {k}: {} vs {numeric}",
+                    device.name(),
+                    grad[k]
+                );
+            }
+        }
+    }
+}
+
 /// Every output of a score run, as raw bits.
 fn score_bits(out: &energy::EnergyScoreOutput) -> Vec<u64> {
     [&out.term1, &out.term2, &out.loss]
@@ -437,6 +541,11 @@ fn energy_ops_are_deterministic_and_the_forward_ignores_the_gradient() {
             .map(|o| terms(&o).map(f64::to_bits))
         };
         assert_eq!(run(), run(), "{}", device.name());
+        let with_grad = || {
+            distance_with_grad(&device, (&x, 700), (y_rows, 250), d, 1.3, Statistic::U)
+                .map(|v| v.into_iter().map(f64::to_bits).collect::<Vec<_>>())
+        };
+        assert_eq!(with_grad(), with_grad(), "{}: gradient", device.name());
     }
 }
 
@@ -467,6 +576,7 @@ fn raw_case(device: &Device) -> Option<RawCase> {
         weights_y: None,
         beta: 1.0,
         statistic: Statistic::U,
+        grad: false,
     };
     let spec = energy::validate_distance(&call).unwrap();
     let out = match energy::energy_distance(&call) {
@@ -507,6 +617,8 @@ fn energy_distance_raw_wgpu_entry_checks_buffers_and_matches_the_tensor_entry() 
             within_x: &outs[2],
             within_y: &outs[3],
             status: &outs[4],
+            grad_x: None,
+            grad_y: None,
         };
         energy_distance_raw(backend, &case.spec, &x, &y, (Some(&w), None), &buffers).unwrap();
         buffers.check_weights(backend).unwrap();

@@ -81,6 +81,9 @@ pub struct DistanceArgs {
     /// (diagonal excluded) [default: v]
     #[arg(long, value_enum)]
     statistic: Option<StatisticArg>,
+    /// Also write d distance / dx (grad_x) and d distance / dy (grad_y)
+    #[arg(long)]
+    grad: bool,
     #[command(flatten)]
     op: OpArgs,
 }
@@ -118,6 +121,7 @@ pub fn distance_command(args: &DistanceArgs) -> Result<(), Failure> {
             weights_y: wy.as_ref(),
             beta: args.beta,
             statistic,
+            grad: args.grad,
         };
         timed(device, || energy::energy_distance(&call))
     })?;
@@ -126,6 +130,8 @@ pub fn distance_command(args: &DistanceArgs) -> Result<(), Failure> {
         ("cross", Some(&out.cross)),
         ("within_x", Some(&out.within_x)),
         ("within_y", Some(&out.within_y)),
+        ("grad_x", out.grad_x.as_ref()),
+        ("grad_y", out.grad_y.as_ref()),
     ])?;
     run.finish()
 }
