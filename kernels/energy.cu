@@ -26,16 +26,18 @@
 //                             the first's rows.
 //
 // Energy score, in order on one stream:
-//   energy_score_{f32,f16,bf16}  one warp per prediction row (i, j) (8 rows per
-//                             block, so a block holds several samples when m
-//                             is small): lanes over k accumulate
-//                             ||p_ij - p_ik||^2 for up to 512 k at a time in
-//                             registers (p_ij is a broadcast load), lanes over
-//                             the dimensions take ||p_ij - y_i||; the row's
-//                             two sums go to f64 scratch. With the gradient,
-//                             the pair coefficients of the 512 k wait in
-//                             shared memory while the lanes, now over the
-//                             dimensions, sum c h_k (p_ij - p_ik) in k order.
+//   energy_score_{f32,f16,bf16}  a block per 64 prediction rows (several samples
+//                             when m < 64, part of one when m > 64) and, with
+//                             the gradient, 64 of their dims: the 64 x 64
+//                             pair tiles of the rows' samples staged through
+//                             shared memory (pairs of different samples
+//                             masked), sum_{k > j} ||p_ij - p_ik||^beta per
+//                             row; with the gradient the pair slopes wait in
+//                             shared memory while the lanes, over the dims,
+//                             sum h_jk (p_ij - p_ik) in k order (as
+//                             energy_grad); warps over the dims take
+//                             ||p_ij - y_i||. The row's two sums go to f64
+//                             scratch.
 //   energy_score_merge        ONE block: term1, term2 and the loss from the
 //                             per-row sums, in f64 in row order.
 //
@@ -50,9 +52,6 @@
 #define EP_CHUNK 16
 #define EP_THREADS 256
 
-#define ES_WARPS 8
-#define ES_PER_LANE 16
-#define ES_BATCH (32 * ES_PER_LANE)
 
 // ||u||^beta from s = ||u||^2: exact shapes for beta = 1 and 2, else in f64
 // so that the power adds one f32 rounding only.
@@ -405,7 +404,41 @@ LK_FIELD_AT(EnergyGradArgs, pad_, 108);
 static_assert(sizeof(EnergyGradArgs) == 112, "EnergyGradArgs is 112 bytes in Rust");
 
 #define EG_DIMS 64
+#define EG_HALVES (EG_DIMS / EP_DIMS)
 #define EG_ROWS_PER_WARP (EP_TILE / (EP_THREADS / 32))
+
+// acc[h][q] += sum_j slopes[row][j] (a_row - b_j) over the 64 staged columns from c0, for
+// warp w's rows row = w + 8 q and dims g0 + 32 h + lane, summed in f32 in j order per
+// call. The caller has written `slopes` (read after the first barrier here).
+template <typename T>
+__device__ __forceinline__ void energy_slope_sums(const void* a_rows, lk_i64 na, const void* b_rows,
+                                                  lk_i64 nb, lk_i64 d, lk_i64 r0, lk_i64 c0, lk_i64 g0,
+                                                  float (*as)[EP_TILE + 1], float (*bs)[EP_TILE + 1],
+                                                  float (*slopes)[EP_TILE + 1],
+                                                  double (&acc)[EG_HALVES][EG_ROWS_PER_WARP]) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int h = 0; h < EG_HALVES; ++h) {
+        const lk_i64 d0 = g0 + h * EP_DIMS;
+        if (d0 >= d) break;
+        const int dims = (int)(d - d0 < EP_DIMS ? d - d0 : EP_DIMS);
+        __syncthreads();  // slopes written, the last stage's reads done
+        energy_stage(as, (const T*)a_rows, na, d, r0, d0, dims);
+        energy_stage(bs, (const T*)b_rows, nb, d, c0, d0, dims);
+        __syncthreads();
+        if (lane >= dims) continue;
+#pragma unroll
+        for (int q = 0; q < EG_ROWS_PER_WARP; ++q) {
+            const int row = warp + 8 * q;
+            const float av = as[lane][row];
+            float g = 0.0f;
+#pragma unroll 8
+            for (int j = 0; j < EP_TILE; ++j) g = fmaf(slopes[row][j], av - bs[lane][j], g);
+            acc[h][q] += (double)g;
+        }
+    }
+}
 
 // sum_j w_j g(a_i - b_j) for a 64-row tile of A and EG_DIMS of its dims, over every
 // column tile of B in order: per tile, the pair slopes (from the full-d distances)
@@ -428,9 +461,9 @@ __device__ void energy_grad(const EnergyGradArgs& a) {
         const lk_i64 row_tile = t / a.dim_chunks;
         const lk_i64 g0 = (t - row_tile * a.dim_chunks) * EG_DIMS;
         const lk_i64 r0 = row_tile * EP_TILE;
-        double acc[EG_DIMS / EP_DIMS][EG_ROWS_PER_WARP];
+        double acc[EG_HALVES][EG_ROWS_PER_WARP];
 #pragma unroll
-        for (int h = 0; h < EG_DIMS / EP_DIMS; ++h) {
+        for (int h = 0; h < EG_HALVES; ++h) {
 #pragma unroll
             for (int q = 0; q < EG_ROWS_PER_WARP; ++q) acc[h][q] = 0.0;
         }
@@ -450,29 +483,10 @@ __device__ void energy_grad(const EnergyGradArgs& a) {
                         pair ? wc * energy_slope(s[r][c], a.power, a.beta) : 0.0f;
                 }
             }
-#pragma unroll
-            for (int h = 0; h < EG_DIMS / EP_DIMS; ++h) {
-                const lk_i64 d0 = g0 + h * EP_DIMS;
-                if (d0 >= a.d) break;
-                const int dims = (int)(a.d - d0 < EP_DIMS ? a.d - d0 : EP_DIMS);
-                __syncthreads();  // slopes written, the last stage's reads done
-                energy_stage(as, (const T*)a.a, a.na, a.d, r0, d0, dims);
-                energy_stage(bs, (const T*)a.b, a.nb, a.d, c0, d0, dims);
-                __syncthreads();
-                if (lane >= dims) continue;
-#pragma unroll
-                for (int q = 0; q < EG_ROWS_PER_WARP; ++q) {
-                    const int row = warp + 8 * q;
-                    const float av = as[lane][row];
-                    float g = 0.0f;
-#pragma unroll 8
-                    for (int j = 0; j < EP_TILE; ++j) g = fmaf(slopes[row][j], av - bs[lane][j], g);
-                    acc[h][q] += (double)g;
-                }
-            }
+            energy_slope_sums<T>(a.a, a.na, a.b, a.nb, a.d, r0, c0, g0, as, bs, slopes, acc);
         }
 #pragma unroll
-        for (int h = 0; h < EG_DIMS / EP_DIMS; ++h) {
+        for (int h = 0; h < EG_HALVES; ++h) {
             const lk_i64 dim = g0 + h * EP_DIMS + lane;
             if (dim >= a.d) break;
 #pragma unroll
@@ -515,6 +529,8 @@ struct EnergyScoreArgs {
     float c2;           // d loss / d ||p_ij - p_ik||^beta, both orders counted
     int power;
     int pad_;
+    lk_i64 dim_chunks;  // EG_DIMS-dimension chunks of the gradient (1 without it)
+    lk_i64 tiles;       // 64-row tiles of the n m prediction rows * dim_chunks
 };
 LK_FIELD_AT(EnergyScoreArgs, y, 0);
 LK_FIELD_AT(EnergyScoreArgs, preds, 8);
@@ -528,105 +544,138 @@ LK_FIELD_AT(EnergyScoreArgs, c1, 64);
 LK_FIELD_AT(EnergyScoreArgs, c2, 68);
 LK_FIELD_AT(EnergyScoreArgs, power, 72);
 LK_FIELD_AT(EnergyScoreArgs, pad_, 76);
-static_assert(sizeof(EnergyScoreArgs) == 80, "EnergyScoreArgs is 80 bytes in Rust");
+LK_FIELD_AT(EnergyScoreArgs, dim_chunks, 80);
+LK_FIELD_AT(EnergyScoreArgs, tiles, 88);
+static_assert(sizeof(EnergyScoreArgs) == 96, "EnergyScoreArgs is 96 bytes in Rust");
 
-// ||p_ij - p_ik||^2 for the lane's k = k0 + lane + 32 q, q < count.
+// ||p_r - y_i||^2 of warp w's rows r0 + w + 8 q (lanes over the dims, every lane holds
+// the sum), 0 past the rows.
 template <typename T>
-__device__ __forceinline__ void energy_score_distances(const T* pj, const T* sample, lk_i64 d, lk_i64 k0,
-                                                       int count, float (&acc)[ES_PER_LANE]) {
-    const int lane = threadIdx.x & 31;
-#pragma unroll
-    for (int q = 0; q < ES_PER_LANE; ++q) acc[q] = 0.0f;
-    for (lk_i64 dim = 0; dim < d; ++dim) {
-        const float v = lk_to_f32(pj[dim]);
-#pragma unroll
-        for (int q = 0; q < ES_PER_LANE; ++q) {
-            if (q >= count) break;
-            const lk_i64 k = k0 + lane + 32 * q;
-            const float u = v - lk_to_f32(sample[k * d + dim]);
-            acc[q] = fmaf(u, u, acc[q]);
-        }
-    }
-}
-
-// The lanes' share of `slots` k this lane holds: ceil((span - lane) / 32).
-__device__ __forceinline__ int energy_lane_count(lk_i64 span) {
-    const lk_i64 lane = threadIdx.x & 31;
-    return span > lane ? (int)((span - lane + 31) / 32) : 0;
-}
-
-template <typename T>
-__device__ void energy_score_rows(const EnergyScoreArgs& a) {
-    __shared__ float slope[ES_WARPS][ES_BATCH];
+__device__ __forceinline__ void energy_target_squares(const EnergyScoreArgs& a, lk_i64 r0,
+                                                      float (&s1)[EG_ROWS_PER_WARP]) {
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const lk_i64 rows = a.n * a.m;
-    const lk_i64 d = a.d;
     const T* preds = (const T*)a.preds;
     const T* ys = (const T*)a.y;
-    for (lk_i64 row = (lk_i64)blockIdx.x * ES_WARPS + warp; row < rows;
-         row += (lk_i64)gridDim.x * ES_WARPS) {
-        const lk_i64 i = row / a.m;
-        const lk_i64 j = row - i * a.m;
-        const T* pj = preds + row * d;
-        const T* y = ys + i * d;
-        const T* sample = preds + i * a.m * d;
-
-        float s1 = 0.0f;
-        for (lk_i64 dim = lane; dim < d; dim += 32) {
-            const float u = lk_to_f32(pj[dim]) - lk_to_f32(y[dim]);
-            s1 = fmaf(u, u, s1);
-        }
-        s1 = __shfl_sync(0xffffffffu, lk_warp_reduce(s1, lk_sum_op()), 0);
-        const float h1 = a.c1 * energy_slope(s1, a.power, a.beta);
-
-        float t2 = 0.0f;
-        for (lk_i64 k0 = 0; k0 < a.m; k0 += ES_BATCH) {
-            const lk_i64 span = a.m - k0 < ES_BATCH ? a.m - k0 : ES_BATCH;
-            // Without the gradient only k > j count: a batch wholly at or below j is skipped
-            // (it would add nothing to t2 either way, so t2 keeps its bits).
-            if (!a.grad && k0 + span <= j + 1) continue;
-            float acc[ES_PER_LANE];
-            const int count = energy_lane_count(span);
-            energy_score_distances(pj, sample, d, k0, count, acc);
 #pragma unroll
-            for (int q = 0; q < ES_PER_LANE; ++q) {
-                if (q >= count) break;
-                const int slot = lane + 32 * q;
-                if (k0 + slot > j) t2 += energy_power(acc[q], a.power, a.beta);
-                if (a.grad) slope[warp][slot] = energy_slope(acc[q], a.power, a.beta);
+    for (int q = 0; q < EG_ROWS_PER_WARP; ++q) {
+        const lk_i64 row = r0 + warp + 8 * q;
+        float sum = 0.0f;
+        if (row < rows) {
+            const T* p = preds + row * a.d;
+            const T* y = ys + (row / a.m) * a.d;
+            for (lk_i64 dim = lane; dim < a.d; dim += 32) {
+                const float u = lk_to_f32(p[dim]) - lk_to_f32(y[dim]);
+                sum = fmaf(u, u, sum);
             }
-            if (!a.grad) continue;
-            __syncwarp();
-            for (lk_i64 dim = lane; dim < d; dim += 32) {
-                const float v = lk_to_f32(pj[dim]);
-                float g = 0.0f;
-                for (int slot = 0; slot < (int)span; ++slot) {
-                    const float u = v - lk_to_f32(sample[(k0 + slot) * d + dim]);
-                    g = fmaf(slope[warp][slot], u, g);
-                }
-                float* out = a.grad + row * d + dim;
-                const float first = k0 == 0 ? h1 * (v - lk_to_f32(y[dim])) : *out;
-                *out = fmaf(a.c2, g, first);
-            }
-            __syncwarp();  // the slopes are read before the next batch writes them
         }
-        const double t2_sum = lk_warp_reduce((double)t2, lk_sum_op());
-        if (lane == 0) {
-            a.row_sums[2 * row] = (double)energy_power(s1, a.power, a.beta);
-            a.row_sums[2 * row + 1] = t2_sum;
+        s1[q] = __shfl_sync(0xffffffffu, lk_warp_reduce(sum, lk_sum_op()), 0);
+    }
+}
+
+// The pairs of one 64 x 64 tile of prediction rows (rows from r0, columns from c0, both
+// within [c0, c_end)): a pair counts when both rows are of the same sample. Adds each
+// thread's share of sum_{c > r} ||p_r - p_c||^beta to t2 (f32 per tile) and, with the
+// gradient, writes the pair slopes.
+template <typename T>
+__device__ __forceinline__ void energy_score_tile(const EnergyScoreArgs& a, lk_i64 r0, lk_i64 c0,
+                                                  lk_i64 c_end, float (*as)[EP_TILE + 1],
+                                                  float (*bs)[EP_TILE + 1],
+                                                  float (*slopes)[EP_TILE + 1], double (&t2)[4]) {
+    const int tx = threadIdx.x & 15;
+    const int ty = threadIdx.x >> 4;
+    const lk_i64 rows = a.n * a.m;
+    float s[4][4];
+    energy_tile_squares<T>(a.preds, rows, a.preds, c_end, a.d, as, bs, r0, c0, s);
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+        const lk_i64 i = r0 + ty + 16 * r;
+        const lk_i64 sample = i / a.m;
+        float part = 0.0f;
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+            const lk_i64 j = c0 + tx + 16 * c;
+            const bool pair = i < rows && j < c_end && j / a.m == sample;
+            if (pair && j > i) part += energy_power(s[r][c], a.power, a.beta);
+            if (a.grad) slopes[ty + 16 * r][tx + 16 * c] = pair ? energy_slope(s[r][c], a.power, a.beta) : 0.0f;
+        }
+        t2[r] += (double)part;
+    }
+}
+
+// A block owns 64 prediction rows (several samples when m < 64, part of one when m > 64)
+// and, with the gradient, 64 dims of their gradient rows; it walks the column tiles of
+// the samples those rows belong to, in order.
+template <typename T>
+__device__ void energy_score_tiles(const EnergyScoreArgs& a) {
+    __shared__ float as[EP_DIMS][EP_TILE + 1];
+    __shared__ float bs[EP_DIMS][EP_TILE + 1];
+    __shared__ float slopes[EP_TILE][EP_TILE + 1];
+    const int tx = threadIdx.x & 15;
+    const int ty = threadIdx.x >> 4;
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const lk_i64 rows = a.n * a.m;
+    for (lk_i64 t = blockIdx.x; t < a.tiles; t += gridDim.x) {
+        const lk_i64 row_tile = t / a.dim_chunks;
+        const lk_i64 chunk = t - row_tile * a.dim_chunks;
+        const lk_i64 g0 = chunk * EG_DIMS;
+        const lk_i64 r0 = row_tile * EP_TILE;
+        const lk_i64 last = (r0 + EP_TILE < rows ? r0 + EP_TILE : rows) - 1;
+        const lk_i64 c_end = (last / a.m + 1) * a.m;
+        double t2[4] = {0.0, 0.0, 0.0, 0.0};
+        double acc[EG_HALVES][EG_ROWS_PER_WARP];
+#pragma unroll
+        for (int h = 0; h < EG_HALVES; ++h) {
+#pragma unroll
+            for (int q = 0; q < EG_ROWS_PER_WARP; ++q) acc[h][q] = 0.0;
+        }
+        for (lk_i64 c0 = (r0 / a.m) * a.m; c0 < c_end; c0 += EP_TILE) {
+            // Without the gradient only pairs c > r count: a tile wholly left of r0 adds
+            // nothing (and adding +0 keeps t2's bits), so it is skipped.
+            if (!a.grad && c0 + EP_TILE <= r0 + 1) continue;
+            energy_score_tile<T>(a, r0, c0, c_end, as, bs, slopes, t2);
+            if (a.grad) energy_slope_sums<T>(a.preds, rows, a.preds, c_end, a.d, r0, c0, g0, as, bs, slopes, acc);
+        }
+        // The 16 threads of a row (one half-warp) hold its t2 shares: a fixed xor tree.
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+#pragma unroll
+            for (int offset = 8; offset > 0; offset >>= 1) t2[r] += __shfl_xor_sync(0xffffffffu, t2[r], offset);
+            const lk_i64 i = r0 + ty + 16 * r;
+            if (chunk == 0 && tx == 0 && i < rows) a.row_sums[2 * i + 1] = t2[r];
+        }
+        float s1[EG_ROWS_PER_WARP];
+        energy_target_squares<T>(a, r0, s1);
+#pragma unroll
+        for (int q = 0; q < EG_ROWS_PER_WARP; ++q) {
+            const lk_i64 i = r0 + warp + 8 * q;
+            if (i >= rows) break;
+            if (chunk == 0 && lane == 0) a.row_sums[2 * i] = (double)energy_power(s1[q], a.power, a.beta);
+            if (!a.grad) continue;
+            const float h1 = a.c1 * energy_slope(s1[q], a.power, a.beta);
+            const T* p = (const T*)a.preds + i * a.d;
+            const T* y = (const T*)a.y + (i / a.m) * a.d;
+#pragma unroll
+            for (int h = 0; h < EG_HALVES; ++h) {
+                const lk_i64 dim = g0 + h * EP_DIMS + lane;
+                if (dim >= a.d) break;
+                const float v = lk_to_f32(p[dim]);
+                a.grad[i * a.d + dim] = fmaf(a.c2, (float)acc[h][q], h1 * (v - lk_to_f32(y[dim])));
+            }
         }
     }
 }
 
-extern "C" __global__ void __launch_bounds__(ES_WARPS * 32) energy_score_f32(const EnergyScoreArgs a) {
-    energy_score_rows<float>(a);
+extern "C" __global__ void __launch_bounds__(EP_THREADS) energy_score_f32(const EnergyScoreArgs a) {
+    energy_score_tiles<float>(a);
 }
-extern "C" __global__ void __launch_bounds__(ES_WARPS * 32) energy_score_f16(const EnergyScoreArgs a) {
-    energy_score_rows<lk_f16>(a);
+extern "C" __global__ void __launch_bounds__(EP_THREADS) energy_score_f16(const EnergyScoreArgs a) {
+    energy_score_tiles<lk_f16>(a);
 }
-extern "C" __global__ void __launch_bounds__(ES_WARPS * 32) energy_score_bf16(const EnergyScoreArgs a) {
-    energy_score_rows<lk_bf16>(a);
+extern "C" __global__ void __launch_bounds__(EP_THREADS) energy_score_bf16(const EnergyScoreArgs a) {
+    energy_score_tiles<lk_bf16>(a);
 }
 
 // Must match EnergyScoreMergeArgs in src/cuda/energy.rs field for field.

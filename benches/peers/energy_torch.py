@@ -22,20 +22,19 @@ import subprocess
 import sys
 import tempfile
 
+import functools
+
 import numpy as np
 import torch
 
-import functools
-
-from peer_timing import losskern_binary, median_ms as timed
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peer_timing import losskern_binary, median_ms as timed  # noqa: E402
 
 # The big pairwise problems take seconds per call: fewer repetitions than the default.
 median_ms = functools.partial(timed, warmup=3, reps=15)
 
 SCORES = [(1024, 16, 100), (16384, 64, 16), (65536, 64, 16)]
 DISTANCES = [(16384, 16384, 64), (100_000, 100_000, 3)]
-
-
 
 
 def score_cdist(y, p, mode):
@@ -108,58 +107,80 @@ def rel(value, exact):
     return abs(value - exact) / abs(exact) if exact != 0 else abs(value)
 
 
+def score_job(n, m, d, variant):
+    """One row of the score table: `variant` ('engression', 'mm', 'exact' or 'losskern')."""
+    torch.manual_seed(0)
+    y = torch.randn(n, d, device="cuda")
+    p = torch.randn(n, m, d, device="cuda")
+    exact = score_f64(y, p)
+    shape = f"n{n}-m{m}-d{d}"
+    if variant == "losskern":
+        ours = losskern_value(losskern_binary(), "energy-score", {"y": y, "preds": p}, "loss")
+        return ("score+grad", shape, "losskern", criterion_ms(f"score+grad/f32/{shape}"), rel(ours, exact))
+    if variant == "engression":
+        from engression.loss_func import energy_loss
+        label = "engression energy_loss"
+        loss = lambda q: energy_loss(y, [q[:, j, :] for j in range(m)], beta=1, verbose=False)
+    else:
+        mode = {"mm": "use_mm_for_euclid_dist", "exact": "donot_use_mm_for_euclid_dist"}[variant]
+        label = f"torch.cdist {mode.split('_')[0]}"
+        loss = lambda q: score_cdist(y, q, mode)
+    with torch.no_grad():
+        value = loss(p).item()
+    return ("score+grad", shape, label, median_ms(lambda: fwd_bwd(loss, p)), rel(value, exact))
+
+
+def distance_job(n, m, d, variant):
+    """One row of the distance table: `variant` ('mm', 'exact' or 'losskern')."""
+    torch.manual_seed(1)
+    x = torch.randn(n, d, device="cuda")
+    y = torch.randn(m, d, device="cuda") + 0.1
+    exact = distance_chunked(x, y, "donot_use_mm_for_euclid_dist", torch.float64).item()
+    shape = f"N{n}-M{m}-d{d}"
+    if variant == "losskern":
+        pairs = n * m + n * (n - 1) // 2 + m * (m - 1) // 2
+        ours = losskern_value(losskern_binary(), "energy-distance", {"x": x, "y": y}, "distance")
+        return ("distance", shape, "losskern", criterion_ms(f"distance/f32/N{n}-M{m}-d{d}-pairs{pairs}"), rel(ours, exact))
+    mode = {"mm": "use_mm_for_euclid_dist", "exact": "donot_use_mm_for_euclid_dist"}[variant]
+    run = lambda: distance_chunked(x, y, mode, torch.float32)
+    value = run().item()
+    return ("distance", shape, f"torch.cdist {mode.split('_')[0]} (chunked)", timed(run, 1, 3), rel(value, exact))
+
+
+def run_isolated(job):
+    """Runs one job in a child process, so a peer that corrupts its CUDA context (torch.cdist
+    at n=65536 m=64 takes an illegal memory access) costs only its own row."""
+    child = subprocess.run([sys.executable, os.path.abspath(__file__), json.dumps(job)],
+                           capture_output=True, text=True)
+    lines = child.stdout.strip().splitlines()
+    if child.returncode == 0 and lines:
+        return tuple(json.loads(lines[-1]))
+    reason = (child.stderr.strip().splitlines() or ["no output"])[-1]
+    print(f"  {job}: failed ({reason[:160]})", file=sys.stderr)
+    kind, (n, m, d), variant = job
+    shape = f"n{n}-m{m}-d{d}" if kind == "score" else f"N{n}-M{m}-d{d}"
+    return (kind if kind == "distance" else "score+grad", shape, f"{variant} (failed)", float("nan"), float("nan"))
+
+
 def main():
+    if len(sys.argv) == 2:
+        kind, shape, variant = json.loads(sys.argv[1])
+        row = (score_job if kind == "score" else distance_job)(*shape, variant)
+        print(json.dumps(row))
+        return 0
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to compare")
         return 0
     try:
-        from engression.loss_func import energy_loss
+        import engression  # noqa: F401
+        score_variants = ["engression", "mm", "exact", "losskern"]
     except ImportError as e:
-        energy_loss = None
+        score_variants = ["mm", "exact", "losskern"]
         print(f"engression not importable ({e}): its row is left out")
-    binary = losskern_binary()
     print(f"{torch.cuda.get_device_name()} (torch {torch.__version__})")
-    rows = []
-    for n, m, d in SCORES:
-        torch.manual_seed(0)
-        y = torch.randn(n, d, device="cuda")
-        p = torch.randn(n, m, d, device="cuda")
-        exact = score_f64(y, p)
-        shape = f"n{n}-m{m}-d{d}"
-        variants = []
-        if energy_loss is not None:
-            samples = lambda q: [q[:, j, :] for j in range(m)]
-            loss = lambda q: energy_loss(y, samples(q), beta=1, verbose=False)
-            variants.append(("engression energy_loss", loss))
-        for mode in ["use_mm_for_euclid_dist", "donot_use_mm_for_euclid_dist"]:
-            variants.append((f"torch.cdist {mode.split('_')[0]}", lambda q, mode=mode: score_cdist(y, q, mode)))
-        for label, loss in variants:
-            with torch.no_grad():
-                try:
-                    value = loss(p).item()
-                except (RuntimeError, torch.cuda.OutOfMemoryError):
-                    value = float("nan")
-            rows.append(("score+grad", shape, label, median_ms(lambda: fwd_bwd(loss, p)), rel(value, exact)))
-            torch.cuda.empty_cache()
-        ours = losskern_value(binary, "energy-score", {"y": y, "preds": p}, "loss")
-        rows.append(("score+grad", shape, "losskern", criterion_ms(f"score+grad/f32/{shape}"), rel(ours, exact)))
-        del y, p
-        torch.cuda.empty_cache()
-    for n, m, d in DISTANCES:
-        torch.manual_seed(1)
-        x = torch.randn(n, d, device="cuda")
-        y = torch.randn(m, d, device="cuda") + 0.1
-        exact = distance_chunked(x, y, "donot_use_mm_for_euclid_dist", torch.float64).item()
-        shape = f"N{n}-M{m}-d{d}"
-        for mode in ["use_mm_for_euclid_dist", "donot_use_mm_for_euclid_dist"]:
-            run = lambda mode=mode: distance_chunked(x, y, mode, torch.float32)
-            value = run().item()
-            rows.append(("distance", shape, f"torch.cdist {mode.split('_')[0]} (chunked)", timed(run, 1, 3), rel(value, exact)))
-        pairs = n * m + n * (n - 1) // 2 + m * (m - 1) // 2
-        ours = losskern_value(binary, "energy-distance", {"x": x, "y": y}, "distance")
-        rows.append(("distance", shape, "losskern", criterion_ms(f"distance/f32/N{n}-M{m}-d{d}-pairs{pairs}"), rel(ours, exact)))
-        del x, y
-        torch.cuda.empty_cache()
+    jobs = [("score", shape, v) for shape in SCORES for v in score_variants]
+    jobs += [("distance", shape, v) for shape in DISTANCES for v in ["mm", "exact", "losskern"]]
+    rows = [run_isolated(job) for job in jobs]
     print(f"{'op':<11} {'shape':<20} {'variant':<32} {'ms':>10} {'rel. error vs f64':>18}")
     for op, shape, label, ms, err in rows:
         print(f"{op:<11} {shape:<20} {label:<32} {ms:10.3f} {err:18.2e}")

@@ -16,9 +16,10 @@
 //!
 //! Energy score:
 //!
-//! 1. `energy_score_{dtype}`: a warp per prediction row (i, j), 8 rows a block; the row's
-//!    sums toward term1 and term2 to f64 scratch and, with the gradient, the row of
-//!    d loss / d preds.
+//! 1. `energy_score_{dtype}`: a block per 64 prediction rows (and, with the gradient, 64
+//!    of their dims), over the 64 x 64 pair tiles of their samples (pairs of different
+//!    samples masked); the rows' sums toward term1 and term2 to f64 scratch and, with
+//!    the gradient, the rows of d loss / d preds.
 //! 2. `energy_score_merge`: one block; term1, term2 and the loss in f64.
 //!
 //! Scratch is O(N / 64 * M / 1024) slots for the distance and 2 n m f64 for the score:
@@ -45,10 +46,9 @@ use crate::spec::energy::{
     Statistic, PAIR_TILE,
 };
 
-/// Threads of a pair block (kernels/energy.cu lays its 64 x 64 tiles out for 256).
+/// Threads of a pair or score block (kernels/energy.cu lays its 64 x 64 tiles out for
+/// 256).
 const PAIR_THREADS: u32 = 256;
-/// Prediction rows (warps) per block of the score kernel.
-const SCORE_WARPS: usize = 8;
 
 fn kernel_name(family: &str, dtype: DType) -> Result<&'static str> {
     Ok(match (family, dtype) {
@@ -205,8 +205,10 @@ struct EnergyScoreArgs {
     c2: f32,
     power: i32,
     pad: i32,
+    dim_chunks: i64,
+    tiles: i64,
 }
-const _: () = assert!(std::mem::size_of::<EnergyScoreArgs>() == 80);
+const _: () = assert!(std::mem::size_of::<EnergyScoreArgs>() == 96);
 offsets!(EnergyScoreArgs {
     y: 0,
     preds: 8,
@@ -220,6 +222,8 @@ offsets!(EnergyScoreArgs {
     c2: 68,
     power: 72,
     pad: 76,
+    dim_chunks: 80,
+    tiles: 88,
 });
 
 #[repr(C)]
@@ -383,6 +387,12 @@ pub fn energy_score_raw(
         (-(mf / (mf - 1.0)) / (nf * mf * mf)) as f32
     };
     let (n64, m64) = (as_i64(n, "n")?, as_i64(m, "m")?);
+    // Without the gradient one block per row tile; with it, one per 64 of its dims too.
+    let dim_chunks = if spec.grad { d.div_ceil(GRAD_DIMS) } else { 1 };
+    let tiles = rows
+        .div_ceil(PAIR_TILE)
+        .checked_mul(dim_chunks)
+        .ok_or_else(|| Error::Shape("score tiles overflow usize".into()))?;
     let args = EnergyScoreArgs {
         y: y_ptr,
         preds: preds_ptr,
@@ -396,18 +406,16 @@ pub fn energy_score_raw(
         c2,
         power: i32::from(power_code(spec.beta)),
         pad: 0,
+        dim_chunks: as_i64(dim_chunks, "dimension chunks")?,
+        tiles: as_i64(tiles, "tiles")?,
     };
-    let cfg = kernels.fixed_config(
-        name,
-        &score,
-        rows.div_ceil(SCORE_WARPS),
-        32 * SCORE_WARPS as u32,
-    )?;
+    let cfg = kernels.fixed_config(name, &score, tiles, PAIR_THREADS)?;
     // SAFETY: the argument block matches the kernel's parameter (see the DeviceRepr
     // impl). The kernel reads n d elements of y and n m d of preds, writes 2 n m f64 of
     // row sums and, when the pointer is not null, n m d f32 of grad, all checked above
-    // for size and alignment; rows are indexed below n m only (64-bit). The block is the
-    // 256 threads the kernel's shared slopes are sized for, checked against the device
+    // for size and alignment; rows are indexed below n m only (64-bit), each block
+    // writing only its 64 rows (and 64 dims of their gradient). The block is the 256
+    // threads the kernel's 64 x 64 tiles are laid out for, checked against the device
     // and function limits.
     unsafe { stream.launch_builder(&score).arg(&args).launch(cfg) }.map_err(driver_error(name))?;
 
