@@ -4,7 +4,7 @@ mod harness;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use losskern::check::Rng;
-use losskern::ops::ensemble::{self, Ensemble};
+use losskern::ops::ensemble::{self, Ensemble, Precision};
 use losskern::{DType, Tensor};
 
 fn bench(c: &mut Criterion) {
@@ -52,6 +52,7 @@ fn bench(c: &mut Criterion) {
                     input: &x,
                     labels: &y,
                     logits: false,
+                    precision: Precision::Exact,
                 })
                 .map(drop)
             },

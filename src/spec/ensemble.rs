@@ -1,13 +1,26 @@
 //! ensemble: forward passes of many small MLPs on one shared batch with a fused
 //! per-model loss, and loss-landscape scans theta_0 + t * d.
 
-pub use losskern_reference::ensemble::{roughness, Roughness};
+pub use losskern_reference::ensemble::{roughness, Perturbation, Roughness};
 
 use super::{check_same_device, float_dtype, BackendKind, Bound};
 use crate::device::Tensor;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::support::Op;
+
+/// The arithmetic of the layers' dot products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 FMA on the inputs as given: within `check::ensemble`'s f32 bound of the f64
+    /// reference (about L sqrt(d) u of the absolute network's logits).
+    #[default]
+    Exact,
+    /// Tensor-core products (bf16/f16 or tf32 inputs, f32 accumulation) where a backend
+    /// has them; its bound adds the rounding of the inputs to the MMA type. A backend
+    /// without tensor-core kernels runs `Exact`, which lies within that bound too.
+    TensorCore,
+}
 
 /// E MLPs with widths [d0, ..., dL]: layer l has `weights[l]` [E, d_{l+1}, d_l]
 /// (PyTorch Linear layout) and `biases[l]` [E, d_{l+1}]; ReLU between layers.
@@ -21,6 +34,7 @@ pub struct Ensemble<'a> {
     pub labels: &'a Tensor,
     /// Also return the logits [E, B, C].
     pub logits: bool,
+    pub precision: Precision,
 }
 
 /// A loss-landscape scan: model e is theta_0 + t_e * D_{k_e}, never materialised.
@@ -41,6 +55,9 @@ pub struct Landscape<'a> {
     /// Labels y [B] i64 in [0, C).
     pub labels: &'a Tensor,
     pub logits: bool,
+    pub precision: Precision,
+    /// How theta_0 + t D is formed: rounded to the dtype as the notebook does, or split.
+    pub perturbation: Perturbation,
 }
 
 /// A validated ensemble problem.
@@ -52,8 +69,9 @@ pub struct EnsembleSpec {
     pub(crate) shared_input: bool,
     pub(crate) dtype: DType,
     pub(crate) logits: bool,
-    /// K for a landscape scan.
-    pub(crate) directions: Option<usize>,
+    pub(crate) precision: Precision,
+    /// K and the perturbation mode of a landscape scan.
+    pub(crate) scan: Option<(usize, Perturbation)>,
 }
 
 impl EnsembleSpec {
@@ -86,9 +104,23 @@ impl EnsembleSpec {
         self.logits
     }
 
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
     /// K for a landscape scan.
     pub fn directions(&self) -> Option<usize> {
-        self.directions
+        self.scan.map(|(k, _)| k)
+    }
+
+    /// The perturbation mode of a landscape scan.
+    pub fn perturbation(&self) -> Option<Perturbation> {
+        self.scan.map(|(_, p)| p)
+    }
+
+    /// C, the last width.
+    pub fn classes(&self) -> usize {
+        self.widths.last().copied().unwrap_or(0)
     }
 }
 
@@ -250,7 +282,8 @@ pub fn validate(call: &Ensemble<'_>) -> Result<EnsembleSpec> {
         shared_input,
         dtype,
         logits: call.logits,
-        directions: None,
+        precision: call.precision,
+        scan: None,
     })
 }
 
@@ -329,7 +362,8 @@ pub fn validate_landscape(call: &Landscape<'_>) -> Result<EnsembleSpec> {
         shared_input: true,
         dtype,
         logits: call.logits,
-        directions: Some(directions),
+        precision: call.precision,
+        scan: Some((directions, call.perturbation)),
     })
 }
 

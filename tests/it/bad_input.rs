@@ -2,7 +2,7 @@
 
 use losskern::ops::bnstats::{self, BnMerge, BnPartial, BnStats, Layout, RunningStats};
 use losskern::ops::energy::{self, EnergyDistance, EnergyScore, Statistic};
-use losskern::ops::ensemble::{self, Ensemble, Landscape};
+use losskern::ops::ensemble::{self, Ensemble, Landscape, Perturbation, Precision};
 use losskern::ops::xent::{self, Directional, Targets, Xent, XentOptions};
 use losskern::{DType, Device, Error, Op, Tensor};
 
@@ -480,6 +480,7 @@ fn ensemble_rejects_bad_input() {
                 input,
                 labels,
                 logits: true,
+                precision: Precision::Exact,
             })
             .map(|o| o.loss.shape().to_vec())
         };
@@ -512,6 +513,7 @@ fn ensemble_rejects_bad_input() {
                     input: &x,
                     labels: &y,
                     logits: false,
+                    precision: Precision::Exact,
                 })
                 .map(|o| o.loss.len())
             },
@@ -529,6 +531,7 @@ fn ensemble_rejects_bad_input() {
                     input: &x,
                     labels: &y,
                     logits: false,
+                    precision: Precision::Exact,
                 })
                 .map(|o| o.loss.len())
             },
@@ -555,6 +558,8 @@ fn ensemble_rejects_bad_input() {
                         input: &x,
                         labels: &y,
                         logits: false,
+                        precision: Precision::Exact,
+                        perturbation: Perturbation::Split,
                     })
                     .map(|o| o.loss.len())
                 },
@@ -579,6 +584,8 @@ fn ensemble_rejects_bad_input() {
                         input: &x,
                         labels: &y,
                         logits: false,
+                        precision: Precision::Exact,
+                        perturbation: Perturbation::Split,
                     })
                     .map(|o| o.loss.len())
                 },

@@ -2,8 +2,8 @@
 
 use std::path::PathBuf;
 
-use clap::Args;
-use losskern::ops::ensemble::{self, Ensemble, Landscape};
+use clap::{Args, ValueEnum};
+use losskern::ops::ensemble::{self, Ensemble, Landscape, Perturbation, Precision};
 use losskern::{Device, Op};
 
 use crate::json::Json;
@@ -37,8 +37,45 @@ pub struct EnsembleArgs {
     /// Also write the logits [E, B, C]
     #[arg(long)]
     logits: bool,
+    /// The layers' arithmetic
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Exact)]
+    precision: PrecisionArg,
     #[command(flatten)]
     op: OpArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PrecisionArg {
+    /// f32 FMA
+    Exact,
+    /// Tensor-core products with f32 accumulation where the backend has them
+    TensorCore,
+}
+
+impl From<PrecisionArg> for Precision {
+    fn from(p: PrecisionArg) -> Precision {
+        match p {
+            PrecisionArg::Exact => Precision::Exact,
+            PrecisionArg::TensorCore => Precision::TensorCore,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PerturbationArg {
+    /// fl(w0 + fl(t d)) in the parameters' dtype, as the notebook forms it
+    Rounded,
+    /// W0 h + t (D h) layer by layer: never rounded away
+    Split,
+}
+
+impl From<PerturbationArg> for Perturbation {
+    fn from(p: PerturbationArg) -> Perturbation {
+        match p {
+            PerturbationArg::Rounded => Perturbation::Rounded,
+            PerturbationArg::Split => Perturbation::Split,
+        }
+    }
 }
 
 pub fn ensemble_command(args: &EnsembleArgs) -> Result<(), Failure> {
@@ -59,6 +96,7 @@ pub fn ensemble_command(args: &EnsembleArgs) -> Result<(), Failure> {
             input: &x,
             labels: &y,
             logits: args.logits,
+            precision: args.precision.into(),
         };
         timed(device, || ensemble::forward(&call))
     })?;
@@ -109,6 +147,12 @@ pub struct LandscapeArgs {
     /// Also write the logits [E, B, C]
     #[arg(long)]
     logits: bool,
+    /// The layers' arithmetic
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Exact)]
+    precision: PrecisionArg,
+    /// How centre + t * direction is formed
+    #[arg(long, value_enum, default_value_t = PerturbationArg::Split)]
+    perturbation: PerturbationArg,
     #[command(flatten)]
     op: OpArgs,
 }
@@ -142,6 +186,8 @@ pub fn landscape_command(args: &LandscapeArgs) -> Result<(), Failure> {
             input: &x,
             labels: &y,
             logits: args.logits,
+            precision: args.precision.into(),
+            perturbation: args.perturbation.into(),
         };
         timed(device, || ensemble::landscape(&call))
     })?;
