@@ -221,6 +221,14 @@ pub(crate) fn check_label_values(labels: &[i64], classes: usize) -> Result<()> {
     Ok(())
 }
 
+fn non_finite_distance() -> Error {
+    Error::Option("distances must be finite".into())
+}
+
+fn direction_out_of_range(directions: usize) -> Error {
+    Error::Option(format!("direction_of must be in [0, {directions})"))
+}
+
 /// As [`check_label_values`], for a landscape scan's distances (finite) and direction
 /// indices (in [0, K)).
 pub(crate) fn check_scan_values(
@@ -229,17 +237,41 @@ pub(crate) fn check_scan_values(
     directions: usize,
 ) -> Result<()> {
     if distance.iter().any(|t| !t.is_finite()) {
-        return Err(Error::Option("distances must be finite".into()));
+        return Err(non_finite_distance());
     }
     if direction_of
         .iter()
         .any(|&k| !usize::try_from(k).is_ok_and(|k| k < directions))
     {
-        return Err(Error::Option(format!(
-            "direction_of must be in [0, {directions})"
-        )));
+        return Err(direction_out_of_range(directions));
     }
     Ok(())
+}
+
+/// u64 words of the status a GPU backend's data check writes: !(first row whose label is
+/// outside [0, C)) and that label, !(first model whose t is not finite), !(first model
+/// whose k is outside [0, K)); 0 where there is none.
+#[cfg(feature = "cuda")]
+pub(crate) const STATUS_WORDS: usize = 4;
+
+/// The error the status words say, in the order the CPU checks (a scan's values, then
+/// the labels), with the CPU's errors.
+#[cfg(feature = "cuda")]
+pub(crate) fn status_error(words: &[u64], classes: usize, directions: usize) -> Result<()> {
+    match *words {
+        [_, _, t, _] if t != 0 => Err(non_finite_distance()),
+        [_, _, _, k] if k != 0 => Err(direction_out_of_range(directions)),
+        [row, label, ..] if row != 0 => Err(Error::LabelOutOfRange {
+            row: usize::try_from(!row).unwrap_or(usize::MAX),
+            label: label as i64,
+            classes,
+        }),
+        [_, _, _, _] => Ok(()),
+        _ => Err(Error::Shape(format!(
+            "an ensemble status holds {} words, not {STATUS_WORDS}",
+            words.len()
+        ))),
+    }
 }
 
 pub fn validate(call: &Ensemble<'_>) -> Result<EnsembleSpec> {
