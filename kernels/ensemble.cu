@@ -100,7 +100,9 @@ static_assert(sizeof(EnsembleArgs) == 448, "EnsembleArgs is 448 bytes as in Rust
 struct EnShared {
     float act[2][EN_ROWS * EN_HIDDEN];   // activations of the tile, ping-pong
     float h[EN_ROWS][EN_K + 1];          // the staged input chunk
-    float w[2][EN_K][EN_COLS];           // the staged weights (W or W0, and D)
+    // The staged weights (W or W0, and D); the pad spreads the staging stores
+    // (16 inputs of 2 units per warp) over the banks.
+    float w[2][EN_K][EN_COLS + 1];
     double row_loss[EN_ROWS];
     float row_hit[EN_ROWS];
 };
