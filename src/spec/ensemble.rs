@@ -416,3 +416,37 @@ pub(crate) trait EnsembleKernels: BackendKind {
         Err(self.unsupported(Op::EnsembleLandscape))
     }
 }
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_words_give_the_cpus_errors_in_its_order() {
+        assert!(status_error(&[0; 4], 10, 3).is_ok());
+        let label = status_error(&[!4, 12, 0, 0], 10, 3).unwrap_err();
+        assert!(matches!(
+            label,
+            Error::LabelOutOfRange {
+                row: 4,
+                label: 12,
+                classes: 10
+            }
+        ));
+        let negative = status_error(&[!0, u64::MAX, 0, 0], 10, 3).unwrap_err();
+        assert!(matches!(
+            negative,
+            Error::LabelOutOfRange {
+                row: 0,
+                label: -1,
+                ..
+            }
+        ));
+        // A scan's values come before the labels, distances before directions, as on the CPU.
+        let both = status_error(&[!1, 12, !2, !0], 10, 3).unwrap_err();
+        assert_eq!(both.to_string(), non_finite_distance().to_string());
+        let direction = status_error(&[!1, 12, 0, !0], 10, 3).unwrap_err();
+        assert_eq!(direction.to_string(), direction_out_of_range(3).to_string());
+        assert!(matches!(status_error(&[0; 3], 10, 3), Err(Error::Shape(_))));
+    }
+}
