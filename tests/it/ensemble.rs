@@ -424,3 +424,75 @@ fn the_logits_are_returned_only_when_asked() {
         }
     }
 }
+
+#[cfg(feature = "cuda")]
+mod cuda_raw {
+    use cudarc::driver::CudaView;
+    use losskern::cuda::ensemble::{ensemble_raw, EnsembleBuffers, EnsembleInputs};
+    use losskern::ops::ensemble::{self, Ensemble, Precision};
+    use losskern::{DType, Device, Error, Tensor};
+
+    use super::{batch, Layers, WIDTHS};
+    use crate::backends;
+    use losskern::check::Rng;
+
+    /// The zero-copy entry gives the Tensor entry's bits, and refuses a short buffer.
+    #[test]
+    fn raw_cuda_ensemble_matches_the_tensor_entry_and_refuses_short_buffers() {
+        let Some(device) = backends::gpus()
+            .into_iter()
+            .find(|d| matches!(d, Device::Cuda(_)))
+        else {
+            eprintln!("skipping the raw CUDA ensemble test: no CUDA device");
+            return;
+        };
+        let Device::Cuda(backend) = &device else {
+            return;
+        };
+        let stream = backend.stream();
+        let layers = Layers::draw(&mut Rng::new(94), &WIDTHS, 4);
+        let (x, y) = batch(&device, &mut Rng::new(95), &WIDTHS, 70, DType::BF16);
+        let (w, b) = layers.upload(&device, DType::BF16, true);
+        let (w, b): (Vec<&Tensor>, Vec<&Tensor>) = (w.iter().collect(), b.iter().collect());
+        let call = Ensemble {
+            weights: &w,
+            biases: &b,
+            input: &x,
+            labels: &y,
+            logits: true,
+            precision: Precision::Exact,
+        };
+        let tensor_loss = ensemble::forward(&call).unwrap().loss.to_f64_vec().unwrap();
+        let spec = ensemble::validate(&call).unwrap();
+        fn view(t: &Tensor) -> CudaView<'_, u8> {
+            t.cuda_slice().unwrap().as_view()
+        }
+        let inputs = |weights: Vec<_>| EnsembleInputs {
+            x: view(&x),
+            weights,
+            biases: b.iter().map(|t| view(t)).collect(),
+            labels: view(&y),
+            scan: None,
+        };
+        let mut out = EnsembleBuffers::new(stream, &spec).unwrap();
+        ensemble_raw(
+            stream,
+            &spec,
+            &inputs(w.iter().map(|t| view(t)).collect()),
+            &mut out,
+        )
+        .unwrap();
+        let bytes = stream.clone_dtoh(&out.loss).unwrap();
+        let raw_loss: Vec<f64> = bytemuck::pod_collect_to_vec(&bytes[..8 * 4]);
+        let bits = |v: &[f64]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&raw_loss), bits(&tensor_loss));
+
+        let full = view(w[0]);
+        let short = full.slice(..full.len() - 2);
+        let weights = std::iter::once(short)
+            .chain(w[1..].iter().map(|t| view(t)))
+            .collect();
+        let e = ensemble_raw(stream, &spec, &inputs(weights), &mut out).unwrap_err();
+        assert!(matches!(e, Error::Shape(_)), "a short weight buffer: {e}");
+    }
+}
