@@ -60,9 +60,16 @@ pub fn cases() -> Vec<EnsembleCase> {
         case(&[5, 8, 3], 4, 9, DType::F32, true, 51),
         case(&[33, 17, 16, 10], 3, 31, DType::BF16, false, 57),
         case(&[9, 1, 3], 2, 65, DType::F32, true, 54),
+        // Wider than the GPU kernels keep on chip, per-model input.
+        case(&[6, 200, 7], 3, 40, DType::BF16, false, 58),
         scan(
             case(&[12, 6, 4], 6, 16, DType::F16, true, 53),
             2,
+            Perturbation::Split,
+        ),
+        scan(
+            case(&[20, 64, 10], 9, 70, DType::F32, true, 59),
+            3,
             Perturbation::Split,
         ),
         scan(
