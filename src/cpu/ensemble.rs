@@ -170,9 +170,10 @@ impl Problem<'_> {
         for l in 0..layers {
             let mut out = vec![0.0f32; rows * widths[l + 1]];
             self.models.apply(e, l, &h, widths[l], &mut out);
-            // ReLU between layers only: the last layer gives the logits.
+            // ReLU between layers only: the last layer gives the logits. `< 0` rather
+            // than max, so a NaN stays NaN as in the reference.
             if l + 1 < layers {
-                out.iter_mut().for_each(|v| *v = v.max(0.0));
+                out.iter_mut().filter(|v| **v < 0.0).for_each(|v| *v = 0.0);
             }
             h = out;
         }
