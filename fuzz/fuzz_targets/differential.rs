@@ -22,6 +22,7 @@ use losskern::check::ensemble::EnsembleCase;
 use losskern::check::xent::{DirectionalCase, Special, XentCase};
 use losskern::check::{self, Case, Outcome};
 use losskern::ops::bnstats::Layout;
+use losskern::ops::ensemble::Perturbation;
 use losskern::ops::energy::Statistic;
 use losskern::ops::xent::{Gap, GradDType, RadiusOptions, Reduction, RhoReduce, XentOptions};
 use losskern::DType;
@@ -70,6 +71,7 @@ enum Input {
         dtype: u8,
         shared_input: bool,
         directions: Option<u8>,
+        rounded: bool,
         seed: u64,
     },
     EnergyScore {
@@ -215,6 +217,7 @@ fn case(input: &Input) -> Case {
             dtype: t,
             shared_input,
             directions,
+            rounded,
             seed,
         } => {
             let mut widths: Vec<usize> = widths.iter().take(4).map(|&w| size(w, 40)).collect();
@@ -230,6 +233,11 @@ fn case(input: &Input) -> Case {
                 // A landscape scan shares one input across its models.
                 shared_input: shared_input || directions.is_some(),
                 directions,
+                perturbation: if rounded {
+                    Perturbation::Rounded
+                } else {
+                    Perturbation::Split
+                },
                 seed,
             })
         }

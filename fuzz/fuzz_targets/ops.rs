@@ -19,7 +19,7 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use losskern::ops::bnstats::{self, Affine, BnMerge, BnPartial, BnStats, Layout, RunningStats};
 use losskern::ops::energy::{self, EnergyDistance, EnergyScore, Statistic};
-use losskern::ops::ensemble::{self, Ensemble, Landscape};
+use losskern::ops::ensemble::{self, Ensemble, Landscape, Perturbation, Precision};
 use losskern::ops::xent::{
     self, Directional, Gap, GradDType, RadiusOptions, Reduction, RhoReduce, Targets, Xent,
     XentOptions,
@@ -316,6 +316,11 @@ fn ensemble_ops(device: &Device, input: &Input) {
             input: &x,
             labels: &labels,
             logits: input.flag(5),
+            precision: if input.flag(3) {
+                Precision::TensorCore
+            } else {
+                Precision::Exact
+            },
         }),
     );
     let center = layers(&[]);
@@ -340,6 +345,12 @@ fn ensemble_ops(device: &Device, input: &Input) {
                 input: &x,
                 labels: &labels,
                 logits: input.flag(4),
+                precision: Precision::Exact,
+                perturbation: if input.flag(2) {
+                    Perturbation::Rounded
+                } else {
+                    Perturbation::Split
+                },
             }),
         );
     }

@@ -120,6 +120,47 @@ fn first_argmax(z: &[f64]) -> usize {
     best
 }
 
+/// How a landscape forms model e's parameters from the centre w0 and its direction d.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Perturbation {
+    /// fl(w0 + fl(t d)) in the parameters' dtype, each operation in f32 and then rounded
+    /// to the dtype, as PyTorch forms the notebook's `add(centre, scale(dir, t))`: what
+    /// the notebook measures, its precision floor included (below t ~ u |w0| / |d| the
+    /// perturbation rounds away). The rounded parameters then run in f64.
+    Rounded,
+    /// w0 + t d exactly (f64 here; W0 h + t (D h) layer by layer in the kernels), so the
+    /// perturbation is never rounded away.
+    #[default]
+    Split,
+}
+
+/// The dtype the parameters of a [`Perturbation::Rounded`] scan are formed in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParamDType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl ParamDType {
+    /// `value` rounded to nearest in this dtype, widened back to f64.
+    pub fn round(self, value: f64) -> f64 {
+        match self {
+            ParamDType::F32 => f64::from(value as f32),
+            ParamDType::F16 => half::f16::from_f64(value).to_f64(),
+            ParamDType::BF16 => half::bf16::from_f64(value).to_f64(),
+        }
+    }
+
+    /// fl(w0 + fl(t d)): each operation in f32 (PyTorch's opmath for all three dtypes),
+    /// then rounded to this dtype. `t`, `w0` and `d` are values of f32 and of this dtype,
+    /// so the f64 product is exact and its rounding to f32 is the f32 product's.
+    pub fn perturbed(self, w0: f64, t: f64, d: f64) -> f64 {
+        let step = self.round(ParamDType::F32.round(t * d));
+        self.round(ParamDType::F32.round(w0 + step))
+    }
+}
+
 /// A loss-landscape scan: model e has parameters theta_0 + t_e * D_{k_e}.
 /// `center_weights[l]` is [d_{l+1}, d_l] and `center_biases[l]` is [d_{l+1}];
 /// `direction_weights[l]` is [K, d_{l+1}, d_l] and `direction_biases[l]` is [K, d_{l+1}].
@@ -135,15 +176,23 @@ pub struct Landscape<'a> {
     pub direction_of: &'a [usize],
     /// t_e for each of the E models.
     pub distance: &'a [f64],
+    pub perturbation: Perturbation,
+    /// The parameters' dtype, in which [`Perturbation::Rounded`] forms them.
+    pub dtype: ParamDType,
 }
 
 /// Runs the landscape scan on a shared batch X [B, d0] with labels y [B]; same outputs as `forward`.
 ///
-/// Defined as `forward` on the E materialised parameter sets theta_0 + t_e * D_{k_e}.
+/// Defined as `forward` on the E materialised parameter sets theta_0 + t_e * D_{k_e},
+/// formed as `scan.perturbation` says.
 pub fn landscape(scan: &Landscape<'_>, x: &[f64], batch: usize, labels: &[i64]) -> EnsembleOutput {
     let widths = scan.widths;
     let layers = widths.len() - 1;
     let models = scan.direction_of.len();
+    let perturb = |w0: f64, t: f64, d: f64| match scan.perturbation {
+        Perturbation::Rounded => scan.dtype.perturbed(w0, t, d),
+        Perturbation::Split => w0 + t * d,
+    };
 
     let mut weights: Vec<Vec<f64>> = Vec::with_capacity(layers);
     let mut biases: Vec<Vec<f64>> = Vec::with_capacity(layers);
@@ -156,12 +205,18 @@ pub fn landscape(scan: &Landscape<'_>, x: &[f64], batch: usize, labels: &[i64]) 
             let k = scan.direction_of[e];
             let t = scan.distance[e];
             for p in 0..w_len {
-                w[e * w_len + p] =
-                    scan.center_weights[l][p] + t * scan.direction_weights[l][k * w_len + p];
+                w[e * w_len + p] = perturb(
+                    scan.center_weights[l][p],
+                    t,
+                    scan.direction_weights[l][k * w_len + p],
+                );
             }
             for p in 0..b_len {
-                b[e * b_len + p] =
-                    scan.center_biases[l][p] + t * scan.direction_biases[l][k * b_len + p];
+                b[e * b_len + p] = perturb(
+                    scan.center_biases[l][p],
+                    t,
+                    scan.direction_biases[l][k * b_len + p],
+                );
             }
         }
         weights.push(w);
@@ -285,6 +340,8 @@ mod tests {
             direction_biases: vec![&db1, &db2],
             direction_of: &[1, 0, 0],
             distance: &[0.0, 1.0, 0.5],
+            perturbation: Perturbation::Split,
+            dtype: ParamDType::F32,
         };
         let out = landscape(&scan, &X, 2, &LABELS);
         let plain = forward(&params(), EnsembleInput::Shared(&X), 2, &LABELS);
@@ -295,6 +352,46 @@ mod tests {
         // Halfway: W1 = [[0.5, 0.5], [0.5, 1]], b1 = (0.5, -0.5), W2 = [[1.5, 0], [0, 0]], b2 = (0, 0.5).
         // Row 0: hidden relu(0.5 - 0.5 + 0.5, 0.5 - 1 - 0.5) = (0.5, 0); logits (0.75, 0.5).
         assert_eq!(&out.logits[8..10], &[0.75, 0.5]);
+    }
+
+    /// One linear layer [1 -> 2] with w0 = (1, 1), b0 = (0, 0), direction d = (1, 0),
+    /// db = (0, 0), on x = 1: the logits are (w0_0 + t, 1) for Split.
+    fn one_layer_scan(t: &[f64], perturbation: Perturbation, dtype: ParamDType) -> Vec<f64> {
+        let ks = vec![0; t.len()];
+        let scan = Landscape {
+            widths: &[1, 2],
+            center_weights: vec![&[1.0, 1.0]],
+            center_biases: vec![&[0.0, 0.0]],
+            directions: 1,
+            direction_weights: vec![&[1.0, 0.0]],
+            direction_biases: vec![&[0.0, 0.0]],
+            direction_of: &ks,
+            distance: t,
+            perturbation,
+            dtype,
+        };
+        landscape(&scan, &[1.0], 1, &[1]).logits
+    }
+
+    #[test]
+    fn rounded_perturbations_round_away_where_split_ones_stay() {
+        // f32: 1 + 2^-25 rounds to 1 (half an ulp of 1 is 2^-24); 1 + 2^-22 is exact.
+        let tiny = 2f64.powi(-25);
+        let small = 2f64.powi(-22);
+        let rounded = one_layer_scan(&[tiny, small], Perturbation::Rounded, ParamDType::F32);
+        assert_eq!(rounded, vec![1.0, 1.0, 1.0 + small, 1.0]);
+        let split = one_layer_scan(&[tiny, 1e-12], Perturbation::Split, ParamDType::F32);
+        assert_eq!(split, vec![1.0 + tiny, 1.0, 1.0 + 1e-12, 1.0]);
+        // bf16 (8 significant bits): t = 0.01 is fl_f32(0.01) * 1 = 0.00999999977648258,
+        // rounded to bf16 0.010009765625 (0x3C24); 1 + that is 1.010009765625 in f32,
+        // which rounds to 1.0078125 in bf16 (its neighbours are 1 and 1.015625).
+        let t = f64::from(0.01f32);
+        assert_eq!(ParamDType::BF16.round(t), 0.010009765625);
+        let bf16 = one_layer_scan(&[t], Perturbation::Rounded, ParamDType::BF16);
+        assert_eq!(bf16, vec![1.0078125, 1.0]);
+        // f16 (11 bits): 1 + 0.01 rounds to 1.009765625 = 1 + 10 * 2^-10.
+        let f16 = one_layer_scan(&[t], Perturbation::Rounded, ParamDType::F16);
+        assert_eq!(f16, vec![1.009765625, 1.0]);
     }
 
     #[test]

@@ -65,14 +65,16 @@ pub enum KernelSource {
     Xent,
     BnStats,
     Energy,
+    Ensemble,
 }
 
 impl KernelSource {
     /// Every kernel source, for `check`-style commands that compile them all.
-    pub const ALL: [KernelSource; 3] = [
+    pub const ALL: [KernelSource; 4] = [
         KernelSource::Xent,
         KernelSource::BnStats,
         KernelSource::Energy,
+        KernelSource::Ensemble,
     ];
 
     /// The file name under `kernels/`.
@@ -81,6 +83,7 @@ impl KernelSource {
             KernelSource::Xent => "xent.cu",
             KernelSource::BnStats => "bnstats.cu",
             KernelSource::Energy => "energy.cu",
+            KernelSource::Ensemble => "ensemble.cu",
         }
     }
 
@@ -90,6 +93,7 @@ impl KernelSource {
             KernelSource::Xent => include_str!("../../kernels/xent.cu"),
             KernelSource::BnStats => include_str!("../../kernels/bnstats.cu"),
             KernelSource::Energy => include_str!("../../kernels/energy.cu"),
+            KernelSource::Ensemble => include_str!("../../kernels/ensemble.cu"),
         }
     }
 

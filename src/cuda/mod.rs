@@ -19,7 +19,7 @@
 //!   of every op since the last check and return `Error::Target` (or the weights'
 //!   `Error::Option`) for the first bad one, so no op waits for the device.
 //! - [`compile`] / [`KernelSource`]: NVRTC compilation, usable with no GPU.
-//! - Each family's file (`xent.rs`, `energy.rs`) has a Tensor entry and a zero-copy entry
+//! - Each family's file (`xent.rs`, `energy.rs`, `ensemble.rs`) has a Tensor entry and a zero-copy entry
 //!   on the caller's own cudarc stream and device memory.
 
 use std::collections::HashMap;
@@ -30,13 +30,14 @@ use cudarc::driver::{CudaContext, CudaSlice, CudaStream};
 use crate::device::Backend;
 use crate::error::{Error, Result};
 use crate::spec::energy::weight_status_error;
-use crate::spec::ensemble::EnsembleKernels;
+use crate::spec::ensemble::status_error as ensemble_status_error;
 use crate::spec::BackendKind;
 use crate::watch::Watches;
 
 mod bnstats;
 mod compile;
 pub mod energy;
+pub mod ensemble;
 mod launch;
 pub mod xent;
 
@@ -71,6 +72,15 @@ pub(crate) enum Watch {
     Targets(TargetWatch),
     /// An energy distance's weight check (`spec::energy::weight_status_error`).
     Weights(CudaSlice<u8>),
+    /// An ensemble's data check (`spec::ensemble::status_error`).
+    Ensemble(EnsembleWatch),
+}
+
+/// The status words of an ensemble call and what the error needs to name.
+pub(crate) struct EnsembleWatch {
+    pub status: CudaSlice<u8>,
+    pub classes: usize,
+    pub directions: usize,
 }
 
 /// A device-side status word an op's kernels write: 0, or !row for the first row whose
@@ -196,6 +206,12 @@ impl CudaBackend {
         self.watched.push(Watch::Weights(status));
     }
 
+    /// Checks an ensemble's status words at the calling thread's next readback or
+    /// synchronisation.
+    pub(crate) fn watch_ensemble(&self, watch: EnsembleWatch) {
+        self.watched.push(Watch::Ensemble(watch));
+    }
+
     /// Reads the status word of every op queued since the last check (the stream has
     /// passed them: the caller synchronised or read back) and reports the first op's
     /// first bad row or weight.
@@ -205,27 +221,31 @@ impl CudaBackend {
             let slice = match &watch {
                 Watch::Targets(t) => &t.status,
                 Watch::Weights(status) => status,
+                Watch::Ensemble(e) => &e.status,
             };
-            let word = self
+            let bytes = self
                 .stream
                 .clone_dtoh(slice)
                 .map_err(driver_error("cuMemcpyDtoH"))?;
-            let status = u64::from_le_bytes(
-                word[..8]
-                    .try_into()
-                    .map_err(|_| Error::Cuda("a status word is shorter than 8 bytes".into()))?,
-            );
-            if status == 0 {
-                continue;
+            let words: Vec<u64> = bytes
+                .chunks_exact(8)
+                .map(bytemuck::pod_read_unaligned)
+                .collect();
+            let status = *words
+                .first()
+                .ok_or_else(|| Error::Cuda("a status word is shorter than 8 bytes".into()))?;
+            match watch {
+                Watch::Ensemble(e) => ensemble_status_error(&words, e.classes, e.directions)?,
+                _ if status == 0 => {}
+                Watch::Targets(t) => {
+                    return Err(Error::Target {
+                        row: usize::try_from(!status).unwrap_or(usize::MAX),
+                        classes: t.classes,
+                        ignore_index: t.ignore_index,
+                    })
+                }
+                Watch::Weights(_) => return Err(weight_status_error(status)),
             }
-            return Err(match watch {
-                Watch::Targets(t) => Error::Target {
-                    row: usize::try_from(!status).unwrap_or(usize::MAX),
-                    classes: t.classes,
-                    ignore_index: t.ignore_index,
-                },
-                Watch::Weights(_) => weight_status_error(status),
-            });
         }
         Ok(())
     }
@@ -311,6 +331,3 @@ impl BackendKind for CudaBackend {
         Backend::Cuda
     }
 }
-
-// Families without CUDA kernels yet: every op answers Error::Unsupported.
-impl EnsembleKernels for CudaBackend {}

@@ -3,7 +3,7 @@
 
 pub use crate::spec::ensemble::{
     roughness, validate, validate_landscape, Ensemble, EnsembleOutput, EnsembleSpec, Landscape,
-    Roughness,
+    Perturbation, Precision, Roughness,
 };
 
 use super::kernels;

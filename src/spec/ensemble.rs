@@ -1,13 +1,26 @@
 //! ensemble: forward passes of many small MLPs on one shared batch with a fused
 //! per-model loss, and loss-landscape scans theta_0 + t * d.
 
-pub use losskern_reference::ensemble::{roughness, Roughness};
+pub use losskern_reference::ensemble::{roughness, Perturbation, Roughness};
 
 use super::{check_same_device, float_dtype, BackendKind, Bound};
 use crate::device::Tensor;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::support::Op;
+
+/// The arithmetic of the layers' dot products.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 FMA on the inputs as given: within `check::ensemble`'s f32 bound of the f64
+    /// reference (about L sqrt(d) u of the absolute network's logits).
+    #[default]
+    Exact,
+    /// Tensor-core products (bf16/f16 or tf32 inputs, f32 accumulation) where a backend
+    /// has them; its bound adds the rounding of the inputs to the MMA type. A backend
+    /// without tensor-core kernels runs `Exact`, which lies within that bound too.
+    TensorCore,
+}
 
 /// E MLPs with widths [d0, ..., dL]: layer l has `weights[l]` [E, d_{l+1}, d_l]
 /// (PyTorch Linear layout) and `biases[l]` [E, d_{l+1}]; ReLU between layers.
@@ -21,6 +34,7 @@ pub struct Ensemble<'a> {
     pub labels: &'a Tensor,
     /// Also return the logits [E, B, C].
     pub logits: bool,
+    pub precision: Precision,
 }
 
 /// A loss-landscape scan: model e is theta_0 + t_e * D_{k_e}, never materialised.
@@ -41,6 +55,9 @@ pub struct Landscape<'a> {
     /// Labels y [B] i64 in [0, C).
     pub labels: &'a Tensor,
     pub logits: bool,
+    pub precision: Precision,
+    /// How theta_0 + t D is formed: rounded to the dtype as the notebook does, or split.
+    pub perturbation: Perturbation,
 }
 
 /// A validated ensemble problem.
@@ -52,8 +69,9 @@ pub struct EnsembleSpec {
     pub(crate) shared_input: bool,
     pub(crate) dtype: DType,
     pub(crate) logits: bool,
-    /// K for a landscape scan.
-    pub(crate) directions: Option<usize>,
+    pub(crate) precision: Precision,
+    /// K and the perturbation mode of a landscape scan.
+    pub(crate) scan: Option<(usize, Perturbation)>,
 }
 
 impl EnsembleSpec {
@@ -86,9 +104,23 @@ impl EnsembleSpec {
         self.logits
     }
 
+    pub fn precision(&self) -> Precision {
+        self.precision
+    }
+
     /// K for a landscape scan.
     pub fn directions(&self) -> Option<usize> {
-        self.directions
+        self.scan.map(|(k, _)| k)
+    }
+
+    /// The perturbation mode of a landscape scan.
+    pub fn perturbation(&self) -> Option<Perturbation> {
+        self.scan.map(|(_, p)| p)
+    }
+
+    /// C, the last width.
+    pub fn classes(&self) -> usize {
+        self.widths.last().copied().unwrap_or(0)
     }
 }
 
@@ -189,6 +221,14 @@ pub(crate) fn check_label_values(labels: &[i64], classes: usize) -> Result<()> {
     Ok(())
 }
 
+fn non_finite_distance() -> Error {
+    Error::Option("distances must be finite".into())
+}
+
+fn direction_out_of_range(directions: usize) -> Error {
+    Error::Option(format!("direction_of must be in [0, {directions})"))
+}
+
 /// As [`check_label_values`], for a landscape scan's distances (finite) and direction
 /// indices (in [0, K)).
 pub(crate) fn check_scan_values(
@@ -197,17 +237,41 @@ pub(crate) fn check_scan_values(
     directions: usize,
 ) -> Result<()> {
     if distance.iter().any(|t| !t.is_finite()) {
-        return Err(Error::Option("distances must be finite".into()));
+        return Err(non_finite_distance());
     }
     if direction_of
         .iter()
         .any(|&k| !usize::try_from(k).is_ok_and(|k| k < directions))
     {
-        return Err(Error::Option(format!(
-            "direction_of must be in [0, {directions})"
-        )));
+        return Err(direction_out_of_range(directions));
     }
     Ok(())
+}
+
+/// u64 words of the status a GPU backend's data check writes: !(first row whose label is
+/// outside [0, C)) and that label, !(first model whose t is not finite), !(first model
+/// whose k is outside [0, K)); 0 where there is none.
+#[cfg(feature = "cuda")]
+pub(crate) const STATUS_WORDS: usize = 4;
+
+/// The error the status words say, in the order the CPU checks (a scan's values, then
+/// the labels), with the CPU's errors.
+#[cfg(feature = "cuda")]
+pub(crate) fn status_error(words: &[u64], classes: usize, directions: usize) -> Result<()> {
+    match *words {
+        [_, _, t, _] if t != 0 => Err(non_finite_distance()),
+        [_, _, _, k] if k != 0 => Err(direction_out_of_range(directions)),
+        [row, label, ..] if row != 0 => Err(Error::LabelOutOfRange {
+            row: usize::try_from(!row).unwrap_or(usize::MAX),
+            label: label as i64,
+            classes,
+        }),
+        [_, _, _, _] => Ok(()),
+        _ => Err(Error::Shape(format!(
+            "an ensemble status holds {} words, not {STATUS_WORDS}",
+            words.len()
+        ))),
+    }
 }
 
 pub fn validate(call: &Ensemble<'_>) -> Result<EnsembleSpec> {
@@ -250,7 +314,8 @@ pub fn validate(call: &Ensemble<'_>) -> Result<EnsembleSpec> {
         shared_input,
         dtype,
         logits: call.logits,
-        directions: None,
+        precision: call.precision,
+        scan: None,
     })
 }
 
@@ -329,7 +394,8 @@ pub fn validate_landscape(call: &Landscape<'_>) -> Result<EnsembleSpec> {
         shared_input: true,
         dtype,
         logits: call.logits,
-        directions: Some(directions),
+        precision: call.precision,
+        scan: Some((directions, call.perturbation)),
     })
 }
 
@@ -348,5 +414,39 @@ pub(crate) trait EnsembleKernels: BackendKind {
 
     fn landscape(&self, _call: &LandscapeCall<'_>) -> Result<EnsembleOutput> {
         Err(self.unsupported(Op::EnsembleLandscape))
+    }
+}
+
+#[cfg(all(test, feature = "cuda"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_words_give_the_cpus_errors_in_its_order() {
+        assert!(status_error(&[0; 4], 10, 3).is_ok());
+        let label = status_error(&[!4, 12, 0, 0], 10, 3).unwrap_err();
+        assert!(matches!(
+            label,
+            Error::LabelOutOfRange {
+                row: 4,
+                label: 12,
+                classes: 10
+            }
+        ));
+        let negative = status_error(&[!0, u64::MAX, 0, 0], 10, 3).unwrap_err();
+        assert!(matches!(
+            negative,
+            Error::LabelOutOfRange {
+                row: 0,
+                label: -1,
+                ..
+            }
+        ));
+        // A scan's values come before the labels, distances before directions, as on the CPU.
+        let both = status_error(&[!1, 12, !2, !0], 10, 3).unwrap_err();
+        assert_eq!(both.to_string(), non_finite_distance().to_string());
+        let direction = status_error(&[!1, 12, 0, !0], 10, 3).unwrap_err();
+        assert_eq!(direction.to_string(), direction_out_of_range(3).to_string());
+        assert!(matches!(status_error(&[0; 3], 10, 3), Err(Error::Shape(_))));
     }
 }

@@ -40,3 +40,13 @@ pub fn proptest_cases() -> u32 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(24)
 }
+
+/// Passes, or reports Unsupported where the support table lists no kernel for the op.
+pub fn assert_matches_reference(case: &losskern::check::Case, device: &Device) {
+    let report = losskern::check::run(case, device);
+    match report.outcome {
+        losskern::check::Outcome::Pass => {}
+        losskern::check::Outcome::Unsupported if !device.backend().supports(case.info().op) => {}
+        outcome => panic!("{case:?} on {}: {outcome:?}", device.name()),
+    }
+}

@@ -2,7 +2,7 @@
 
 use losskern::ops::bnstats::{self, BnMerge, BnPartial, BnStats, Layout, RunningStats};
 use losskern::ops::energy::{self, EnergyDistance, EnergyScore, Statistic};
-use losskern::ops::ensemble::{self, Ensemble, Landscape};
+use losskern::ops::ensemble::{self, Ensemble, Landscape, Perturbation, Precision};
 use losskern::ops::xent::{self, Directional, Targets, Xent, XentOptions};
 use losskern::{DType, Device, Error, Op, Tensor};
 
@@ -482,8 +482,13 @@ fn ensemble_rejects_bad_input() {
                 input,
                 labels,
                 logits: true,
+                precision: Precision::Exact,
             })
-            .map(|o| o.loss.shape().to_vec())
+            .and_then(|o| {
+                // A GPU kernel finds a bad label and reports it at the next synchronize.
+                device.synchronize()?;
+                Ok(o.loss.shape().to_vec())
+            })
         };
         // A value check needs the data: a backend without the op refuses it first.
         if device.backend().supports(Op::EnsembleForward) {
@@ -495,6 +500,38 @@ fn ensemble_rejects_bad_input() {
                 |e| matches!(e, Error::LabelOutOfRange { row: 4, .. }),
             );
         }
+        let no_rows = floats(&device, &[0, 3], 28);
+        let no_labels = labels(&device, &[]);
+        assert_rejected(
+            "B = 0",
+            &[&no_rows],
+            || call(&no_rows, &no_labels),
+            |e| matches!(e, Error::Empty(_)),
+        );
+        let (no_w0, no_b0) = (
+            floats(&device, &[0, 4, 3], 29),
+            floats(&device, &[0, 4], 30),
+        );
+        let (no_w1, no_b1) = (
+            floats(&device, &[0, 5, 4], 31),
+            floats(&device, &[0, 5], 32),
+        );
+        assert_rejected(
+            "E = 0",
+            &[&x],
+            || {
+                ensemble::forward(&Ensemble {
+                    weights: &[&no_w0, &no_w1],
+                    biases: &[&no_b0, &no_b1],
+                    input: &x,
+                    labels: &y,
+                    logits: false,
+                    precision: Precision::Exact,
+                })
+                .map(|o| o.loss.len())
+            },
+            |e| matches!(e, Error::Empty(_)),
+        );
         let wrong_width = floats(&device, &[6, 4], 21);
         assert_rejected(
             "input width 4 for d0 = 3",
@@ -514,6 +551,7 @@ fn ensemble_rejects_bad_input() {
                     input: &x,
                     labels: &y,
                     logits: false,
+                    precision: Precision::Exact,
                 })
                 .map(|o| o.loss.len())
             },
@@ -531,6 +569,7 @@ fn ensemble_rejects_bad_input() {
                     input: &x,
                     labels: &y,
                     logits: false,
+                    precision: Precision::Exact,
                 })
                 .map(|o| o.loss.len())
             },
@@ -557,8 +596,13 @@ fn ensemble_rejects_bad_input() {
                         input: &x,
                         labels: &y,
                         logits: false,
+                        precision: Precision::Exact,
+                        perturbation: Perturbation::Split,
                     })
-                    .map(|o| o.loss.len())
+                    .and_then(|o| {
+                        device.synchronize()?;
+                        Ok(o.loss.len())
+                    })
                 },
                 |e| matches!(e, Error::Option(_)),
             );
@@ -581,8 +625,13 @@ fn ensemble_rejects_bad_input() {
                         input: &x,
                         labels: &y,
                         logits: false,
+                        precision: Precision::Exact,
+                        perturbation: Perturbation::Split,
                     })
-                    .map(|o| o.loss.len())
+                    .and_then(|o| {
+                        device.synchronize()?;
+                        Ok(o.loss.len())
+                    })
                 },
                 |e| matches!(e, Error::Option(_)),
             );

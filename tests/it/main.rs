@@ -5,6 +5,7 @@ mod bad_input;
 mod bnstats;
 mod compile;
 mod energy;
+mod ensemble;
 mod families;
 mod mutation;
 mod nvrtc_cache;

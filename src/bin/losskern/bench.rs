@@ -1,5 +1,6 @@
 //! `losskern bench`: a quick benchmark of one op at one shape (not the criterion benches):
-//! xent at an LLM-like shape, or bnstats at an activation's shape.
+//! xent at an LLM-like shape, bnstats at an activation's shape, or an ensemble forward or
+//! landscape scan at the Loss-Cartography notebook's shapes.
 
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,7 @@ use losskern::ops::xent::{self, Targets, Xent, XentOptions};
 use losskern::{Backend, DType, Device, Tensor};
 
 use crate::bnstats::LayoutArg;
+use crate::ensemble::{bench_ensemble, PerturbationArg, PrecisionArg};
 use crate::json::Json;
 use crate::{DTypeArg, DeviceChoice, Failure};
 
@@ -24,7 +26,9 @@ pub struct BenchArgs {
     #[arg(long, value_enum)]
     dtype: Option<DTypeArg>,
     /// xent: B x V [default: 4096x32000 on a GPU, 256x32000 on the CPU];
-    /// bnstats: N x C x H x W or N x C, whatever the layout [default: 32x64x28x28]
+    /// bnstats: N x C x H x W or N x C, whatever the layout [default: 32x64x28x28];
+    /// ensemble: E x B x d0 x .. x dL [default: 81x60000x784x128x128x10, B = 600 on the CPU];
+    /// landscape: K x distances x B x d0 x .. x dL [default: 7x11x60000x784x128x128x10]
     #[arg(long, value_name = "AxBx...", value_parser = parse_shape)]
     shape: Option<Dims>,
     /// xent: also compute the gradient
@@ -36,6 +40,12 @@ pub struct BenchArgs {
     /// bnstats: also write the normalised y
     #[arg(long)]
     normalize: bool,
+    /// ensemble, landscape: the layers' arithmetic
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Exact)]
+    precision: PrecisionArg,
+    /// landscape: how centre + t * direction is formed
+    #[arg(long, value_enum, default_value_t = PerturbationArg::Split)]
+    perturbation: PerturbationArg,
     /// Print one JSON line (benches/peers reads it)
     #[arg(long)]
     json: bool,
@@ -45,6 +55,8 @@ pub struct BenchArgs {
 enum BenchOp {
     Xent,
     Bnstats,
+    Ensemble,
+    Landscape,
 }
 
 /// A shape given as `AxBx...`: one value for clap (a bare Vec would be read as a list).
@@ -78,13 +90,21 @@ pub fn bench_command(args: &BenchArgs) -> Result<(), Failure> {
             bench(&device, dtype, shape, args.grad, args.json)
         }
         BenchOp::Bnstats => bench_bnstats(&device, dtype, args),
+        BenchOp::Ensemble | BenchOp::Landscape => bench_ensemble(
+            &device,
+            dtype.unwrap_or(DType::F32),
+            args.shape.as_ref().map(|d| d.0.as_slice()),
+            args.precision.into(),
+            (args.op == BenchOp::Landscape).then(|| args.perturbation.into()),
+            args.json,
+        ),
     }
 }
 
 /// Milliseconds per call of `op`: the median over batches of back-to-back calls, each
 /// batch ended by `sync`, so a GPU's launch latency is amortised as in a training loop.
 /// Runs for about two seconds after one untimed call (compilation, pipelines).
-fn time_calls(
+pub(crate) fn time_calls(
     mut op: impl FnMut() -> losskern::Result<()>,
     sync: impl Fn() -> losskern::Result<()>,
 ) -> losskern::Result<Vec<f64>> {
@@ -247,7 +267,7 @@ impl Timing {
     }
 }
 
-fn median(times: &[f64]) -> f64 {
+pub(crate) fn median(times: &[f64]) -> f64 {
     times[times.len() / 2]
 }
 

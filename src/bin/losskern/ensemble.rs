@@ -2,10 +2,12 @@
 
 use std::path::PathBuf;
 
-use clap::Args;
-use losskern::ops::ensemble::{self, Ensemble, Landscape};
-use losskern::{Device, Op};
+use clap::{Args, ValueEnum};
+use losskern::check::Rng;
+use losskern::ops::ensemble::{self, Ensemble, Landscape, Perturbation, Precision};
+use losskern::{DType, Device, Op, Tensor};
 
+use crate::bench::{median, time_calls};
 use crate::json::Json;
 use crate::op::{refs, timed, upload_all, OpArgs, OpRun, Want};
 use crate::Failure;
@@ -37,8 +39,45 @@ pub struct EnsembleArgs {
     /// Also write the logits [E, B, C]
     #[arg(long)]
     logits: bool,
+    /// The layers' arithmetic
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Exact)]
+    precision: PrecisionArg,
     #[command(flatten)]
     op: OpArgs,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum PrecisionArg {
+    /// f32 FMA
+    Exact,
+    /// Tensor-core products with f32 accumulation where the backend has them
+    TensorCore,
+}
+
+impl From<PrecisionArg> for Precision {
+    fn from(p: PrecisionArg) -> Precision {
+        match p {
+            PrecisionArg::Exact => Precision::Exact,
+            PrecisionArg::TensorCore => Precision::TensorCore,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum PerturbationArg {
+    /// fl(w0 + fl(t d)) in the parameters' dtype, as the notebook forms it
+    Rounded,
+    /// W0 h + t (D h) layer by layer: never rounded away
+    Split,
+}
+
+impl From<PerturbationArg> for Perturbation {
+    fn from(p: PerturbationArg) -> Perturbation {
+        match p {
+            PerturbationArg::Rounded => Perturbation::Rounded,
+            PerturbationArg::Split => Perturbation::Split,
+        }
+    }
 }
 
 pub fn ensemble_command(args: &EnsembleArgs) -> Result<(), Failure> {
@@ -59,6 +98,7 @@ pub fn ensemble_command(args: &EnsembleArgs) -> Result<(), Failure> {
             input: &x,
             labels: &y,
             logits: args.logits,
+            precision: args.precision.into(),
         };
         timed(device, || ensemble::forward(&call))
     })?;
@@ -109,6 +149,12 @@ pub struct LandscapeArgs {
     /// Also write the logits [E, B, C]
     #[arg(long)]
     logits: bool,
+    /// The layers' arithmetic
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Exact)]
+    precision: PrecisionArg,
+    /// How centre + t * direction is formed
+    #[arg(long, value_enum, default_value_t = PerturbationArg::Split)]
+    perturbation: PerturbationArg,
     #[command(flatten)]
     op: OpArgs,
 }
@@ -142,6 +188,8 @@ pub fn landscape_command(args: &LandscapeArgs) -> Result<(), Failure> {
             input: &x,
             labels: &y,
             logits: args.logits,
+            precision: args.precision.into(),
+            perturbation: args.perturbation.into(),
         };
         timed(device, || ensemble::landscape(&call))
     })?;
@@ -194,4 +242,172 @@ fn roughness_summary(k: &[i64], t: &[f64], losses: &[f64], run: &mut OpRun) -> J
         ]));
     }
     Json::Arr(per_direction)
+}
+
+/// Random layers [lead.., out, in] and [lead.., out] (scaled by 1/sqrt(in)) on `device`.
+fn random_layers(
+    device: &Device,
+    rng: &mut Rng,
+    widths: &[usize],
+    lead: &[usize],
+    dtype: DType,
+) -> losskern::Result<(Vec<Tensor>, Vec<Tensor>)> {
+    let mut weights = Vec::new();
+    let mut biases = Vec::new();
+    for w in widths.windows(2) {
+        let (w_shape, b_shape) = ([lead, &[w[1], w[0]]].concat(), [lead, &[w[1]]].concat());
+        let scale = 1.0 / (w[0] as f64).sqrt();
+        let len: usize = w_shape.iter().product();
+        weights.push(Tensor::from_f64(
+            device,
+            &rng.normals(len, scale),
+            &w_shape,
+            dtype,
+        )?);
+        let len: usize = b_shape.iter().product();
+        biases.push(Tensor::from_f64(
+            device,
+            &rng.normals(len, 0.1),
+            &b_shape,
+            dtype,
+        )?);
+    }
+    Ok((weights, biases))
+}
+
+/// `losskern bench --op ensemble | landscape`: `dims` is E x B x widths for a forward and
+/// K x distances x B x widths for a scan (a centre and `distances` doubling distances from
+/// 1e-3 on each direction). FLOPs counted: 2 E B sum d_l d_{l+1}, the cost of evaluating
+/// the models (a Split scan does more arithmetic than that, a forward exactly that).
+pub fn bench_ensemble(
+    device: &Device,
+    dtype: DType,
+    dims: Option<&[usize]>,
+    precision: Precision,
+    scan: Option<Perturbation>,
+    json: bool,
+) -> Result<(), Failure> {
+    let batch = if *device == Device::Cpu { 600 } else { 60000 };
+    let default = match scan {
+        None => vec![81, batch, 784, 128, 128, 10],
+        Some(_) => vec![7, 11, batch, 784, 128, 128, 10],
+    };
+    let dims = dims.map_or(default, <[usize]>::to_vec);
+    let lead = if scan.is_some() { 3 } else { 2 };
+    if dims.len() < lead + 2 {
+        return Err(Failure::Usage(format!(
+            "the shape needs {} leading sizes and at least two widths, got {dims:?}",
+            lead
+        )));
+    }
+    let (b, widths) = (dims[lead - 1], &dims[lead..]);
+    let mut rng = Rng::new(9);
+    let x = Tensor::from_f64(
+        device,
+        &rng.normals(b * widths[0], 1.0),
+        &[b, widths[0]],
+        dtype,
+    )?;
+    let classes = widths[widths.len() - 1];
+    let labels: Vec<i64> = (0..b).map(|_| rng.below(classes) as i64).collect();
+    let y = Tensor::from_slice(device, &labels, &[b])?;
+    eprintln!(
+        "bench: timing {} {dims:?} {dtype} {precision:?} on {} (a few seconds) ...",
+        scan.map_or("ensemble".to_string(), |p| format!("landscape {p:?}")),
+        device.name()
+    );
+    let (models, times) = match scan {
+        None => {
+            let (w, b) = random_layers(device, &mut rng, widths, &[dims[0]], dtype)?;
+            let call = Ensemble {
+                weights: &refs(&w),
+                biases: &refs(&b),
+                input: &x,
+                labels: &y,
+                logits: false,
+                precision,
+            };
+            let times = time_calls(
+                || ensemble::forward(&call).map(drop),
+                || device.synchronize(),
+            )?;
+            (dims[0], times)
+        }
+        Some(perturbation) => {
+            let (directions, distances) = (dims[0], dims[1]);
+            let (cw, cb) = random_layers(device, &mut rng, widths, &[], dtype)?;
+            let (dw, db) = random_layers(device, &mut rng, widths, &[directions], dtype)?;
+            let mut k = vec![0i64];
+            let mut t = vec![0.0];
+            for direction in 0..directions {
+                for i in 0..distances {
+                    k.push(direction as i64);
+                    t.push(1e-3 * 2f64.powi(i as i32));
+                }
+            }
+            let models = k.len();
+            let k = Tensor::from_slice(device, &k, &[models])?;
+            let t = Tensor::from_f64(device, &t, &[models], DType::F32)?;
+            let call = Landscape {
+                center_weights: &refs(&cw),
+                center_biases: &refs(&cb),
+                direction_weights: &refs(&dw),
+                direction_biases: &refs(&db),
+                direction_of: &k,
+                distance: &t,
+                input: &x,
+                labels: &y,
+                logits: false,
+                precision,
+                perturbation,
+            };
+            let times = time_calls(
+                || ensemble::landscape(&call).map(drop),
+                || device.synchronize(),
+            )?;
+            (models, times)
+        }
+    };
+    let macs: usize = widths.windows(2).map(|w| w[0] * w[1]).sum();
+    let flops = 2.0 * (models * b) as f64 * macs as f64;
+    let ms = median(&times);
+    let tflops = flops / (ms * 1e-3) / 1e12;
+    if json {
+        println!(
+            "{}",
+            Json::object([
+                (
+                    "op",
+                    Json::Str(
+                        if scan.is_some() {
+                            "landscape"
+                        } else {
+                            "ensemble"
+                        }
+                        .into()
+                    )
+                ),
+                ("device", Json::Str(device.name())),
+                ("shape", Json::shape(&dims)),
+                ("models", Json::Int(models as u64)),
+                ("dtype", Json::Str(dtype.name().into())),
+                ("precision", Json::Str(format!("{precision:?}"))),
+                (
+                    "perturbation",
+                    Json::Str(scan.map_or("none".into(), |p| format!("{p:?}")))
+                ),
+                ("flops", Json::Num(flops)),
+                ("median_ms", Json::Num(ms)),
+                ("best_ms", Json::Num(times[0])),
+                ("tflops", Json::Num(tflops)),
+            ])
+        );
+    } else {
+        println!(
+            "\nbench: {models} models, B {b}, widths {widths:?}, {dtype} {precision:?}, on {}: median {ms:.3} ms, best {:.3} ms, {tflops:.2} TFLOP/s",
+            device.name(),
+            times[0]
+        );
+    }
+    Ok(())
 }
