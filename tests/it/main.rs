@@ -6,6 +6,8 @@ mod bnstats;
 mod compile;
 mod energy;
 mod families;
+#[cfg(feature = "nccl")]
+mod multi;
 mod mutation;
 mod nvrtc_cache;
 mod raw_entries;
