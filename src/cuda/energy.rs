@@ -5,7 +5,8 @@
 //! 1. `energy_pairs_{dtype}`, three launches (X-Y, X-X, Y-Y): 64-row tiles of one set
 //!    against 64-row tiles of the other staged through shared memory, each block a row
 //!    tile and a chunk of up to 16 column tiles, writing the f64 sum of its pairs to its
-//!    own scratch slot (within a set, pairs i < j only).
+//!    own scratch slot (within a set, pairs i < j only). A rank of a sharded distance
+//!    (`crate::nccl`) launches a contiguous share of each term's tiles (`TileShare`).
 //! 2. `energy_distance_merge`: one block; the slots of each term summed in f64 in slot
 //!    order, the weight totals, the weight check (status word, outputs NaN on bad
 //!    weights) and the four outputs.
