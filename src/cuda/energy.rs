@@ -799,3 +799,32 @@ impl EnergyKernels for CudaBackend {
         Ok(out.into_output(self, call))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::TileShare;
+
+    /// The ranks' all-gather puts rank r's slots of a term at r ceil(tiles / world): the
+    /// ranks' tile ranges must start there and cover the term's tiles once, in order, so
+    /// that the gathered slots are the single-device ones followed by padding.
+    #[test]
+    fn tile_shares_in_rank_order_are_the_single_device_tiles() {
+        for tiles in 1..300usize {
+            for world in 1..=9 {
+                let per_rank = tiles.div_ceil(world);
+                let mut covered = 0;
+                for rank in 0..world {
+                    let (first, count) = TileShare { rank, world }.range(tiles);
+                    assert!(count <= per_rank, "{tiles} tiles, rank {rank} of {world}");
+                    if count > 0 {
+                        assert_eq!(first, rank * per_rank, "{tiles} tiles, rank {rank}");
+                        assert_eq!(first, covered, "{tiles} tiles, rank {rank}");
+                    }
+                    covered += count;
+                }
+                assert_eq!(covered, tiles, "{tiles} tiles over {world} ranks");
+            }
+        }
+        assert_eq!(TileShare::WHOLE.range(17), (0, 17));
+    }
+}

@@ -77,3 +77,27 @@ pub fn sync_bn_stats(comm: &Communicator, call: &BnStats<'_>) -> Result<BnStatsO
         &spec,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ranks_headers_give_the_merge_or_every_rank_the_same_error() {
+        let headers = [[1, 5, 30], [1, 5, 2], [1, 5, 11]];
+        let spec = merge_spec(&headers, 1e-3).unwrap();
+        assert_eq!((spec.parts, spec.c, spec.count, spec.eps), (3, 5, 43, 1e-3));
+        assert!(matches!(
+            merge_spec(&[[1, 5, 30], [0, 0, 0]], 1e-3),
+            Err(Error::PeerRefused { rank: 1 })
+        ));
+        assert!(matches!(
+            merge_spec(&[[1, 5, 30], [1, 4, 30]], 1e-3),
+            Err(Error::Shape(_))
+        ));
+        assert!(matches!(
+            merge_spec(&[[1, 5, u64::MAX], [1, 5, 1]], 1e-3),
+            Err(Error::Shape(_))
+        ));
+    }
+}

@@ -141,3 +141,54 @@ pub fn energy_distance(
     merge_sums(stream, &spec, &inputs, Some((&gathered, world)), &mut out)?;
     Ok(out.into_output(&comm.backend, call))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dtype::DType;
+
+    /// The header of f16 shards with weights_y only, U statistic, beta 1.5.
+    fn rank_header(n: u64, m: u64, d: u64) -> Header {
+        let beta = 1.5f64.to_bits();
+        [1, n, m, d, DType::F16 as u64, 0, 1, 1, beta]
+    }
+
+    #[test]
+    fn the_ranks_headers_give_the_union_or_every_rank_the_same_error() {
+        let local = EnergyDistanceSpec {
+            n: 3,
+            m: 4,
+            d: 2,
+            dtype: DType::F16,
+            beta: 1.5,
+            statistic: Statistic::U,
+        };
+        let headers = [
+            rank_header(3, 4, 2),
+            rank_header(5, 1, 2),
+            rank_header(1, 9, 2),
+        ];
+        let spec = global_spec(&local, &headers).unwrap();
+        assert_eq!((spec.n, spec.m, spec.d), (9, 14, 2));
+        assert_eq!(
+            (spec.dtype, spec.beta, spec.statistic),
+            (DType::F16, 1.5, Statistic::U)
+        );
+        assert_eq!(rank_bytes(&headers, 2, 4).unwrap(), vec![16, 4, 36]);
+
+        let mut refused = headers;
+        refused[1] = [0; 9];
+        assert!(matches!(
+            global_spec(&local, &refused),
+            Err(Error::PeerRefused { rank: 1 })
+        ));
+        for word in 3..9 {
+            let mut differing = headers;
+            differing[2][word] ^= 1;
+            assert!(
+                matches!(global_spec(&local, &differing), Err(Error::Shape(_))),
+                "word {word}"
+            );
+        }
+    }
+}
