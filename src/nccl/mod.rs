@@ -102,7 +102,10 @@ impl UniqueId {
 }
 
 /// One rank of a group of CUDA devices; its collectives run on its device's stream (the
-/// one every op of that device runs on), so they are ordered with the ops' kernels.
+/// one every op of that device runs on), so they are ordered with the ops' kernels. A
+/// collective holds that stream until every rank has joined it: the ops of two
+/// communicators that share devices must reach every shared device in the same order
+/// (one thread per device does that), or each waits on the other forever.
 pub struct Communicator {
     comm: Comm,
     device: Device,

@@ -6,6 +6,7 @@
 //! without libnccl too, unless LOSSKERN_REQUIRE_NCCL=1 turns that skip into a failure.
 
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
 
 use losskern::check::bnstats::{cases, BnStatsCase};
 use losskern::check::energy::EnergyDistanceCase;
@@ -19,6 +20,15 @@ use crate::backends;
 
 /// The harness's bnstats eps (its tolerances of invstd assume it).
 const EPS: f64 = 1e-5;
+
+/// Held by every test that makes a communicator: all ranks on one device share its one
+/// stream, so two tests' collectives over the same devices, queued in different orders
+/// on two devices, would wait on each other forever.
+fn one_test_at_a_time() -> MutexGuard<'static, ()> {
+    static NCCL_TESTS: Mutex<()> = Mutex::new(());
+    // A test that failed holding it leaves nothing half-done that the next one reads.
+    NCCL_TESTS.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// CUDA device 0 and every further CUDA device; none where CUDA is absent (skipped with
 /// the reason `backends::all` prints, or a failure under LOSSKERN_REQUIRE_CUDA=1).
@@ -206,6 +216,7 @@ fn one_rank() -> Option<(Device, Communicator)> {
 
 #[test]
 fn world_size_1_sync_bn_is_the_plain_merge_and_matches_the_reference() {
+    let _serial = one_test_at_a_time();
     let Some((device, comm)) = one_rank() else {
         return;
     };
@@ -237,6 +248,7 @@ fn world_size_1_sync_bn_is_the_plain_merge_and_matches_the_reference() {
 
 #[test]
 fn world_size_1_refused_input_fails_the_call_and_leaves_the_communicator_usable() {
+    let _serial = one_test_at_a_time();
     let Some((device, comm)) = one_rank() else {
         return;
     };
@@ -260,6 +272,7 @@ fn world_size_1_refused_input_fails_the_call_and_leaves_the_communicator_usable(
 
 #[test]
 fn needs_2_gpus_sync_bn_across_devices_is_the_statistics_of_the_concatenated_batch() {
+    let _serial = one_test_at_a_time();
     let Some(devices) = several_devices("needs_2_gpus_sync_bn_across_devices") else {
         return;
     };
@@ -422,6 +435,7 @@ fn plain_distance_bits(p: &EnergyDistanceCase, sets: &Sets, device: &Device) -> 
 
 #[test]
 fn world_size_1_sharded_energy_distance_is_the_plain_op() {
+    let _serial = one_test_at_a_time();
     let Some(device) = cuda_devices().into_iter().next() else {
         return;
     };
@@ -448,6 +462,7 @@ fn world_size_1_sharded_energy_distance_is_the_plain_op() {
 
 #[test]
 fn needs_2_gpus_sharded_energy_distance_across_devices_is_the_one_device_result() {
+    let _serial = one_test_at_a_time();
     let Some(devices) = several_devices("needs_2_gpus_sharded_energy_distance") else {
         return;
     };
