@@ -53,17 +53,18 @@ fn merge_spec(headers: &[Header], eps: f64) -> Result<BnMergeSpec> {
 /// merges them (the output's `m2` is the union's, `y` is None). Collective: every rank
 /// of `comm` must call it; a batch one rank refuses fails the call on every rank.
 pub fn sync_bn_stats(comm: &Communicator, call: &BnStats<'_>) -> Result<BnStatsOutput> {
-    let local = validate_local(comm, call);
+    // The rank's own statistics come first, so that any failure of them reaches the
+    // other ranks through the header rather than leaving them in a collective.
+    let local = validate_local(comm, call).and_then(|spec| Ok((spec, bn_stats(call)?)));
     let header = match &local {
-        Ok(spec) => [1, spec.c() as u64, (spec.n() * spec.spatial()) as u64],
+        Ok((spec, _)) => [1, spec.c() as u64, (spec.n() * spec.spatial()) as u64],
         Err(_) => [0; 3],
     };
     let headers = comm.exchange(header)?;
-    local?;
+    let (_, stats) = local?;
     let spec = merge_spec(&headers, call.eps)?;
     let counts: Vec<u64> = headers.iter().map(|&[_, _, count]| count).collect();
 
-    let stats = bn_stats(call)?;
     let mean = cuda_slice(&stats.mean, "the rank's mean")?;
     let m2 = cuda_slice(&stats.m2, "the rank's M2")?;
     let mut means = comm.all_gather(&mean.as_view(), "the means' all-gather")?;
