@@ -50,7 +50,9 @@ fn merge_spec(headers: &[Header], eps: f64) -> Result<BnMergeSpec> {
 /// any count) and gets the statistics of all ranks' batches together, the same on
 /// every rank. Each rank's Welford partials (count, mean, M2 per channel) are
 /// all-gathered and merged by Chan's formula in rank order, as `ops::bnstats::merge`
-/// merges them (the output's `m2` is the union's, `y` is None). Collective: every rank
+/// merges them (the output's `m2` is the union's, `y` is None: a call with `normalize`
+/// is refused with `Error::Option`, since no fused normalisation with the merged
+/// statistics exists yet). Collective: every rank
 /// of `comm` must call it; a batch one rank refuses fails the call on every rank.
 pub fn sync_bn_stats(comm: &Communicator, call: &BnStats<'_>) -> Result<BnStatsOutput> {
     // The rank's own statistics come first, so that any failure of them reaches the
