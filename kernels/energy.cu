@@ -12,6 +12,10 @@
 //                             its own scratch slot. For A = B only pairs
 //                             i < j are summed (the diagonal is 0, the rest
 //                             symmetric), so within-set terms cost half.
+//                             A launch covers tiles [first, first + tiles):
+//                             all of them on one device, a contiguous share
+//                             on each rank of a sharded distance (src/nccl),
+//                             whose gathered slots are the single-device ones.
 //   energy_distance_merge     ONE block: sums the slots of each term in f64 in
 //                             slot order (thread-strided, then the fixed
 //                             tree), the weight totals, checks the weights and
@@ -84,10 +88,11 @@ struct EnergyPairArgs {
     lk_i64 nb;
     lk_i64 d;
     lk_i64 chunks;     // column chunks per row tile
-    lk_i64 tiles;      // row tiles * chunks
+    lk_i64 tiles;      // tiles of this launch: [first, first + tiles) of row tiles * chunks
     double beta;
     int within;        // 1: b is a, only pairs i < j
     int power;         // 1: beta = 1, 2: beta = 2, 0: any other
+    lk_i64 first;      // the first tile (0 but on one rank of a sharded distance)
 };
 LK_FIELD_AT(EnergyPairArgs, a, 0);
 LK_FIELD_AT(EnergyPairArgs, b, 8);
@@ -102,7 +107,8 @@ LK_FIELD_AT(EnergyPairArgs, tiles, 72);
 LK_FIELD_AT(EnergyPairArgs, beta, 80);
 LK_FIELD_AT(EnergyPairArgs, within, 88);
 LK_FIELD_AT(EnergyPairArgs, power, 92);
-static_assert(sizeof(EnergyPairArgs) == 96, "EnergyPairArgs is 96 bytes in Rust");
+LK_FIELD_AT(EnergyPairArgs, first, 96);
+static_assert(sizeof(EnergyPairArgs) == 104, "EnergyPairArgs is 104 bytes in Rust");
 
 // Stages dims [d0, d0 + dims) of rows [r0, r0 + 64) of `src` as tile[dim][row];
 // rows past `rows` and dims past `dims` are 0. The index runs over the dims
@@ -190,7 +196,8 @@ __device__ void energy_pairs(const EnergyPairArgs& a) {
     __shared__ float bs[EP_DIMS][EP_TILE + 1];
     const lk_i64 col_tiles = (a.nb + EP_TILE - 1) / EP_TILE;
     const int ty = threadIdx.x >> 4;
-    for (lk_i64 t = blockIdx.x; t < a.tiles; t += gridDim.x) {
+    for (lk_i64 slot = blockIdx.x; slot < a.tiles; slot += gridDim.x) {
+        const lk_i64 t = a.first + slot;
         const lk_i64 row_tile = t / a.chunks;
         const lk_i64 chunk = t - row_tile * a.chunks;
         const lk_i64 r0 = row_tile * EP_TILE;
@@ -209,7 +216,7 @@ __device__ void energy_pairs(const EnergyPairArgs& a) {
             acc += (double)energy_tile<T>(a, as, bs, r0, tile * EP_TILE, wr);
         }
         acc = lk_block_reduce(acc, 0.0, lk_sum_op());
-        if (threadIdx.x == 0) a.partial[t] = acc;
+        if (threadIdx.x == 0) a.partial[slot] = acc;
     }
 }
 
@@ -228,7 +235,9 @@ extern "C" __global__ void __launch_bounds__(EP_THREADS) energy_pairs_bf16(const
 
 // Must match EnergyMergeArgs in src/cuda/energy.rs field for field.
 struct EnergyMergeArgs {
-    const double* partial;  // [tiles_xy + tiles_xx + tiles_yy], in that order
+    const double* partial_xy;  // [tiles_xy] slots of each term
+    const double* partial_xx;  // [tiles_xx]
+    const double* partial_yy;  // [tiles_yy]
     const float* wx;        // [n] or null
     const float* wy;        // [m] or null
     float* distance;        // [1] each
@@ -245,23 +254,25 @@ struct EnergyMergeArgs {
     int u_statistic;
     int pad_;
 };
-LK_FIELD_AT(EnergyMergeArgs, partial, 0);
-LK_FIELD_AT(EnergyMergeArgs, wx, 8);
-LK_FIELD_AT(EnergyMergeArgs, wy, 16);
-LK_FIELD_AT(EnergyMergeArgs, distance, 24);
-LK_FIELD_AT(EnergyMergeArgs, cross, 32);
-LK_FIELD_AT(EnergyMergeArgs, within_x, 40);
-LK_FIELD_AT(EnergyMergeArgs, within_y, 48);
-LK_FIELD_AT(EnergyMergeArgs, status, 56);
-LK_FIELD_AT(EnergyMergeArgs, coef, 64);
-LK_FIELD_AT(EnergyMergeArgs, tiles_xy, 72);
-LK_FIELD_AT(EnergyMergeArgs, tiles_xx, 80);
-LK_FIELD_AT(EnergyMergeArgs, tiles_yy, 88);
-LK_FIELD_AT(EnergyMergeArgs, n, 96);
-LK_FIELD_AT(EnergyMergeArgs, m, 104);
-LK_FIELD_AT(EnergyMergeArgs, u_statistic, 112);
-LK_FIELD_AT(EnergyMergeArgs, pad_, 116);
-static_assert(sizeof(EnergyMergeArgs) == 120, "EnergyMergeArgs is 120 bytes in Rust");
+LK_FIELD_AT(EnergyMergeArgs, partial_xy, 0);
+LK_FIELD_AT(EnergyMergeArgs, partial_xx, 8);
+LK_FIELD_AT(EnergyMergeArgs, partial_yy, 16);
+LK_FIELD_AT(EnergyMergeArgs, wx, 24);
+LK_FIELD_AT(EnergyMergeArgs, wy, 32);
+LK_FIELD_AT(EnergyMergeArgs, distance, 40);
+LK_FIELD_AT(EnergyMergeArgs, cross, 48);
+LK_FIELD_AT(EnergyMergeArgs, within_x, 56);
+LK_FIELD_AT(EnergyMergeArgs, within_y, 64);
+LK_FIELD_AT(EnergyMergeArgs, status, 72);
+LK_FIELD_AT(EnergyMergeArgs, coef, 80);
+LK_FIELD_AT(EnergyMergeArgs, tiles_xy, 88);
+LK_FIELD_AT(EnergyMergeArgs, tiles_xx, 96);
+LK_FIELD_AT(EnergyMergeArgs, tiles_yy, 104);
+LK_FIELD_AT(EnergyMergeArgs, n, 112);
+LK_FIELD_AT(EnergyMergeArgs, m, 120);
+LK_FIELD_AT(EnergyMergeArgs, u_statistic, 128);
+LK_FIELD_AT(EnergyMergeArgs, pad_, 132);
+static_assert(sizeof(EnergyMergeArgs) == 136, "EnergyMergeArgs is 136 bytes in Rust");
 
 // Slots of the merge's gradient coefficients, in raw (unnormalised) weights: the
 // cross term 2 / (W_x W_y) and the within terms -2 / P (P = W^2 for V, W^2 - sum w^2
@@ -330,9 +341,9 @@ __device__ double energy_within_coef(const EnergyWeights& w, int u_statistic) {
 }
 
 extern "C" __global__ void __launch_bounds__(1024) energy_distance_merge(const EnergyMergeArgs a) {
-    const double xy = energy_slot_sum(a.partial, a.tiles_xy);
-    const double xx = energy_slot_sum(a.partial + a.tiles_xy, a.tiles_xx);
-    const double yy = energy_slot_sum(a.partial + a.tiles_xy + a.tiles_xx, a.tiles_yy);
+    const double xy = energy_slot_sum(a.partial_xy, a.tiles_xy);
+    const double xx = energy_slot_sum(a.partial_xx, a.tiles_xx);
+    const double yy = energy_slot_sum(a.partial_yy, a.tiles_yy);
     const EnergyWeights wx = energy_weights(a.wx, a.n);
     const EnergyWeights wy = energy_weights(a.wy, a.m);
     if (threadIdx.x != 0) return;

@@ -58,6 +58,16 @@ pub enum Error {
     /// A launch configuration exceeds the device's limits.
     #[error("launch of {kernel}: {reason}")]
     Launch { kernel: String, reason: String },
+    /// libnccl cannot be loaded (or lacks a symbol), so no communicator can be made.
+    #[error("NCCL unavailable: {0}")]
+    NcclUnavailable(String),
+    /// An NCCL call failed.
+    #[error("NCCL: {0}")]
+    Nccl(String),
+    /// Another rank of a collective op refused its own input (its call returned that
+    /// error), so no rank ran the op.
+    #[error("rank {rank} refused its input, so no rank ran the collective op")]
+    PeerRefused { rank: usize },
     /// No WebGPU adapter or device could be had.
     #[error("wgpu unavailable: {0}")]
     WgpuUnavailable(String),

@@ -9,8 +9,9 @@
 //!
 //! Cargo features: `cuda` (the CUDA backend), `wgpu` (the WebGPU backend), `cli` (the
 //! `losskern` command line, with `check`), `check` (the correctness harness
-//! [`check`] as public API). All but `check` are on by default;
-//! `--no-default-features` is the CPU-only library.
+//! [`check`] as public API), `nccl` (multi-GPU through NCCL: `nccl`, with `cuda`).
+//! All but `check` and `nccl` are on by default; `--no-default-features` is the
+//! CPU-only library.
 //!
 //! ```
 //! use losskern::ops::xent::{self, RhoReduce, Targets, Xent, XentOptions};
@@ -40,6 +41,8 @@ pub mod cuda;
 pub mod device;
 pub mod dtype;
 pub mod error;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod ops;
 mod spec;
 pub mod support;

@@ -24,7 +24,7 @@ use crate::device::{Device, Storage, Tensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::spec::bnstats::{
-    BnMergeCall, BnRunningCall, BnRunningOutput, BnSpec, BnStatsCall, BnStatsKernels,
+    BnMergeCall, BnMergeSpec, BnRunningCall, BnRunningOutput, BnSpec, BnStatsCall, BnStatsKernels,
     BnStatsOutput, Tiling, TILE_THREADS,
 };
 
@@ -322,6 +322,45 @@ fn counts_pointer<'a>(
     Ok(ptr)
 }
 
+/// Runs `bn_finalize` over stacked partials, `means` and `m2s` [parts][C] f32 with the
+/// parts' `counts` (one per part), into the statistics of their union on `device`:
+/// the merge's second half, after `bn_merge` stacked its parts' tensors or SyncBN
+/// gathered the ranks' partials in rank order.
+pub(crate) fn merge_stacked(
+    stream: &Arc<CudaStream>,
+    device: &Device,
+    means: &mut CudaSlice<u8>,
+    m2s: &mut CudaSlice<u8>,
+    counts: &[u64],
+    spec: &BnMergeSpec,
+) -> Result<BnStatsOutput> {
+    let kernels = kernels(stream.context())?;
+    let counts: Vec<f64> = counts.iter().map(|&count| count as f64).collect();
+    let mut counts = stream
+        .clone_htod(&counts)
+        .map_err(driver_error("cuMemcpyHtoD"))?;
+    let mut out = StatsBuffers::new(stream, spec.c)?;
+
+    let mut p = Pointers {
+        stream,
+        guards: Vec::new(),
+    };
+    let part_bytes = spec.parts * spec.c * 4;
+    let mut fin = BnFinalizeArgs {
+        part_mean: p.write(means, part_bytes, 4, "stacked means")?,
+        part_m2: p.write(m2s, part_bytes, 4, "stacked M2s")?,
+        part_count: counts_pointer(&mut p, &mut counts, spec.parts)?,
+        parts: as_i64(spec.parts as u64, "parts")?,
+        eps: spec.eps,
+        channels: as_i32(spec.c as u64, "C")?,
+        ..BnFinalizeArgs::default()
+    };
+    out.point(&mut p, &mut fin, spec.c)?;
+    finalize(&kernels, stream, &fin, spec.c)?;
+    drop(p);
+    Ok(out.into_output(device, spec.count, None))
+}
+
 impl BnStatsKernels for CudaBackend {
     fn bn_stats(&self, bound: &BnStatsCall<'_>) -> Result<BnStatsOutput> {
         let (spec, call) = (bound.spec(), bound.call());
@@ -402,7 +441,6 @@ impl BnStatsKernels for CudaBackend {
     fn bn_merge(&self, bound: &BnMergeCall<'_>) -> Result<BnStatsOutput> {
         let (spec, call) = (bound.spec(), bound.call());
         let stream = self.stream();
-        let kernels = kernels(stream.context())?;
         let row = spec.c * 4;
         let mut means = alloc_output(stream, spec.parts * row, Fill::Unwritten)?;
         let mut m2s = alloc_output(stream, spec.parts * row, Fill::Unwritten)?;
@@ -420,30 +458,9 @@ impl BnStatsKernels for CudaBackend {
                     .map_err(driver_error("cuMemcpyDtoDAsync"))?;
             }
         }
-        let counts: Vec<f64> = call.parts.iter().map(|p| p.count as f64).collect();
-        let mut counts = stream
-            .clone_htod(&counts)
-            .map_err(driver_error("cuMemcpyHtoD"))?;
-        let mut out = StatsBuffers::new(stream, spec.c)?;
-
-        let mut p = Pointers {
-            stream,
-            guards: Vec::new(),
-        };
-        let part_bytes = spec.parts * row;
-        let mut fin = BnFinalizeArgs {
-            part_mean: p.write(&mut means, part_bytes, 4, "stacked means")?,
-            part_m2: p.write(&mut m2s, part_bytes, 4, "stacked M2s")?,
-            part_count: counts_pointer(&mut p, &mut counts, spec.parts)?,
-            parts: as_i64(spec.parts as u64, "parts")?,
-            eps: spec.eps,
-            channels: as_i32(spec.c as u64, "C")?,
-            ..BnFinalizeArgs::default()
-        };
-        out.point(&mut p, &mut fin, spec.c)?;
-        finalize(&kernels, stream, &fin, spec.c)?;
-        drop(p);
-        Ok(out.into_output(call.parts[0].mean.device(), spec.count, None))
+        let counts: Vec<u64> = call.parts.iter().map(|p| p.count).collect();
+        let device = call.parts[0].mean.device();
+        merge_stacked(stream, device, &mut means, &mut m2s, &counts, spec)
     }
 
     fn bn_running(&self, bound: &BnRunningCall<'_>) -> Result<BnRunningOutput> {

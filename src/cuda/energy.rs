@@ -5,7 +5,8 @@
 //! 1. `energy_pairs_{dtype}`, three launches (X-Y, X-X, Y-Y): 64-row tiles of one set
 //!    against 64-row tiles of the other staged through shared memory, each block a row
 //!    tile and a chunk of up to 16 column tiles, writing the f64 sum of its pairs to its
-//!    own scratch slot (within a set, pairs i < j only).
+//!    own scratch slot (within a set, pairs i < j only). A rank of a sharded distance
+//!    (`crate::nccl`) launches a contiguous share of each term's tiles (`TileShare`).
 //! 2. `energy_distance_merge`: one block; the slots of each term summed in f64 in slot
 //!    order, the weight totals, the weight check (status word, outputs NaN on bad
 //!    weights), the four outputs and the gradient's four term coefficients.
@@ -41,9 +42,9 @@ use crate::device::{Storage, Tensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::spec::energy::{
-    pair_slots, power_code, weight_status_error, EnergyDistanceCall, EnergyDistanceOutput,
-    EnergyDistanceSpec, EnergyKernels, EnergyScoreCall, EnergyScoreOutput, EnergyScoreSpec,
-    Statistic, PAIR_TILE,
+    pair_slots, power_code, weight_status_error, EnergyDistance, EnergyDistanceCall,
+    EnergyDistanceOutput, EnergyDistanceSpec, EnergyKernels, EnergyScoreCall, EnergyScoreOutput,
+    EnergyScoreSpec, Statistic, PAIR_TILE,
 };
 
 /// Threads of a pair or score block (kernels/energy.cu lays its 64 x 64 tiles out for
@@ -89,8 +90,9 @@ struct EnergyPairArgs {
     beta: f64,
     within: i32,
     power: i32,
+    first: i64,
 }
-const _: () = assert!(std::mem::size_of::<EnergyPairArgs>() == 96);
+const _: () = assert!(std::mem::size_of::<EnergyPairArgs>() == 104);
 offsets!(EnergyPairArgs {
     a: 0,
     b: 8,
@@ -105,12 +107,15 @@ offsets!(EnergyPairArgs {
     beta: 80,
     within: 88,
     power: 92,
+    first: 96,
 });
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct EnergyMergeArgs {
-    partial: u64,
+    partial_xy: u64,
+    partial_xx: u64,
+    partial_yy: u64,
     wx: u64,
     wy: u64,
     distance: u64,
@@ -127,24 +132,26 @@ struct EnergyMergeArgs {
     u_statistic: i32,
     pad: i32,
 }
-const _: () = assert!(std::mem::size_of::<EnergyMergeArgs>() == 120);
+const _: () = assert!(std::mem::size_of::<EnergyMergeArgs>() == 136);
 offsets!(EnergyMergeArgs {
-    partial: 0,
-    wx: 8,
-    wy: 16,
-    distance: 24,
-    cross: 32,
-    within_x: 40,
-    within_y: 48,
-    status: 56,
-    coef: 64,
-    tiles_xy: 72,
-    tiles_xx: 80,
-    tiles_yy: 88,
-    n: 96,
-    m: 104,
-    u_statistic: 112,
-    pad: 116,
+    partial_xy: 0,
+    partial_xx: 8,
+    partial_yy: 16,
+    wx: 24,
+    wy: 32,
+    distance: 40,
+    cross: 48,
+    within_x: 56,
+    within_y: 64,
+    status: 72,
+    coef: 80,
+    tiles_xy: 88,
+    tiles_xx: 96,
+    tiles_yy: 104,
+    n: 112,
+    m: 120,
+    u_statistic: 128,
+    pad: 132,
 });
 
 #[repr(C)]
@@ -452,8 +459,50 @@ pub struct EnergyDistanceInputs<'a> {
     pub weights_y: Option<CudaView<'a, u8>>,
 }
 
+/// Which pair tiles of the three terms (X-Y, X-X, Y-Y) one of `world` ranks computes: a
+/// contiguous share of each term's tiles, `ceil(tiles / world)` slots per rank, so the
+/// ranks' slots put side by side in rank order are the single-device slots (followed by
+/// padding that the merge never reads).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct TileShare {
+    pub(crate) rank: usize,
+    pub(crate) world: usize,
+}
+
+impl TileShare {
+    /// Every tile, on one device.
+    pub(crate) const WHOLE: TileShare = TileShare { rank: 0, world: 1 };
+
+    /// The slots each rank writes per term.
+    pub(crate) fn slots(self, spec: &EnergyDistanceSpec) -> [usize; 3] {
+        term_tiles(spec).map(|tiles| tiles.div_ceil(self.world))
+    }
+
+    /// The tiles [first, first + count) of a term of `tiles` that this rank computes.
+    fn range(self, tiles: usize) -> (usize, usize) {
+        let per_rank = tiles.div_ceil(self.world);
+        let first = (self.rank * per_rank).min(tiles);
+        (first, (first + per_rank).min(tiles) - first)
+    }
+}
+
+/// Each term's tiles on one device, in the merge's order (X-Y, X-X, Y-Y).
+fn term_tiles(spec: &EnergyDistanceSpec) -> [usize; 3] {
+    [
+        pair_slots(spec.n, spec.m).0,
+        pair_slots(spec.n, spec.n).0,
+        pair_slots(spec.m, spec.m).0,
+    ]
+}
+
+/// Where each term's slots start in a buffer of the slots of `world` ranks, laid out
+/// term by term, each term's in rank order.
+pub(crate) fn term_offsets(slots: [usize; 3], world: usize) -> [usize; 3] {
+    [0, world * slots[0], world * (slots[0] + slots[1])]
+}
+
 fn distance_slots(spec: &EnergyDistanceSpec) -> usize {
-    pair_slots(spec.n, spec.m).0 + pair_slots(spec.n, spec.n).0 + pair_slots(spec.m, spec.m).0
+    TileShare::WHOLE.slots(spec).iter().sum()
 }
 
 /// Device outputs (and scratch) of one energy-distance shape; reusable across calls with
@@ -484,7 +533,7 @@ impl EnergyDistanceBuffers {
         EnergyDistanceBuffers::allocate(stream, spec, Fill::Zero)
     }
 
-    fn allocate(
+    pub(crate) fn allocate(
         stream: &Arc<CudaStream>,
         spec: &EnergyDistanceSpec,
         fill: Fill,
@@ -510,6 +559,30 @@ impl EnergyDistanceBuffers {
             coef: alloc(4 * 8)?,
             status: alloc(8)?,
         })
+    }
+
+    /// The outputs as tensors on the device of `call` (whose backend is `backend`); with
+    /// weights, the status word is checked at the calling thread's next readback.
+    pub(crate) fn into_output(
+        self,
+        backend: &CudaBackend,
+        call: &EnergyDistance<'_>,
+    ) -> EnergyDistanceOutput {
+        if call.weights_x.is_some() || call.weights_y.is_some() {
+            backend.watch_weights(self.status);
+        }
+        let device = call.x.device();
+        let tensor = |slice: CudaSlice<u8>, shape: Vec<usize>| {
+            Tensor::from_storage(device, Storage::Cuda(slice), shape, DType::F32)
+        };
+        EnergyDistanceOutput {
+            distance: tensor(self.distance, vec![1]),
+            cross: tensor(self.cross, vec![1]),
+            within_x: tensor(self.within_x, vec![1]),
+            within_y: tensor(self.within_y, vec![1]),
+            grad_x: self.grad_x.map(|g| tensor(g, call.x.shape().to_vec())),
+            grad_y: self.grad_y.map(|g| tensor(g, call.y.shape().to_vec())),
+        }
     }
 
     /// The weight check of the last call on these buffers: `Error::Option` as the CPU
@@ -543,6 +616,215 @@ struct PairTerm {
     within: bool,
 }
 
+/// The checked device addresses of a distance's sets and weights (0: uniform).
+struct SetPointers {
+    x: u64,
+    y: u64,
+    wx: u64,
+    wy: u64,
+}
+
+fn point_sets<'a>(
+    p: &mut Pointers<'a>,
+    spec: &EnergyDistanceSpec,
+    inputs: &'a EnergyDistanceInputs<'_>,
+) -> Result<SetPointers> {
+    let (n, m, d) = (spec.n, spec.m, spec.d);
+    if n == 0 || m == 0 || d == 0 {
+        return Err(Error::Empty(format!(
+            "the energy distance needs N, M, d >= 1, got {n}, {m}, {d}"
+        )));
+    }
+    let elem = spec.dtype.size();
+    let elements = |rows: usize, what: &str| {
+        rows.checked_mul(d)
+            .ok_or_else(|| Error::Shape(format!("{what}: rows * d overflows usize")))
+            .and_then(|e| bytes(e, elem, what))
+    };
+    let x = p.read(&inputs.x, elements(n, "x")?, elem, "x")?;
+    let y = p.read(&inputs.y, elements(m, "y")?, elem, "y")?;
+    let wx = match &inputs.weights_x {
+        Some(w) => p.read(w, bytes(n, 4, "weights_x")?, 4, "weights_x")?,
+        None => 0,
+    };
+    let wy = match &inputs.weights_y {
+        Some(w) => p.read(w, bytes(m, 4, "weights_y")?, 4, "weights_y")?,
+        None => 0,
+    };
+    Ok(SetPointers { x, y, wx, wy })
+}
+
+/// Launches the pair kernel over `share`'s tiles of the three terms, writing that rank's
+/// slots to `partial`: X-Y, X-X, Y-Y, `share.slots(spec)` f64 each.
+pub(crate) fn pair_sums(
+    stream: &Arc<CudaStream>,
+    spec: &EnergyDistanceSpec,
+    inputs: &EnergyDistanceInputs<'_>,
+    partial: &mut CudaSlice<u8>,
+    share: TileShare,
+) -> Result<()> {
+    let name = kernel_name("pairs", spec.dtype)?;
+    let kernels = kernels(stream.context())?;
+    let pairs = kernels.function(KernelSource::Energy, name)?;
+    let mut p = Pointers {
+        stream,
+        guards: Vec::new(),
+    };
+    let sets = point_sets(&mut p, spec, inputs)?;
+    let slots = share.slots(spec);
+    let slot_bytes = bytes(slots.iter().sum(), 8, "pair slots")?;
+    let base = p.write(partial, slot_bytes, 8, "pair slots")?;
+    let (n, m) = (spec.n, spec.m);
+    let terms = [
+        PairTerm {
+            a: sets.x,
+            b: sets.y,
+            wa: sets.wx,
+            wb: sets.wy,
+            na: n,
+            nb: m,
+            within: false,
+        },
+        PairTerm {
+            a: sets.x,
+            b: sets.x,
+            wa: sets.wx,
+            wb: sets.wx,
+            na: n,
+            nb: n,
+            within: true,
+        },
+        PairTerm {
+            a: sets.y,
+            b: sets.y,
+            wa: sets.wy,
+            wb: sets.wy,
+            na: m,
+            nb: m,
+            within: true,
+        },
+    ];
+    for ((term, offset), all_tiles) in terms
+        .iter()
+        .zip(term_offsets(slots, 1))
+        .zip(term_tiles(spec))
+    {
+        let (first, tiles) = share.range(all_tiles);
+        if tiles == 0 {
+            // A rank past the term's last tile: its slots are padding, never merged.
+            continue;
+        }
+        let args = EnergyPairArgs {
+            a: term.a,
+            b: term.b,
+            wa: term.wa,
+            wb: term.wb,
+            // In bounds: the three terms' slots add up to the checked `slot_bytes`, and
+            // this launch writes `tiles` <= slots of its term from its offset.
+            partial: base + 8 * offset as u64,
+            na: as_i64(term.na, "rows")?,
+            nb: as_i64(term.nb, "rows")?,
+            d: as_i64(spec.d, "d")?,
+            chunks: as_i64(pair_slots(term.na, term.nb).1, "column chunks")?,
+            tiles: as_i64(tiles, "tiles")?,
+            beta: spec.beta,
+            within: i32::from(term.within),
+            power: i32::from(power_code(spec.beta)),
+            first: as_i64(first, "first tile")?,
+        };
+        let cfg = kernels.fixed_config(name, &pairs, tiles, PAIR_THREADS)?;
+        // SAFETY: the argument block matches the kernel's parameter (see the DeviceRepr
+        // impl). It reads na d and nb d elements of the two sets and na, nb f32 weights
+        // (null: uniform), all checked above for size and alignment, and writes `tiles`
+        // f64 slots from the term's offset in the scratch, which holds all three terms'
+        // slots (checked). The tiles first .. first + tiles are tiles of the term (the
+        // share's range), and rows past the sets' are masked in the kernel. The block is
+        // the 256 threads the kernel's tiles are laid out for, checked against the
+        // device and function limits.
+        unsafe { stream.launch_builder(&pairs).arg(&args).launch(cfg) }
+            .map_err(driver_error(name))?;
+    }
+    drop(p);
+    Ok(())
+}
+
+/// Launches the merge of the three terms' slots into `out`'s outputs and status word.
+/// The slots are `gathered`'s, of `world` ranks laid out term by term, each term's in
+/// rank order (as all-gathers of each rank's term slots leave them), or, for None,
+/// `out`'s own, written by [`pair_sums`] with [`TileShare::WHOLE`].
+pub(crate) fn merge_sums(
+    stream: &Arc<CudaStream>,
+    spec: &EnergyDistanceSpec,
+    inputs: &EnergyDistanceInputs<'_>,
+    gathered: Option<(&CudaView<'_, u8>, usize)>,
+    out: &mut EnergyDistanceBuffers,
+) -> Result<()> {
+    let kernels = kernels(stream.context())?;
+    let merge = kernels.function(KernelSource::Energy, "energy_distance_merge")?;
+    let mut p = Pointers {
+        stream,
+        guards: Vec::new(),
+    };
+    let sets = point_sets(&mut p, spec, inputs)?;
+    let EnergyDistanceBuffers {
+        distance,
+        cross,
+        within_x,
+        within_y,
+        partial,
+        coef,
+        status,
+        ..
+    } = out;
+    let (base, world) = match gathered {
+        None => {
+            let need = bytes(distance_slots(spec), 8, "pair slots")?;
+            (p.write(partial, need, 8, "pair slots")?, 1)
+        }
+        Some((slots, world)) => {
+            let per_rank: usize = TileShare { rank: 0, world }.slots(spec).iter().sum();
+            let need = bytes(per_rank, 8, "gathered pair slots")
+                .and_then(|b| bytes(b, world, "gathered pair slots"))?;
+            (p.read(slots, need, 8, "gathered pair slots")?, world)
+        }
+    };
+    // In bounds: each term's offset plus its tiles is within the slots checked above.
+    let [xy, xx, yy] =
+        term_offsets(TileShare { rank: 0, world }.slots(spec), world).map(|o| base + 8 * o as u64);
+    let [tiles_xy, tiles_xx, tiles_yy] = term_tiles(spec);
+    let args = EnergyMergeArgs {
+        partial_xy: xy,
+        partial_xx: xx,
+        partial_yy: yy,
+        wx: sets.wx,
+        wy: sets.wy,
+        distance: p.write(distance, 4, 4, "distance")?,
+        cross: p.write(cross, 4, 4, "cross")?,
+        within_x: p.write(within_x, 4, 4, "within_x")?,
+        within_y: p.write(within_y, 4, 4, "within_y")?,
+        status: p.write(status, 8, 8, "status word")?,
+        coef: p.write(coef, 4 * 8, 8, "gradient coefficients")?,
+        tiles_xy: as_i64(tiles_xy, "X-Y tiles")?,
+        tiles_xx: as_i64(tiles_xx, "X-X tiles")?,
+        tiles_yy: as_i64(tiles_yy, "Y-Y tiles")?,
+        n: as_i64(spec.n, "N")?,
+        m: as_i64(spec.m, "M")?,
+        u_statistic: i32::from(spec.statistic == Statistic::U),
+        pad: 0,
+    };
+    let cfg = kernels.single_block_config("energy_distance_merge", &merge)?;
+    // SAFETY: the argument block matches energy_distance_merge's parameter. It reads
+    // each term's tiles f64 from its offset, within the slots checked above (the pair
+    // kernels wrote them before it on this stream, or the all-gathers of the ranks'
+    // slots did), and the N and M weights (null: uniform), and writes one f32 of each
+    // output, the u64 status word and the four f64 gradient coefficients, all checked
+    // above. One block, checked against the limits.
+    unsafe { stream.launch_builder(&merge).arg(&args).launch(cfg) }
+        .map_err(driver_error("energy_distance_merge"))?;
+    drop(p);
+    Ok(())
+}
+
 /// Runs the two-sample energy distance on `stream` over the caller's device memory,
 /// writing `out`; no copy, no allocation, no synchronisation. `spec` is trusted for
 /// semantics (build it with `ops::energy::validate_distance`), but every buffer's size
@@ -555,161 +837,61 @@ pub fn energy_distance_raw(
     inputs: &EnergyDistanceInputs<'_>,
     out: &mut EnergyDistanceBuffers,
 ) -> Result<()> {
-    let (n, m, d) = (spec.n, spec.m, spec.d);
-    if n == 0 || m == 0 || d == 0 {
-        return Err(Error::Empty(format!(
-            "the energy distance needs N, M, d >= 1, got {n}, {m}, {d}"
-        )));
-    }
-    let name = kernel_name("pairs", spec.dtype)?;
-    let elem = spec.dtype.size();
-    let rows_bytes = |rows: usize, size: usize, what: &str| {
-        rows.checked_mul(d)
-            .ok_or_else(|| Error::Shape(format!("{what}: rows * d overflows usize")))
-            .and_then(|e| bytes(e, size, what))
-    };
-    let kernels = kernels(stream.context())?;
-    let pairs = kernels.function(KernelSource::Energy, name)?;
-    let merge = kernels.function(KernelSource::Energy, "energy_distance_merge")?;
+    pair_sums(stream, spec, inputs, &mut out.partial, TileShare::WHOLE)?;
+    merge_sums(stream, spec, inputs, None, out)?;
+    distance_gradient(stream, spec, inputs, out)
+}
 
+/// With `spec.grad`, launches the four terms of d distance / dX and d distance / dY into
+/// `out`'s gradients, scaled by the coefficients the merge wrote before them on this
+/// stream; nothing without it.
+pub(crate) fn distance_gradient(
+    stream: &Arc<CudaStream>,
+    spec: &EnergyDistanceSpec,
+    inputs: &EnergyDistanceInputs<'_>,
+    out: &mut EnergyDistanceBuffers,
+) -> Result<()> {
+    if !spec.grad {
+        return Ok(());
+    }
+    let kernels = kernels(stream.context())?;
     let mut p = Pointers {
         stream,
         guards: Vec::new(),
     };
-    let x = p.read(&inputs.x, rows_bytes(n, elem, "x")?, elem, "x")?;
-    let y = p.read(&inputs.y, rows_bytes(m, elem, "y")?, elem, "y")?;
-    let wx = match &inputs.weights_x {
-        Some(w) => p.read(w, bytes(n, 4, "weights_x")?, 4, "weights_x")?,
-        None => 0,
-    };
-    let wy = match &inputs.weights_y {
-        Some(w) => p.read(w, bytes(m, 4, "weights_y")?, 4, "weights_y")?,
-        None => 0,
-    };
+    let sets = point_sets(&mut p, spec, inputs)?;
     let EnergyDistanceBuffers {
-        distance,
-        cross,
-        within_x,
-        within_y,
         grad_x,
         grad_y,
-        partial,
         coef,
-        status,
+        ..
     } = out;
-    let slots = distance_slots(spec);
-    let partial_ptr = p.write(partial, bytes(slots, 8, "pair slots")?, 8, "pair slots")?;
-    let coef_ptr = p.write(coef, 4 * 8, 8, "gradient coefficients")?;
-    let merge_args = EnergyMergeArgs {
-        partial: partial_ptr,
-        wx,
-        wy,
-        distance: p.write(distance, 4, 4, "distance")?,
-        cross: p.write(cross, 4, 4, "cross")?,
-        within_x: p.write(within_x, 4, 4, "within_x")?,
-        within_y: p.write(within_y, 4, 4, "within_y")?,
-        status: p.write(status, 8, 8, "status word")?,
-        coef: coef_ptr,
-        tiles_xy: as_i64(pair_slots(n, m).0, "X-Y tiles")?,
-        tiles_xx: as_i64(pair_slots(n, n).0, "X-X tiles")?,
-        tiles_yy: as_i64(pair_slots(m, m).0, "Y-Y tiles")?,
-        n: as_i64(n, "N")?,
-        m: as_i64(m, "M")?,
-        u_statistic: i32::from(spec.statistic == Statistic::U),
-        pad: 0,
+    let (Some(grad_x), Some(grad_y)) = (grad_x.as_mut(), grad_y.as_mut()) else {
+        return Err(Error::Shape(
+            "the gradient was asked but the buffers hold no grad_x / grad_y".into(),
+        ));
     };
-
-    let terms = [
-        PairTerm {
-            a: x,
-            b: y,
-            wa: wx,
-            wb: wy,
-            na: n,
-            nb: m,
-            within: false,
-        },
-        PairTerm {
-            a: x,
-            b: x,
-            wa: wx,
-            wb: wx,
-            na: n,
-            nb: n,
-            within: true,
-        },
-        PairTerm {
-            a: y,
-            b: y,
-            wa: wy,
-            wb: wy,
-            na: m,
-            nb: m,
-            within: true,
-        },
-    ];
-    let mut slot = 0usize;
-    for term in &terms {
-        let (tiles, chunks) = pair_slots(term.na, term.nb);
-        let args = EnergyPairArgs {
-            a: term.a,
-            b: term.b,
-            wa: term.wa,
-            wb: term.wb,
-            // In bounds: the three terms' slots add up to `slots`, checked above.
-            partial: partial_ptr + 8 * slot as u64,
-            na: as_i64(term.na, "rows")?,
-            nb: as_i64(term.nb, "rows")?,
-            d: as_i64(d, "d")?,
-            chunks: as_i64(chunks, "column chunks")?,
-            tiles: as_i64(tiles, "tiles")?,
-            beta: spec.beta,
-            within: i32::from(term.within),
-            power: i32::from(power_code(spec.beta)),
-        };
-        let cfg = kernels.fixed_config(name, &pairs, tiles, PAIR_THREADS)?;
-        // SAFETY: the argument block matches the kernel's parameter (see the DeviceRepr
-        // impl). It reads na d and nb d elements of the two sets and na, nb f32 weights
-        // (null: uniform), all checked above for size and alignment, and writes `tiles`
-        // f64 slots starting `slot` slots into the scratch, which holds all three
-        // terms' slots (checked). Tiles past the sets' rows are masked in the kernel.
-        // The block is the 256 threads the kernel's tiles are laid out for, checked
-        // against the device and function limits.
-        unsafe { stream.launch_builder(&pairs).arg(&args).launch(cfg) }
-            .map_err(driver_error(name))?;
-        slot += tiles;
-    }
-
-    let cfg = kernels.single_block_config("energy_distance_merge", &merge)?;
-    // SAFETY: the argument block matches energy_distance_merge's parameter. It reads
-    // the `slots` f64 the pair kernels wrote before it on this stream and the N and M
-    // weights (null: uniform), and writes one f32 of each output and the u64 status
-    // word and the four f64 gradient coefficients, all checked above. One block,
-    // checked against the limits.
-    unsafe { stream.launch_builder(&merge).arg(&merge_args).launch(cfg) }
-        .map_err(driver_error("energy_distance_merge"))?;
-
-    if spec.grad {
-        let (Some(grad_x), Some(grad_y)) = (grad_x.as_mut(), grad_y.as_mut()) else {
-            return Err(Error::Shape(
-                "the gradient was asked but the buffers hold no grad_x / grad_y".into(),
-            ));
-        };
-        let gx = p.write(grad_x, rows_bytes(n, 4, "grad_x")?, 4, "grad_x")?;
-        let gy = p.write(grad_y, rows_bytes(m, 4, "grad_y")?, 4, "grad_y")?;
-        let launch = GradLaunch {
-            stream,
-            spec,
-            kernels: &kernels,
-            coef: coef_ptr,
-        };
-        let (set_x, set_y) = ((x, wx, n), (y, wy, m));
-        // A set's cross term writes its rows, its within term adds to them.
-        launch.run(gx, set_x, set_y, COEF_X_CROSS)?;
-        launch.run(gx, set_x, set_x, COEF_X_WITHIN)?;
-        launch.run(gy, set_y, set_x, COEF_Y_CROSS)?;
-        launch.run(gy, set_y, set_y, COEF_Y_WITHIN)?;
-    }
+    let f32_rows = |rows: usize, what: &str| {
+        rows.checked_mul(spec.d)
+            .ok_or_else(|| Error::Shape(format!("{what}: rows * d overflows usize")))
+            .and_then(|e| bytes(e, 4, what))
+    };
+    let gx = p.write(grad_x, f32_rows(spec.n, "grad_x")?, 4, "grad_x")?;
+    let gy = p.write(grad_y, f32_rows(spec.m, "grad_y")?, 4, "grad_y")?;
+    // Taken as a write only for its address: the kernels read the merge's coefficients.
+    let coef = p.write(coef, 4 * 8, 8, "gradient coefficients")?;
+    let launch = GradLaunch {
+        stream,
+        spec,
+        kernels: &kernels,
+        coef,
+    };
+    let (set_x, set_y) = ((sets.x, sets.wx, spec.n), (sets.y, sets.wy, spec.m));
+    // A set's cross term writes its rows, its within term adds to them.
+    launch.run(gx, set_x, set_y, COEF_X_CROSS)?;
+    launch.run(gx, set_x, set_x, COEF_X_WITHIN)?;
+    launch.run(gy, set_y, set_x, COEF_Y_CROSS)?;
+    launch.run(gy, set_y, set_y, COEF_Y_WITHIN)?;
     drop(p);
     Ok(())
 }
@@ -819,21 +1001,35 @@ impl EnergyKernels for CudaBackend {
         let stream = self.stream();
         let mut out = EnergyDistanceBuffers::allocate(stream, spec, Fill::Unwritten)?;
         energy_distance_raw(stream, spec, &inputs, &mut out)?;
-        if call.weights_x.is_some() || call.weights_y.is_some() {
-            self.watch_weights(out.status);
-        }
+        Ok(out.into_output(self, call))
+    }
+}
 
-        let device = call.x.device();
-        let tensor = |slice: CudaSlice<u8>, shape: Vec<usize>| {
-            Tensor::from_storage(device, Storage::Cuda(slice), shape, DType::F32)
-        };
-        Ok(EnergyDistanceOutput {
-            distance: tensor(out.distance, vec![1]),
-            cross: tensor(out.cross, vec![1]),
-            within_x: tensor(out.within_x, vec![1]),
-            within_y: tensor(out.within_y, vec![1]),
-            grad_x: out.grad_x.map(|g| tensor(g, vec![spec.n, spec.d])),
-            grad_y: out.grad_y.map(|g| tensor(g, vec![spec.m, spec.d])),
-        })
+#[cfg(test)]
+mod tests {
+    use super::TileShare;
+
+    /// The ranks' all-gather puts rank r's slots of a term at r ceil(tiles / world): the
+    /// ranks' tile ranges must start there and cover the term's tiles once, in order, so
+    /// that the gathered slots are the single-device ones followed by padding.
+    #[test]
+    fn tile_shares_in_rank_order_are_the_single_device_tiles() {
+        for tiles in 1..300usize {
+            for world in 1..=9 {
+                let per_rank = tiles.div_ceil(world);
+                let mut covered = 0;
+                for rank in 0..world {
+                    let (first, count) = TileShare { rank, world }.range(tiles);
+                    assert!(count <= per_rank, "{tiles} tiles, rank {rank} of {world}");
+                    if count > 0 {
+                        assert_eq!(first, rank * per_rank, "{tiles} tiles, rank {rank}");
+                        assert_eq!(first, covered, "{tiles} tiles, rank {rank}");
+                    }
+                    covered += count;
+                }
+                assert_eq!(covered, tiles, "{tiles} tiles over {world} ranks");
+            }
+        }
+        assert_eq!(TileShare::WHOLE.range(17), (0, 17));
     }
 }

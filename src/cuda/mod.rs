@@ -34,18 +34,19 @@ use crate::spec::ensemble::status_error as ensemble_status_error;
 use crate::spec::BackendKind;
 use crate::watch::Watches;
 
-mod bnstats;
+pub(crate) mod bnstats;
 mod compile;
 pub mod energy;
 pub mod ensemble;
-mod launch;
+pub(crate) mod launch;
 pub mod xent;
 
+use compile::require_nvrtc;
 pub use compile::{
     cache_dir, compile_cached_in, compile_records, CacheOutcome, CachedImage, CompileRecord,
 };
 pub use compile::{compile, compile_with_log, nvrtc_version, KernelSource};
-use compile::{lib_candidates, no_panic, require_nvrtc};
+pub(crate) use compile::{lib_candidates, no_panic};
 use launch::{arch_of, driver_error, kernels};
 
 /// What the backend knows about its device and compiler.

@@ -7,6 +7,8 @@ mod compile;
 mod energy;
 mod ensemble;
 mod families;
+#[cfg(feature = "nccl")]
+mod multi;
 mod mutation;
 mod nvrtc_cache;
 mod raw_entries;
