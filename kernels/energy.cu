@@ -40,8 +40,8 @@
 //                             shared memory while the lanes, over the dims,
 //                             sum h_jk (p_ij - p_ik) in k order (as
 //                             energy_grad); warps over the dims take
-//                             ||p_ij - y_i||. The row's two sums go to f64
-//                             scratch.
+//                             ||p_ij - y_i||. The tile's two sums (fixed
+//                             block tree) go to f64 scratch.
 //   energy_score_merge        ONE block: term1, term2 and the loss from the
 //                             per-row sums, in f64 in row order.
 //
@@ -530,7 +530,7 @@ extern "C" __global__ void __launch_bounds__(EP_THREADS) energy_grad_bf16(const 
 struct EnergyScoreArgs {
     const void* y;      // [n, d] of T
     const void* preds;  // [n, m, d] of T
-    double* row_sums;   // [n * m, 2]: sum toward term1, sum over k > j toward term2
+    double* tile_sums;  // [row tiles, 2]: sum toward term1, sum over k > j toward term2
     float* grad;        // [n, m, d] or null
     lk_i64 n;
     lk_i64 m;
@@ -545,7 +545,7 @@ struct EnergyScoreArgs {
 };
 LK_FIELD_AT(EnergyScoreArgs, y, 0);
 LK_FIELD_AT(EnergyScoreArgs, preds, 8);
-LK_FIELD_AT(EnergyScoreArgs, row_sums, 16);
+LK_FIELD_AT(EnergyScoreArgs, tile_sums, 16);
 LK_FIELD_AT(EnergyScoreArgs, grad, 24);
 LK_FIELD_AT(EnergyScoreArgs, n, 32);
 LK_FIELD_AT(EnergyScoreArgs, m, 40);
@@ -585,6 +585,17 @@ __device__ __forceinline__ void energy_target_squares(const EnergyScoreArgs& a, 
     }
 }
 
+// The sample of prediction row `row` counted from `base` (a sample's first row at or
+// below it): a 32-bit division where the numbers fit, as they do for every realistic
+// m, since 64-bit division is a long instruction sequence.
+__device__ __forceinline__ lk_i64 energy_sample_from(lk_i64 row, lk_i64 base, lk_i64 m) {
+    const lk_i64 offset = row - base;
+    if (m <= 0xffffffffll && offset <= 0xffffffffll) {
+        return (lk_i64)((unsigned int)offset / (unsigned int)m);
+    }
+    return offset / m;
+}
+
 // The pairs of one 64 x 64 tile of prediction rows (rows from r0, columns from c0, both
 // within [c0, c_end)): a pair counts when both rows are of the same sample. Adds each
 // thread's share of sum_{c > r} ||p_r - p_c||^beta to t2 (f32 per tile) and, with the
@@ -599,15 +610,19 @@ __device__ __forceinline__ void energy_score_tile(const EnergyScoreArgs& a, lk_i
     const lk_i64 rows = a.n * a.m;
     float s[4][4];
     energy_tile_squares<T>(a.preds, rows, a.preds, c_end, a.d, as, bs, r0, c0, s);
+    const lk_i64 base = (r0 / a.m) * a.m;
+    lk_i64 column_sample[4];
+#pragma unroll
+    for (int c = 0; c < 4; ++c) column_sample[c] = energy_sample_from(c0 + tx + 16 * c, base, a.m);
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
         const lk_i64 i = r0 + ty + 16 * r;
-        const lk_i64 sample = i / a.m;
+        const lk_i64 sample = energy_sample_from(i, base, a.m);
         float part = 0.0f;
 #pragma unroll
         for (int c = 0; c < 4; ++c) {
             const lk_i64 j = c0 + tx + 16 * c;
-            const bool pair = i < rows && j < c_end && j / a.m == sample;
+            const bool pair = i < rows && j < c_end && column_sample[c] == sample;
             if (pair && j > i) part += energy_power(s[r][c], a.power, a.beta);
             if (a.grad) slopes[ty + 16 * r][tx + 16 * c] = pair ? energy_slope(s[r][c], a.power, a.beta) : 0.0f;
         }
@@ -623,8 +638,6 @@ __device__ void energy_score_tiles(const EnergyScoreArgs& a) {
     __shared__ float as[EP_DIMS][EP_TILE + 1];
     __shared__ float bs[EP_DIMS][EP_TILE + 1];
     __shared__ float slopes[EP_TILE][EP_TILE + 1];
-    const int tx = threadIdx.x & 15;
-    const int ty = threadIdx.x >> 4;
     const int lane = threadIdx.x & 31;
     const int warp = threadIdx.x >> 5;
     const lk_i64 rows = a.n * a.m;
@@ -649,22 +662,25 @@ __device__ void energy_score_tiles(const EnergyScoreArgs& a) {
             energy_score_tile<T>(a, r0, c0, c_end, as, bs, slopes, t2);
             if (a.grad) energy_slope_sums<T>(a.preds, rows, a.preds, c_end, a.d, r0, c0, g0, as, bs, slopes, acc);
         }
-        // The 16 threads of a row (one half-warp) hold its t2 shares: a fixed xor tree.
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-#pragma unroll
-            for (int offset = 8; offset > 0; offset >>= 1) t2[r] += __shfl_xor_sync(0xffffffffu, t2[r], offset);
-            const lk_i64 i = r0 + ty + 16 * r;
-            if (chunk == 0 && tx == 0 && i < rows) a.row_sums[2 * i + 1] = t2[r];
-        }
+        // The tile's sum toward term2: each thread's rows (t2 is 0 past the rows), then
+        // the block's fixed tree.
+        const double tile_t2 = lk_block_reduce(t2[0] + t2[1] + t2[2] + t2[3], 0.0, lk_sum_op());
         float s1[EG_ROWS_PER_WARP];
         energy_target_squares<T>(a, r0, s1);
+        double t1 = 0.0;
+#pragma unroll
+        for (int q = 0; q < EG_ROWS_PER_WARP; ++q) {
+            if (r0 + warp + 8 * q < rows && lane == 0) t1 += (double)energy_power(s1[q], a.power, a.beta);
+        }
+        const double tile_t1 = lk_block_reduce(t1, 0.0, lk_sum_op());
+        if (chunk == 0 && threadIdx.x == 0) {
+            a.tile_sums[2 * row_tile] = tile_t1;
+            a.tile_sums[2 * row_tile + 1] = tile_t2;
+        }
 #pragma unroll
         for (int q = 0; q < EG_ROWS_PER_WARP; ++q) {
             const lk_i64 i = r0 + warp + 8 * q;
-            if (i >= rows) break;
-            if (chunk == 0 && lane == 0) a.row_sums[2 * i] = (double)energy_power(s1[q], a.power, a.beta);
-            if (!a.grad) continue;
+            if (i >= rows || !a.grad) break;
             const float h1 = a.c1 * energy_slope(s1[q], a.power, a.beta);
             const T* p = (const T*)a.preds + i * a.d;
             const T* y = (const T*)a.y + (i / a.m) * a.d;
@@ -691,14 +707,14 @@ extern "C" __global__ void __launch_bounds__(EP_THREADS) energy_score_bf16(const
 
 // Must match EnergyScoreMergeArgs in src/cuda/energy.rs field for field.
 struct EnergyScoreMergeArgs {
-    const double* row_sums;  // [rows, 2]
+    const double* tile_sums;  // [row tiles, 2]
     float* term1;            // [1] each
     float* term2;
     float* loss;
     lk_i64 n;
     lk_i64 m;
 };
-LK_FIELD_AT(EnergyScoreMergeArgs, row_sums, 0);
+LK_FIELD_AT(EnergyScoreMergeArgs, tile_sums, 0);
 LK_FIELD_AT(EnergyScoreMergeArgs, term1, 8);
 LK_FIELD_AT(EnergyScoreMergeArgs, term2, 16);
 LK_FIELD_AT(EnergyScoreMergeArgs, loss, 24);
@@ -707,13 +723,13 @@ LK_FIELD_AT(EnergyScoreMergeArgs, m, 40);
 static_assert(sizeof(EnergyScoreMergeArgs) == 48, "EnergyScoreMergeArgs is 48 bytes in Rust");
 
 // term2 = -0.5 m / (m - 1) (sum over ordered pairs) / (n m^2), and the
-// ordered sum is twice the k > j one the rows hold.
+// ordered sum is twice the k > j one the tiles hold.
 extern "C" __global__ void __launch_bounds__(1024) energy_score_merge(const EnergyScoreMergeArgs a) {
-    const lk_i64 rows = a.n * a.m;
+    const lk_i64 tiles = (a.n * a.m + EP_TILE - 1) / EP_TILE;
     double s1 = 0.0, s2 = 0.0;
-    for (lk_i64 r = threadIdx.x; r < rows; r += blockDim.x) {
-        s1 += a.row_sums[2 * r];
-        s2 += a.row_sums[2 * r + 1];
+    for (lk_i64 t = threadIdx.x; t < tiles; t += blockDim.x) {
+        s1 += a.tile_sums[2 * t];
+        s2 += a.tile_sums[2 * t + 1];
     }
     s1 = lk_block_reduce(s1, 0.0, lk_sum_op());
     s2 = lk_block_reduce(s2, 0.0, lk_sum_op());

@@ -180,10 +180,10 @@ def main():
     print(f"{torch.cuda.get_device_name()} (torch {torch.__version__})")
     jobs = [("score", shape, v) for shape in SCORES for v in score_variants]
     jobs += [("distance", shape, v) for shape in DISTANCES for v in ["mm", "exact", "losskern"]]
-    rows = [run_isolated(job) for job in jobs]
-    print(f"{'op':<11} {'shape':<20} {'variant':<32} {'ms':>10} {'rel. error vs f64':>18}")
-    for op, shape, label, ms, err in rows:
-        print(f"{op:<11} {shape:<20} {label:<32} {ms:10.3f} {err:18.2e}")
+    print(f"{'op':<11} {'shape':<20} {'variant':<32} {'ms':>10} {'rel. error vs f64':>18}", flush=True)
+    for job in jobs:
+        op, shape, label, ms, err = run_isolated(job)
+        print(f"{op:<11} {shape:<20} {label:<32} {ms:10.3f} {err:18.2e}", flush=True)
     return 0
 
 

@@ -19,11 +19,11 @@
 //!
 //! 1. `energy_score_{dtype}`: a block per 64 prediction rows (and, with the gradient, 64
 //!    of their dims), over the 64 x 64 pair tiles of their samples (pairs of different
-//!    samples masked); the rows' sums toward term1 and term2 to f64 scratch and, with
+//!    samples masked); the tile's sums toward term1 and term2 to f64 scratch and, with
 //!    the gradient, the rows of d loss / d preds.
 //! 2. `energy_score_merge`: one block; term1, term2 and the loss in f64.
 //!
-//! Scratch is O(N / 64 * M / 1024) slots for the distance and 2 n m f64 for the score:
+//! Scratch is O(N / 64 * M / 1024) slots for the distance and 2 n m / 64 f64 for the score:
 //! never a distance matrix. [`energy_score`] / [`energy_distance`] are the Tensor entries
 //! (in the `EnergyKernels` impl); [`energy_score_raw`] / [`energy_distance_raw`] the
 //! zero-copy ones, which the Tensor entries call.
@@ -202,7 +202,7 @@ const GRAD_DIMS: usize = 64;
 struct EnergyScoreArgs {
     y: u64,
     preds: u64,
-    row_sums: u64,
+    tile_sums: u64,
     grad: u64,
     n: i64,
     m: i64,
@@ -219,7 +219,7 @@ const _: () = assert!(std::mem::size_of::<EnergyScoreArgs>() == 96);
 offsets!(EnergyScoreArgs {
     y: 0,
     preds: 8,
-    row_sums: 16,
+    tile_sums: 16,
     grad: 24,
     n: 32,
     m: 40,
@@ -236,7 +236,7 @@ offsets!(EnergyScoreArgs {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 struct EnergyScoreMergeArgs {
-    row_sums: u64,
+    tile_sums: u64,
     term1: u64,
     term2: u64,
     loss: u64,
@@ -245,7 +245,7 @@ struct EnergyScoreMergeArgs {
 }
 const _: () = assert!(std::mem::size_of::<EnergyScoreMergeArgs>() == 48);
 offsets!(EnergyScoreMergeArgs {
-    row_sums: 0,
+    tile_sums: 0,
     term1: 8,
     term2: 16,
     loss: 24,
@@ -277,8 +277,13 @@ pub struct EnergyScoreBuffers {
     pub loss: CudaSlice<u8>,
     /// [n, m, d], when `spec.grad`.
     pub grad: Option<CudaSlice<u8>>,
-    /// [n m, 2] f64: each prediction row's sums toward term1 and term2.
-    row_sums: CudaSlice<u8>,
+    /// [row tiles, 2] f64: each 64-row tile's sums toward term1 and term2.
+    tile_sums: CudaSlice<u8>,
+}
+
+/// The 64-row tiles of the n m prediction rows: the score's scratch slots.
+fn score_tiles(spec: &EnergyScoreSpec) -> Result<usize> {
+    score_rows(spec).map(|rows| rows.div_ceil(PAIR_TILE))
 }
 
 fn score_rows(spec: &EnergyScoreSpec) -> Result<usize> {
@@ -315,7 +320,7 @@ impl EnergyScoreBuffers {
             } else {
                 None
             },
-            row_sums: alloc(bytes(score_rows(spec)?, 16, "score row sums")?)?,
+            tile_sums: alloc(bytes(score_tiles(spec)?, 16, "score tile sums")?)?,
         })
     }
 }
@@ -363,13 +368,13 @@ pub fn energy_score_raw(
         term2,
         loss,
         grad,
-        row_sums,
+        tile_sums,
     } = out;
-    let row_sums_ptr = p.write(
-        row_sums,
-        bytes(rows, 16, "score row sums")?,
+    let tile_sums_ptr = p.write(
+        tile_sums,
+        bytes(score_tiles(spec)?, 16, "score tile sums")?,
         8,
-        "score row sums",
+        "score tile sums",
     )?;
     let grad_ptr = match (grad.as_mut(), spec.grad) {
         (Some(g), true) => p.write(g, grad_bytes(spec)?, 4, "grad")?,
@@ -403,7 +408,7 @@ pub fn energy_score_raw(
     let args = EnergyScoreArgs {
         y: y_ptr,
         preds: preds_ptr,
-        row_sums: row_sums_ptr,
+        tile_sums: tile_sums_ptr,
         grad: grad_ptr,
         n: n64,
         m: m64,
@@ -418,8 +423,8 @@ pub fn energy_score_raw(
     };
     let cfg = kernels.fixed_config(name, &score, tiles, PAIR_THREADS)?;
     // SAFETY: the argument block matches the kernel's parameter (see the DeviceRepr
-    // impl). The kernel reads n d elements of y and n m d of preds, writes 2 n m f64 of
-    // row sums and, when the pointer is not null, n m d f32 of grad, all checked above
+    // impl). The kernel reads n d elements of y and n m d of preds, writes 2 f64 per
+    // 64-row tile and, when the pointer is not null, n m d f32 of grad, all checked above
     // for size and alignment; rows are indexed below n m only (64-bit), each block
     // writing only its 64 rows (and 64 dims of their gradient). The block is the 256
     // threads the kernel's 64 x 64 tiles are laid out for, checked against the device
@@ -427,7 +432,7 @@ pub fn energy_score_raw(
     unsafe { stream.launch_builder(&score).arg(&args).launch(cfg) }.map_err(driver_error(name))?;
 
     let merge_args = EnergyScoreMergeArgs {
-        row_sums: row_sums_ptr,
+        tile_sums: tile_sums_ptr,
         term1: term1_ptr,
         term2: term2_ptr,
         loss: loss_ptr,
@@ -436,7 +441,7 @@ pub fn energy_score_raw(
     };
     let cfg = kernels.single_block_config("energy_score_merge", &merge)?;
     // SAFETY: the argument block matches energy_score_merge's parameter. It reads the
-    // 2 n m f64 of row sums the score kernel wrote before it on this stream and writes
+    // 2 f64 per 64-row tile the score kernel wrote before it on this stream and writes
     // one f32 each of term1, term2 and loss, all checked above. One block, checked
     // against the limits.
     unsafe { stream.launch_builder(&merge).arg(&merge_args).launch(cfg) }
