@@ -21,7 +21,6 @@ pub fn poison_outputs(on: bool) {
     POISON_OUTPUTS.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) fn poisoning() -> bool {
     POISON_OUTPUTS.load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -168,7 +167,7 @@ impl Device {
 
     pub(crate) fn upload_bytes(&self, bytes: &[u8]) -> Result<Storage> {
         Ok(match self {
-            Device::Cpu => Storage::Cpu(bytes.to_vec()),
+            Device::Cpu => Storage::Cpu(HostBuffer::from_bytes(bytes)),
             #[cfg(feature = "cuda")]
             Device::Cuda(b) => Storage::Cuda(b.upload(bytes)?),
             #[cfg(feature = "wgpu")]
@@ -177,9 +176,54 @@ impl Device {
     }
 }
 
+/// One 64-byte line of host memory: a CPU tensor is held in these, so a view of its
+/// bytes as any element type (at most 8 bytes wide) is aligned, and the CPU kernels
+/// read and write typed slices without copies or unaligned casts.
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// The bytes of a CPU tensor, 64-byte aligned.
+#[derive(Clone)]
+pub(crate) struct HostBuffer {
+    lines: Vec<Line>,
+    len: usize,
+}
+
+impl HostBuffer {
+    /// `len` bytes, each 0xFF while output poisoning is on (NaN in every float dtype,
+    /// -1 as i64, so an element a CPU kernel forgot to write shows), else 0.
+    fn output(len: usize) -> HostBuffer {
+        let lines = len.div_ceil(std::mem::size_of::<Line>());
+        let lines = if poisoning() {
+            vec![Line([0xFF; 64]); lines]
+        } else {
+            bytemuck::zeroed_vec(lines)
+        };
+        HostBuffer { lines, len }
+    }
+
+    fn from_bytes(bytes: &[u8]) -> HostBuffer {
+        let mut buffer = HostBuffer {
+            lines: bytemuck::zeroed_vec(bytes.len().div_ceil(std::mem::size_of::<Line>())),
+            len: bytes.len(),
+        };
+        buffer.bytes_mut().copy_from_slice(bytes);
+        buffer
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &bytemuck::cast_slice(&self.lines)[..self.len]
+    }
+
+    fn bytes_mut(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut(&mut self.lines)[..self.len]
+    }
+}
+
 /// The bytes of a tensor, on its device.
 pub(crate) enum Storage {
-    Cpu(Vec<u8>),
+    Cpu(HostBuffer),
     #[cfg(feature = "cuda")]
     Cuda(cudarc::driver::CudaSlice<u8>),
     /// A storage buffer whose size is the tensor's byte length rounded up to 4.
@@ -214,6 +258,18 @@ impl std::fmt::Debug for Tensor {
             self.device.name()
         )
     }
+}
+
+/// A host buffer's typed view: its lines align it for every element type and the byte
+/// length is the element count times the size, so the cast cannot fail; if it did, the
+/// error says so rather than a panic.
+fn host_cast<T>(view: std::result::Result<T, bytemuck::PodCastError>) -> Result<T> {
+    view.map_err(|e| Error::DType(format!("host buffer view: {e}")))
+}
+
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn not_on_host() -> Error {
+    Error::DeviceMismatch("the CPU backend was handed a tensor that is not on the host".into())
 }
 
 fn element_count(shape: &[usize]) -> Result<usize> {
@@ -306,7 +362,7 @@ impl Tensor {
 
     fn to_bytes(&self) -> Result<Vec<u8>> {
         match (&self.storage, &self.device) {
-            (Storage::Cpu(bytes), _) => Ok(bytes.clone()),
+            (Storage::Cpu(buffer), _) => Ok(buffer.bytes().to_vec()),
             #[cfg(feature = "cuda")]
             (Storage::Cuda(slice), Device::Cuda(b)) => b.download(slice, self.byte_len()),
             #[cfg(feature = "wgpu")]
@@ -342,6 +398,52 @@ impl Tensor {
     /// Bytes of data (without the padding a backend may add).
     pub fn byte_len(&self) -> usize {
         self.len() * self.dtype.size()
+    }
+
+    /// A CPU tensor of `shape` and `dtype` for a CPU kernel to write in place (poisoned
+    /// first while output poisoning is on).
+    pub(crate) fn host_output(shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let bytes = element_count(shape)?
+            .checked_mul(dtype.size())
+            .ok_or_else(|| Error::Shape(format!("{shape:?} of {dtype} does not fit in memory")))?;
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            device: Device::Cpu,
+            storage: Storage::Cpu(HostBuffer::output(bytes)),
+        })
+    }
+
+    /// The elements of a CPU tensor of dtype `T`, in place.
+    pub(crate) fn host_slice<T: Element>(&self) -> Result<&[T]> {
+        self.check_host::<T>()?;
+        match &self.storage {
+            Storage::Cpu(buffer) => host_cast(bytemuck::try_cast_slice(buffer.bytes())),
+            #[cfg(any(feature = "cuda", feature = "wgpu"))]
+            _ => Err(not_on_host()),
+        }
+    }
+
+    /// The elements of a CPU tensor of dtype `T`, writable in place.
+    pub(crate) fn host_slice_mut<T: Element>(&mut self) -> Result<&mut [T]> {
+        self.check_host::<T>()?;
+        match &mut self.storage {
+            Storage::Cpu(buffer) => host_cast(bytemuck::try_cast_slice_mut(buffer.bytes_mut())),
+            #[cfg(any(feature = "cuda", feature = "wgpu"))]
+            _ => Err(not_on_host()),
+        }
+    }
+
+    fn check_host<T: Element>(&self) -> Result<()> {
+        if T::DTYPE == self.dtype {
+            Ok(())
+        } else {
+            Err(Error::DType(format!(
+                "tensor holds {} but a view of {} was asked for",
+                self.dtype,
+                T::DTYPE
+            )))
+        }
     }
 
     /// The tensor's CUDA memory, for the zero-copy entries (`cuda::xent::xent_raw`) and
