@@ -65,6 +65,34 @@ fn map_chunks<R: Send>(
         .collect()
 }
 
+/// A piece of kernel work (a chunk of rows, tiles or pairs) for [`run_best`].
+trait Work {
+    type Output;
+    /// Marked `#[inline(always)]` in every impl, with the kernel functions it calls, so
+    /// that it is compiled into each of `run_best`'s two paths with that path's features.
+    fn run(self) -> Self::Output;
+}
+
+/// Runs `work` compiled for AVX-512 where the CPU has it, else as compiled for the
+/// baseline target. Both paths run the same IEEE operations in the same order (Rust never
+/// contracts a * b + c into a fused multiply-add, and the lane arrays fix the order of
+/// every sum), so they give the same bits; AVX-512 holds a lane array in one register
+/// where SSE needs four.
+fn run_best<W: Work>(work: W) -> W::Output {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512f") {
+        // SAFETY: avx512 needs AVX-512F, which the CPU running this has (checked above).
+        return unsafe { avx512(work) };
+    }
+    work.run()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn avx512<W: Work>(work: W) -> W::Output {
+    work.run()
+}
+
 /// A float input (f32, f16 or bf16) read as f32.
 #[derive(Clone, Copy)]
 pub(crate) enum Floats<'a> {
@@ -90,6 +118,7 @@ impl<'a> Floats<'a> {
 
     /// Elements `start .. start + buf.len()` as f32: f32 in place, 16-bit values decoded
     /// into `buf` with `half`'s slice conversion.
+    #[inline(always)]
     fn read<'b>(&self, start: usize, buf: &'b mut [f32]) -> &'b [f32]
     where
         'a: 'b,
@@ -141,6 +170,7 @@ impl<'a> FloatsMut<'a> {
     }
 
     /// Writes `values` at `start`, rounded to nearest in 16-bit dtypes.
+    #[inline(always)]
     fn write(&mut self, start: usize, values: &[f32]) {
         let range = start..start + values.len();
         match self {

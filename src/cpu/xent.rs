@@ -10,7 +10,9 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::{chunk_rows, exp, lane_sum, scalar, CpuBackend, Floats, FloatsMut, LANES};
+use crate::cpu::{
+    chunk_rows, exp, lane_sum, run_best, scalar, CpuBackend, Floats, FloatsMut, Work, LANES,
+};
 use crate::device::Tensor;
 use crate::dtype::DType;
 use crate::error::{Error, Result};
@@ -20,7 +22,7 @@ use crate::spec::xent::{
 };
 
 /// Columns per tile: the unit in which the running max moves.
-const TILE: usize = 4 * LANES;
+const TILE: usize = 16 * LANES;
 
 /// The first class target outside [0, V) that is not `ignore_index`, as an error.
 fn check_targets(targets: &[i64], spec: &XentSpec) -> Result<()> {
@@ -86,6 +88,7 @@ impl Coefficients<'_> {
     }
 
     /// c_k for the `out.len()` columns from `col` (0 where there is no coefficient).
+    #[inline(always)]
     fn fill(&self, col: usize, out: &mut [f32]) {
         let weight = |weights: Option<&[f32]>, k: usize| weights.map_or(1.0, |w| w[col + k]);
         match *self {
@@ -147,6 +150,7 @@ struct Acc {
 }
 
 impl Acc {
+    #[inline(always)]
     fn new() -> Acc {
         Acc {
             m: f32::NEG_INFINITY,
@@ -163,6 +167,7 @@ impl Acc {
 
     /// The shift the exponentials use: the running max, or 0 while it is -inf (every
     /// column so far -inf or NaN; -inf - -inf would make s NaN).
+    #[inline(always)]
     fn shift(&self) -> f32 {
         if self.m == f32::NEG_INFINITY {
             0.0
@@ -173,6 +178,7 @@ impl Acc {
 
     /// Adds tile `index`: `z` holds its `len` columns, then -inf (which add nothing but
     /// to the min, taken over the first `len`); `c` their coefficients (0 past `len`).
+    #[inline(always)]
     fn add_tile(
         &mut self,
         index: usize,
@@ -226,6 +232,7 @@ impl Acc {
     }
 
     /// Raises the running max to `m_new` > m, rescaling s, t and D once.
+    #[inline(always)]
     fn raise(&mut self, m_new: f32, inv_t: f32, coefficients: bool) {
         if self.m != f32::NEG_INFINITY {
             let dm = self.m - m_new;
@@ -239,6 +246,7 @@ impl Acc {
         self.m = m_new;
     }
 
+    #[inline(always)]
     fn add_coefficients(&mut self, z: &[f32; TILE], c: &[f32; TILE], shift: f32) {
         let (mut cf, mut d, mut all) = ([0.0; LANES], [0.0; LANES], [0.0; LANES]);
         for (zg, cg) in z.chunks_exact(LANES).zip(c.chunks_exact(LANES)) {
@@ -301,6 +309,7 @@ struct Problem<'a> {
 }
 
 impl<'a> Problem<'a> {
+    #[inline(always)]
     fn target(&self, row: usize) -> RowTarget<'a> {
         let (classes, weights) = (self.spec.classes, self.weights);
         if let Some(labels) = self.labels {
@@ -350,38 +359,50 @@ impl<'a> Problem<'a> {
         }
     }
 
-    /// Tile `index` of the row starting at element `start` into `z` (-inf past the row's
-    /// end) and its coefficients into `c`; returns the tile's column count.
-    fn load_tile(
-        &self,
+    /// Tile `index` of the row starting at element `start`: the logits in place when the
+    /// tile is whole and f32, else decoded into `z` with -inf past the row's end; and the
+    /// coefficients, when the row has any, into `c`. Returns the tile and its column count.
+    #[inline(always)]
+    fn load_tile<'t>(
+        &'t self,
         start: usize,
         index: usize,
         target: &RowTarget<'_>,
-        z: &mut [f32; TILE],
+        z: &'t mut [f32; TILE],
         c: &mut [f32; TILE],
-    ) -> usize {
+    ) -> (&'t [f32; TILE], usize) {
         let col = index * TILE;
         let len = TILE.min(self.spec.classes - col);
-        let mut buf = [0.0; TILE];
-        let values = self.logits.read(start + col, &mut buf[..len]);
-        z[..len].copy_from_slice(values);
-        z[len..].fill(f32::NEG_INFINITY);
         if target.coefficients.any() {
             target.coefficients.fill(col, &mut c[..len]);
             c[len..].fill(0.0);
         }
-        len
+        let range = start + col..start + col + len;
+        match self.logits {
+            Floats::F32(values) => {
+                if let Ok(tile) = <&[f32; TILE]>::try_from(&values[range.clone()]) {
+                    return (tile, len);
+                }
+                z[..len].copy_from_slice(&values[range]);
+            }
+            other => {
+                other.read(range.start, &mut z[..len]);
+            }
+        }
+        z[len..].fill(f32::NEG_INFINITY);
+        (z, len)
     }
 
     /// The forward pass of one row: its outputs and what its gradient needs.
+    #[inline(always)]
     fn forward(&self, row: usize, target: &RowTarget<'_>) -> (RowOut, GradRow) {
         let start = row * self.spec.row_stride;
         let (mut z, mut c) = ([0.0; TILE], [0.0; TILE]);
         let mut acc = Acc::new();
         let coefficients = target.coefficients.any();
         for index in 0..self.spec.classes.div_ceil(TILE) {
-            let len = self.load_tile(start, index, target, &mut z, &mut c);
-            acc.add_tile(index, &z, len, coefficients.then_some(&c), self.inv_t);
+            let (tile, len) = self.load_tile(start, index, target, &mut z, &mut c);
+            acc.add_tile(index, tile, len, coefficients.then_some(&c), self.inv_t);
         }
         let t_ = self.temperature;
         let (m, s) = (acc.m, acc.s);
@@ -479,6 +500,7 @@ impl<'a> Problem<'a> {
 
     /// The gradient row g_k = ((sum c + 2 z lse) p_k - c_k) scale / T, p_k from the row's
     /// own max and sum; an ignored row gets exact zeros, a NaN row NaN.
+    #[inline(always)]
     fn grad_row(
         &self,
         row: usize,
@@ -489,14 +511,16 @@ impl<'a> Problem<'a> {
     ) {
         let start = row * self.spec.row_stride;
         let (mut z, mut c, mut g) = ([0.0; TILE], [0.0; TILE], [0.0; TILE]);
-        c.fill(0.0);
+        let coefficients = target.coefficients.any();
         for index in 0..self.spec.classes.div_ceil(TILE) {
-            let len = self.load_tile(start, index, target, &mut z, &mut c);
             let col = index * TILE;
-            if let Some(y) = target.y.filter(|&y| (col..col + len).contains(&y)) {
+            let (tile, len) = self.load_tile(start, index, target, &mut z, &mut c);
+            // Without per-column coefficients c stays 0 but at the target column.
+            let y = target.y.filter(|&y| (col..col + len).contains(&y));
+            if let Some(y) = y {
                 c[y - col] += target.y_coef;
             }
-            for ((zg, cg), gg) in z
+            for ((zg, cg), gg) in tile
                 .chunks_exact(LANES)
                 .zip(c.chunks_exact(LANES))
                 .zip(g.chunks_exact_mut(LANES))
@@ -510,8 +534,8 @@ impl<'a> Problem<'a> {
                 g.fill(0.0);
             }
             out.write(out_start + col, &g[..len]);
-            if !target.coefficients.any() {
-                c.fill(0.0);
+            if let (Some(y), false) = (y, coefficients) {
+                c[y - col] = 0.0;
             }
         }
     }
@@ -607,6 +631,32 @@ impl XentKernels for CpuBackend {
     }
 }
 
+/// One chunk of rows from row `first`: their outputs, and their gradient rows in place.
+struct RowChunk<'p, 'o> {
+    problem: &'p Problem<'p>,
+    first: usize,
+    out: &'o mut [RowOut],
+    grad: Option<FloatsMut<'o>>,
+}
+
+impl Work for RowChunk<'_, '_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(mut self) {
+        let v = self.problem.spec.classes;
+        for (i, o) in self.out.iter_mut().enumerate() {
+            let row = self.first + i;
+            let target = self.problem.target(row);
+            let (row_out, grad_row) = self.problem.forward(row, &target);
+            *o = row_out;
+            if let Some(g) = self.grad.as_mut() {
+                self.problem.grad_row(row, &target, &grad_row, g, i * v);
+            }
+        }
+    }
+}
+
 /// Runs every row, in parallel chunks of rows, writing the gradient in place.
 fn run_rows(problem: &Problem<'_>, grad: Option<&mut Tensor>) -> Result<Vec<RowOut>> {
     let (b, v) = (problem.spec.batch, problem.spec.classes);
@@ -624,16 +674,13 @@ fn run_rows(problem: &Problem<'_>, grad: Option<&mut Tensor>) -> Result<Vec<RowO
     out.par_chunks_mut(rows)
         .zip(grad_chunks)
         .enumerate()
-        .for_each(|(chunk, (out, mut grad))| {
-            for (i, o) in out.iter_mut().enumerate() {
-                let row = chunk * rows + i;
-                let target = problem.target(row);
-                let (row_out, grad_row) = problem.forward(row, &target);
-                *o = row_out;
-                if let Some(g) = grad.as_mut() {
-                    problem.grad_row(row, &target, &grad_row, g, i * v);
-                }
-            }
+        .for_each(|(chunk, (out, grad))| {
+            run_best(RowChunk {
+                problem,
+                first: chunk * rows,
+                out,
+                grad,
+            })
         });
     Ok(out)
 }
