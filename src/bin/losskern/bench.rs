@@ -24,7 +24,7 @@ pub struct BenchArgs {
     /// The input's dtype [default: bf16 on a GPU, f32 on the CPU]
     #[arg(long, value_enum)]
     dtype: Option<DTypeArg>,
-    /// xent: B x V [default: 4096x32000 on a GPU, 256x32000 on the CPU];
+    /// xent: B x V [default: 4096x32000];
     /// bnstats: N x C x H x W or N x C, whatever the layout [default: 32x64x28x28];
     /// energy-score: n x m x d [default: 1024x16x100]; energy-distance: N x M x d
     /// [default: 4096x4096x64]
@@ -89,6 +89,14 @@ pub fn bench_command(args: &BenchArgs) -> Result<(), Failure> {
     }
 }
 
+/// The input dtype when none is given: bf16 on a GPU, f32 on the CPU.
+fn default_dtype(device: &Device) -> DType {
+    match device.backend() {
+        Backend::Cpu => DType::F32,
+        Backend::Cuda | Backend::Wgpu => DType::BF16,
+    }
+}
+
 /// Milliseconds per call of `op`: the median over batches of back-to-back calls, each
 /// batch ended by `sync`, so a GPU's launch latency is amortised as in a training loop.
 /// Runs for about two seconds after one untimed call (compilation, pipelines).
@@ -150,12 +158,8 @@ pub fn bench(
     grad: bool,
     json: bool,
 ) -> Result<(), Failure> {
-    let (default_shape, default_dtype) = match device.backend() {
-        Backend::Cpu => ((256, 32000), DType::F32),
-        Backend::Cuda | Backend::Wgpu => ((4096, 32000), DType::BF16),
-    };
-    let (batch, classes) = shape.unwrap_or(default_shape);
-    let dtype = dtype.unwrap_or(default_dtype);
+    let (batch, classes) = shape.unwrap_or((4096, 32000));
+    let dtype = dtype.unwrap_or_else(|| default_dtype(device));
     eprintln!(
         "bench: timing xent {batch} x {classes} {dtype} on {} (a few seconds) ...",
         device.name()
@@ -296,10 +300,7 @@ fn bench_bnstats(device: &Device, dtype: Option<DType>, args: &BenchArgs) -> Res
             )))
         }
     };
-    let dtype = dtype.unwrap_or(match device.backend() {
-        Backend::Cpu => DType::F32,
-        Backend::Cuda | Backend::Wgpu => DType::BF16,
-    });
+    let dtype = dtype.unwrap_or_else(|| default_dtype(device));
     eprintln!(
         "bench: timing bnstats {dims:?} {layout:?} {dtype} on {} (a few seconds) ...",
         device.name()
@@ -367,10 +368,7 @@ fn bench_energy(device: &Device, dtype: Option<DType>, args: &BenchArgs) -> Resu
             )))
         }
     };
-    let dtype = dtype.unwrap_or(match device.backend() {
-        Backend::Cpu => DType::F32,
-        Backend::Cuda | Backend::Wgpu => DType::BF16,
-    });
+    let dtype = dtype.unwrap_or_else(|| default_dtype(device));
     let name = if score {
         "energy-score"
     } else {
