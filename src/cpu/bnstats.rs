@@ -8,7 +8,9 @@
 
 use rayon::prelude::*;
 
-use crate::cpu::{map_chunks, CpuBackend, Floats, FloatsMut, CHUNK_ELEMENTS, LANES};
+use crate::cpu::{
+    map_chunks, run_best, CpuBackend, Floats, FloatsMut, Work, CHUNK_ELEMENTS, LANES,
+};
 use crate::device::Tensor;
 use crate::error::Result;
 use crate::ops::bnstats::Layout;
@@ -32,6 +34,7 @@ struct Partial {
 }
 
 /// Chan's merge of two partials of one channel; an empty side adds nothing.
+#[inline(always)]
 fn merge(a: Partial, b: Partial) -> Partial {
     if a.count == 0.0 {
         return b;
@@ -50,6 +53,7 @@ fn merge(a: Partial, b: Partial) -> Partial {
 
 /// The partial of one block of values less `shift`: its mean, then the squared
 /// deviations from that mean, each summed in f32 lanes.
+#[inline(always)]
 fn block_partial(values: &[f32], shift: f32) -> Partial {
     let mut sums = [0.0f32; LANES];
     let (groups, tail) = values.split_at(values.len() - values.len() % LANES);
@@ -80,6 +84,35 @@ fn block_partial(values: &[f32], shift: f32) -> Partial {
     }
 }
 
+/// The partial of one channel over a run of images (rows mode).
+struct SegmentsTask<'a> {
+    x: Floats<'a>,
+    spec: &'a BnSpec,
+    shift: f32,
+    channel: usize,
+    images: std::ops::Range<usize>,
+}
+
+impl Work for SegmentsTask<'_> {
+    type Output = Partial;
+
+    #[inline(always)]
+    fn run(self) -> Partial {
+        let (c, s) = (self.spec.c, self.spec.spatial);
+        let mut buf = [0.0f32; BLOCK];
+        let mut acc = Partial::default();
+        for image in self.images {
+            let start = (image * c + self.channel) * s;
+            for col in (0..s).step_by(BLOCK) {
+                let len = BLOCK.min(s - col);
+                let values = self.x.read(start + col, &mut buf[..len]);
+                acc = merge(acc, block_partial(values, self.shift));
+            }
+        }
+        acc
+    }
+}
+
 /// Rows mode: channel c is N contiguous segments of S = H W values.
 fn rows_partials(x: Floats<'_>, spec: &BnSpec, shift: &[f32]) -> Vec<Partial> {
     let (n, c, s) = (spec.n, spec.c, spec.spatial);
@@ -88,17 +121,13 @@ fn rows_partials(x: Floats<'_>, spec: &BnSpec, shift: &[f32]) -> Vec<Partial> {
     // Task t covers channel t / runs and images of run t % runs.
     let tasks = map_chunks(c * runs, 1, |task| {
         let (channel, run) = (task.start / runs, task.start % runs);
-        let mut buf = [0.0f32; BLOCK];
-        let mut acc = Partial::default();
-        for image in run * images..((run + 1) * images).min(n) {
-            let start = (image * c + channel) * s;
-            for col in (0..s).step_by(BLOCK) {
-                let len = BLOCK.min(s - col);
-                let values = x.read(start + col, &mut buf[..len]);
-                acc = merge(acc, block_partial(values, shift[channel]));
-            }
-        }
-        acc
+        run_best(SegmentsTask {
+            x,
+            spec,
+            shift: shift[channel],
+            channel,
+            images: run * images..((run + 1) * images).min(n),
+        })
     });
     tasks
         .chunks(runs)
@@ -106,22 +135,29 @@ fn rows_partials(x: Floats<'_>, spec: &BnSpec, shift: &[f32]) -> Vec<Partial> {
         .collect()
 }
 
-/// Cols mode: x is a matrix [R, C] with the channels contiguous in a row.
-fn cols_partials(x: Floats<'_>, spec: &BnSpec, shift: &[f32]) -> Vec<Partial> {
-    let c = spec.c;
-    let rows = spec.n * spec.spatial;
-    let block_rows = (BLOCK_ELEMENTS / c).max(1);
-    let task_rows = (CHUNK_ELEMENTS / c).max(MIN_TASK_ROWS);
-    let tasks = map_chunks(rows, task_rows, |task| {
+/// The partials of every channel over a range of rows (cols mode), in blocks of rows.
+struct RowsTask<'a> {
+    x: Floats<'a>,
+    shift: &'a [f32],
+    block_rows: usize,
+    rows: std::ops::Range<usize>,
+}
+
+impl Work for RowsTask<'_> {
+    type Output = Vec<Partial>;
+
+    #[inline(always)]
+    fn run(self) -> Vec<Partial> {
+        let c = self.shift.len();
         let mut acc = vec![Partial::default(); c];
         let (mut row, mut sums, mut squares) = (vec![0.0f32; c], vec![0.0f32; c], vec![0.0f32; c]);
-        for first in task.clone().step_by(block_rows) {
-            let block = first..(first + block_rows).min(task.end);
+        for first in self.rows.clone().step_by(self.block_rows) {
+            let block = first..(first + self.block_rows).min(self.rows.end);
             sums.fill(0.0);
             squares.fill(0.0);
             for r in block.clone() {
-                let values = x.read(r * c, &mut row);
-                for ((sum, &v), &s) in sums.iter_mut().zip(values).zip(shift) {
+                let values = self.x.read(r * c, &mut row);
+                for ((sum, &v), &s) in sums.iter_mut().zip(values).zip(self.shift) {
                     *sum += v - s;
                 }
             }
@@ -130,9 +166,9 @@ fn cols_partials(x: Floats<'_>, spec: &BnSpec, shift: &[f32]) -> Vec<Partial> {
                 *sum /= count;
             }
             for r in block.clone() {
-                let values = x.read(r * c, &mut row);
+                let values = self.x.read(r * c, &mut row);
                 for (((square, &v), &s), &mean) in
-                    squares.iter_mut().zip(values).zip(shift).zip(&sums)
+                    squares.iter_mut().zip(values).zip(self.shift).zip(&sums)
                 {
                     let d = v - s - mean;
                     *square += d * d;
@@ -148,6 +184,22 @@ fn cols_partials(x: Floats<'_>, spec: &BnSpec, shift: &[f32]) -> Vec<Partial> {
             }
         }
         acc
+    }
+}
+
+/// Cols mode: x is a matrix [R, C] with the channels contiguous in a row.
+fn cols_partials(x: Floats<'_>, spec: &BnSpec, shift: &[f32]) -> Vec<Partial> {
+    let c = spec.c;
+    let rows = spec.n * spec.spatial;
+    let block_rows = (BLOCK_ELEMENTS / c).max(1);
+    let task_rows = (CHUNK_ELEMENTS / c).max(MIN_TASK_ROWS);
+    let tasks = map_chunks(rows, task_rows, |rows| {
+        run_best(RowsTask {
+            x,
+            shift,
+            block_rows,
+            rows,
+        })
     });
     let mut total = vec![Partial::default(); c];
     for task in &tasks {
@@ -163,43 +215,73 @@ fn rows_mode(spec: &BnSpec) -> bool {
     spec.layout == Layout::Nchw && spec.spatial > 1
 }
 
+/// The per-channel affine of the normalisation: y = (x - mean) * scale + beta.
+struct Affine<'a> {
+    mean: &'a [f32],
+    scale: &'a [f32],
+    beta: &'a [f32],
+}
+
+/// Lines `first ..` of x normalised into `out` (a line: one segment of S values of one
+/// channel in rows mode, one row of C in cols mode).
+struct NormalizeChunk<'a, 'o> {
+    x: Floats<'a>,
+    spec: &'a BnSpec,
+    affine: &'a Affine<'a>,
+    line: usize,
+    first: usize,
+    lines: usize,
+    out: FloatsMut<'o>,
+}
+
+impl Work for NormalizeChunk<'_, '_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(mut self) {
+        let Affine { mean, scale, beta } = *self.affine;
+        let line = self.line;
+        let (mut buf, mut values) = (vec![0.0f32; line], vec![0.0f32; line]);
+        for i in 0..self.lines {
+            let l = self.first + i;
+            let v = self.x.read(l * line, &mut buf);
+            if rows_mode(self.spec) {
+                let ch = l % self.spec.c;
+                for (o, &v) in values.iter_mut().zip(v) {
+                    *o = (v - mean[ch]) * scale[ch] + beta[ch];
+                }
+            } else {
+                let params = mean.iter().zip(scale).zip(beta);
+                for ((o, &v), ((&m, &s), &b)) in values.iter_mut().zip(v).zip(params) {
+                    *o = (v - m) * s + b;
+                }
+            }
+            self.out.write(i * line, &values);
+        }
+    }
+}
+
 /// y = (x - mean) * (invstd * gamma) + beta, in x's dtype and layout, written in place.
-fn normalize(
-    x: Floats<'_>,
-    spec: &BnSpec,
-    y: &mut Tensor,
-    mean: &[f32],
-    scale: &[f32],
-    beta: &[f32],
-) -> Result<()> {
-    let rows = rows_mode(spec);
-    // A line: one segment of S values of one channel (rows), or one row of C (cols).
-    let line = if rows { spec.spatial } else { spec.c };
+fn normalize(x: Floats<'_>, spec: &BnSpec, y: &mut Tensor, affine: &Affine<'_>) -> Result<()> {
+    let line = if rows_mode(spec) {
+        spec.spatial
+    } else {
+        spec.c
+    };
     let lines = crate::cpu::chunk_rows(line);
     let total_lines = spec.n * spec.c * spec.spatial / line;
     let chunks = FloatsMut::of(y)?.chunks(lines * line);
-    chunks
-        .into_par_iter()
-        .enumerate()
-        .for_each(|(chunk, mut out)| {
-            let (mut buf, mut values) = (vec![0.0f32; line], vec![0.0f32; line]);
-            for i in 0..lines.min(total_lines - chunk * lines) {
-                let l = chunk * lines + i;
-                let v = x.read(l * line, &mut buf);
-                if rows {
-                    let ch = l % spec.c;
-                    for (o, &v) in values.iter_mut().zip(v) {
-                        *o = (v - mean[ch]) * scale[ch] + beta[ch];
-                    }
-                } else {
-                    let params = mean.iter().zip(scale).zip(beta);
-                    for ((o, &v), ((&m, &s), &b)) in values.iter_mut().zip(v).zip(params) {
-                        *o = (v - m) * s + b;
-                    }
-                }
-                out.write(i * line, &values);
-            }
-        });
+    chunks.into_par_iter().enumerate().for_each(|(chunk, out)| {
+        run_best(NormalizeChunk {
+            x,
+            spec,
+            affine,
+            line,
+            first: chunk * lines,
+            lines: lines.min(total_lines - chunk * lines),
+            out,
+        })
+    });
     Ok(())
 }
 
@@ -277,7 +359,16 @@ impl BnStatsKernels for CpuBackend {
             .map(|(&s, &g)| s * g)
             .collect();
         let mut y = Tensor::host_output(call.x.shape(), spec.dtype)?;
-        normalize(x, spec, &mut y, mean, &scale, &beta)?;
+        normalize(
+            x,
+            spec,
+            &mut y,
+            &Affine {
+                mean,
+                scale: &scale,
+                beta: &beta,
+            },
+        )?;
         Ok(BnStatsOutput {
             y: Some(y),
             ..stats
