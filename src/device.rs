@@ -196,10 +196,10 @@ pub(crate) struct HostBuffer {
     len: usize,
 }
 
-/// Host buffers of dropped CPU tensors, kept for reuse: a fresh allocation of an
-/// output's size is zeroed and faulted in page by page by the kernel, which on a 2-core
-/// machine costs more than the op itself (~60% of an xent gradient's time at 4096 x
-/// 32000), as the GPU backends keep their buffers. Bounded by [`HOST_POOL_BYTES`];
+/// Host buffers of dropped CPU tensors, kept for reuse, as the GPU backends keep theirs:
+/// a fresh allocation of an output's size is zeroed and faulted in page by page (in a
+/// profile of xent with its gradient at 1024 x 32000 on 2 cores, about a third of the
+/// time went to page faults and zeroing). Bounded by [`HOST_POOL_BYTES`];
 /// `Device::Cpu.trim()` empties it.
 static HOST_POOL: std::sync::Mutex<Vec<Vec<Line>>> = std::sync::Mutex::new(Vec::new());
 
