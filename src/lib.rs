@@ -1,6 +1,7 @@
 //! losskern: hand-written CUDA and WGSL kernels for training diagnostics, each done in one
 //! pass over the data, behind one safe API, with the same numbers on CUDA, on any WebGPU
-//! adapter and in the f64 CPU reference (`losskern_reference`).
+//! adapter and on the native CPU backend, all judged against the f64 reference
+//! (`losskern_reference`).
 //!
 //! Data flows one way: a host slice becomes a [`Tensor`] on a [`Device`]; an op in [`ops`]
 //! validates its inputs once into a spec; the device's backend launches its kernels

@@ -1,75 +1,437 @@
-use losskern_reference::energy as reference;
+//! energy on the CPU, with the GPU kernels' accumulation rules (kernels/energy.cu):
+//! distances are taken from differences in f32, powered distances are summed in f32
+//! over tiles of [`PAIR_TILE`] columns and the tile sums in f64, in a fixed order. The
+//! second set of every pair sum is held transposed (one row per dimension), so the inner
+//! loops run over [`LANES`] columns at once. Within-set sums take the pairs i < j once
+//! and double them (the diagonal is 0).
 
-use crate::cpu::CpuBackend;
-use crate::cpu::{scalar, tensor};
+use rayon::prelude::*;
+
+use crate::cpu::{lane_sum, map_chunks, scalar, CpuBackend, Floats, CHUNK_ELEMENTS, LANES};
 use crate::device::Tensor;
 use crate::dtype::DType;
 use crate::error::Result;
+use crate::ops::energy::Statistic;
 use crate::spec::energy::{
     check_weight_values, EnergyDistanceCall, EnergyDistanceOutput, EnergyKernels, EnergyScoreCall,
     EnergyScoreOutput,
 };
 
+/// Columns per f32 partial sum before it is added to the f64 total.
+const PAIR_TILE: usize = 4 * LANES;
+/// Rows of the first set per task of a pair sum.
+const ROW_TILE: usize = 64;
+
+/// How ||u||^beta is formed from s = ||u||^2.
+#[derive(Clone, Copy)]
+enum Power {
+    /// beta = 1: sqrt(s).
+    Sqrt,
+    /// beta = 2: s itself.
+    Square,
+    /// Any other beta: s^(beta / 2) in f64, so the power adds one f32 rounding only.
+    Other(f64),
+}
+
+impl Power {
+    fn new(beta: f64) -> Power {
+        if beta == 1.0 {
+            Power::Sqrt
+        } else if beta == 2.0 {
+            Power::Square
+        } else {
+            Power::Other(beta)
+        }
+    }
+
+    #[inline(always)]
+    fn of(self, s: f32) -> f32 {
+        match self {
+            Power::Sqrt => s.sqrt(),
+            Power::Square => s,
+            Power::Other(beta) => f64::from(s).powf(0.5 * beta) as f32,
+        }
+    }
+
+    /// beta ||u||^(beta - 2), the factor of u in d||u||^beta / du, with the sub-gradient
+    /// 0 at u = 0 (NaN stays NaN).
+    fn slope(self, s: f32) -> f32 {
+        if s == 0.0 {
+            return 0.0;
+        }
+        match self {
+            Power::Sqrt => 1.0 / s.sqrt(),
+            Power::Square => 2.0,
+            Power::Other(beta) => (beta * f64::from(s).powf(0.5 * beta - 1.0)) as f32,
+        }
+    }
+}
+
+/// A set of points decoded to f32, transposed to [d, padded] (columns past `len` are 0)
+/// with its weights (0 past `len`).
+struct Columns {
+    len: usize,
+    padded: usize,
+    values: Vec<f32>,
+    weights: Vec<f32>,
+}
+
+impl Columns {
+    /// Points `first .. first + len` of `points` ([_, d] row-major).
+    fn new(
+        points: Floats<'_>,
+        first: usize,
+        len: usize,
+        d: usize,
+        weights: Option<&[f32]>,
+    ) -> Columns {
+        let padded = len.div_ceil(LANES) * LANES;
+        let mut values = vec![0.0f32; d * padded];
+        let mut row = vec![0.0f32; d];
+        for j in 0..len {
+            let p = points.read((first + j) * d, &mut row);
+            for (k, &v) in p.iter().enumerate() {
+                values[k * padded + j] = v;
+            }
+        }
+        let mut w = vec![0.0f32; padded];
+        for (j, wj) in w.iter_mut().take(len).enumerate() {
+            *wj = weights.map_or(1.0, |w| w[first + j]);
+        }
+        Columns {
+            len,
+            padded,
+            values,
+            weights: w,
+        }
+    }
+
+    /// s_l = ||a - column (block + l)||^2 for the LANES columns from `block`.
+    #[inline(always)]
+    fn squares(&self, a: &[f32], block: usize) -> [f32; LANES] {
+        let mut s = [0.0f32; LANES];
+        for (k, &ak) in a.iter().enumerate() {
+            let column = &self.values[k * self.padded + block..k * self.padded + block + LANES];
+            for l in 0..LANES {
+                let diff = ak - column[l];
+                s[l] += diff * diff;
+            }
+        }
+        s
+    }
+
+    /// out_q = sum_j w_j h(||a - b_j||^2) (a_q - b_jq) over the columns in order, h the
+    /// power's slope (padding weighs 0): f32 per lane, the lanes summed in a fixed order.
+    /// `slopes` is scratch of at least `padded`.
+    fn slope_sums(&self, a: &[f32], power: Power, slopes: &mut [f32], out: &mut [f32]) {
+        for block in (0..self.padded).step_by(LANES) {
+            let s = self.squares(a, block);
+            for l in 0..LANES {
+                slopes[block + l] = self.weights[block + l] * power.slope(s[l]);
+            }
+        }
+        let m = self.padded;
+        for (q, o) in out.iter_mut().enumerate() {
+            let column = &self.values[q * m..(q + 1) * m];
+            let mut acc = [0.0f32; LANES];
+            for (cb, hb) in column.chunks_exact(LANES).zip(slopes.chunks_exact(LANES)) {
+                for l in 0..LANES {
+                    acc[l] += hb[l] * (a[q] - cb[l]);
+                }
+            }
+            *o = lane_sum(&acc);
+        }
+    }
+
+    /// sum over columns j >= `from` of w_j ||a - b_j||^beta: f32 per tile, f64 across.
+    fn weighted_sum(&self, a: &[f32], from: usize, power: Power) -> f64 {
+        let mut total = 0.0f64;
+        let first_block = from / LANES * LANES;
+        for tile in (first_block..self.padded).step_by(PAIR_TILE) {
+            let mut acc = [0.0f32; LANES];
+            for block in (tile..(tile + PAIR_TILE).min(self.padded)).step_by(LANES) {
+                let s = self.squares(a, block);
+                for l in 0..LANES {
+                    // Columns before `from` in the first block, and the padding, weigh 0.
+                    let w = if block + l >= from {
+                        self.weights[block + l]
+                    } else {
+                        0.0
+                    };
+                    acc[l] += w * power.of(s[l]);
+                }
+            }
+            total += f64::from(lane_sum(&acc));
+        }
+        total
+    }
+}
+
+/// sum_i wa_i sum_j wb_j ||a_i - b_j||^beta over all pairs, or over i < j when `same`
+/// (b is a itself), in tasks of ROW_TILE rows merged in row order.
+fn pair_sum(
+    a: Floats<'_>,
+    wa: Option<&[f32]>,
+    b: &Columns,
+    d: usize,
+    rows: usize,
+    same: bool,
+    power: Power,
+) -> f64 {
+    let tiles = map_chunks(rows, ROW_TILE, |task| {
+        let mut row = vec![0.0f32; d];
+        let mut total = 0.0f64;
+        for i in task {
+            let from = if same { i + 1 } else { 0 };
+            if from >= b.len {
+                continue;
+            }
+            let p = a.read(i * d, &mut row);
+            let wi = wa.map_or(1.0, |w| f64::from(w[i]));
+            total += wi * b.weighted_sum(p, from, power);
+        }
+        total
+    });
+    tiles.iter().sum()
+}
+
+/// The weights, after the value check every backend makes (finite, >= 0, not all 0).
+fn checked_weights<'a>(name: &str, weights: Option<&'a Tensor>) -> Result<Option<&'a [f32]>> {
+    let Some(w) = weights else { return Ok(None) };
+    let values = w.host_slice::<f32>()?;
+    let wide: Vec<f64> = values.iter().map(|&v| f64::from(v)).collect();
+    check_weight_values(name, &wide)?;
+    Ok(Some(values))
+}
+
+/// The total weight W and the weight of the off-diagonal pairs W^2 - sum w^2 (exactly 0
+/// for one point), in f64.
+fn weight_totals(weights: Option<&[f32]>, len: usize) -> (f64, f64) {
+    match weights {
+        Some(w) => {
+            let total: f64 = w.iter().map(|&v| f64::from(v)).sum();
+            let squares: f64 = w.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+            (total, total * total - squares)
+        }
+        None => (len as f64, len as f64 * (len as f64 - 1.0)),
+    }
+}
+
+/// The factor of sum_k w_i w_k g(x_i - x_k) in d distance / dx_i (raw weights): -2 over
+/// the weight the within-set sum is divided by (0 for a U statistic without pairs).
+fn within_coef((total, off_diagonal): (f64, f64), statistic: Statistic) -> f64 {
+    match statistic {
+        Statistic::V => -2.0 / (total * total),
+        Statistic::U if off_diagonal == 0.0 => 0.0,
+        Statistic::U => -2.0 / off_diagonal,
+    }
+}
+
+/// d distance / d(points) [rows, d] f32: per row i, w_i times the two terms' coefficients
+/// times their slope sums (the cross term against the other set, the within term against
+/// the set itself), in tasks of ROW_TILE rows.
+fn distance_gradient(
+    points: Floats<'_>,
+    weights: Option<&[f32]>,
+    rows: usize,
+    d: usize,
+    [(cross, cross_coef), (within, within_coef)]: [(&Columns, f64); 2],
+    power: Power,
+) -> Result<Tensor> {
+    let mut grad = Tensor::host_output(&[rows, d], DType::F32)?;
+    let slots = cross.padded.max(within.padded);
+    grad.host_slice_mut::<f32>()?
+        .par_chunks_mut(ROW_TILE * d)
+        .enumerate()
+        .for_each(|(task, out)| {
+            let (mut row, mut cross_sums) = (vec![0.0f32; d], vec![0.0f32; d]);
+            let mut slopes = vec![0.0f32; slots];
+            for (k, g) in out.chunks_mut(d).enumerate() {
+                let i = task * ROW_TILE + k;
+                let a = points.read(i * d, &mut row);
+                let wi = weights.map_or(1.0, |w| f64::from(w[i]));
+                cross.slope_sums(a, power, &mut slopes, &mut cross_sums);
+                within.slope_sums(a, power, &mut slopes, g);
+                for (gq, &cq) in g.iter_mut().zip(&cross_sums) {
+                    let sum = cross_coef * f64::from(cq) + within_coef * f64::from(*gq);
+                    *gq = (wi * sum) as f32;
+                }
+            }
+        });
+    Ok(grad)
+}
+
+/// The within-set term from the sum over pairs i < j.
+fn within(pairs: f64, (total, off_diagonal): (f64, f64), statistic: Statistic) -> f64 {
+    match statistic {
+        Statistic::V => 2.0 * pairs / (total * total),
+        Statistic::U if off_diagonal == 0.0 => 0.0,
+        Statistic::U => 2.0 * pairs / off_diagonal,
+    }
+}
+
+/// One sample's predictions [m, d] transposed, its target and the power, for the score.
+struct Sample<'a> {
+    preds: &'a Columns,
+    /// Prediction j as a row (from the row-major input).
+    rows: &'a [f32],
+    y: &'a [f32],
+    d: usize,
+    power: Power,
+}
+
+impl Sample<'_> {
+    fn row(&self, j: usize) -> &[f32] {
+        &self.rows[j * self.d..(j + 1) * self.d]
+    }
+
+    /// ||p_j - y||^2.
+    fn target_square(&self, j: usize) -> f32 {
+        let mut s = 0.0f32;
+        for (&p, &y) in self.row(j).iter().zip(self.y) {
+            s += (p - y) * (p - y);
+        }
+        s
+    }
+
+    /// The gradient of prediction j: c1 h(s1) (p_j - y) + c2 sum_k h(s_jk) (p_j - p_k),
+    /// the pair sum in k order over each dimension.
+    fn grad_row(&self, j: usize, c1: f32, c2: f32, slopes: &mut [f32], out: &mut [f32]) {
+        let p = self.row(j);
+        let h1 = c1 * self.power.slope(self.target_square(j));
+        // p_j against itself has s = 0, so slope 0.
+        self.preds.slope_sums(p, self.power, slopes, out);
+        for (q, g) in out.iter_mut().enumerate() {
+            *g = h1 * (p[q] - self.y[q]) + c2 * *g;
+        }
+    }
+}
+
 impl EnergyKernels for CpuBackend {
     fn energy_score(&self, bound: &EnergyScoreCall<'_>) -> Result<EnergyScoreOutput> {
         let (spec, call) = (bound.spec(), bound.call());
-        let y = call.y.to_f64_vec()?;
-        let preds = call.preds.to_f64_vec()?;
-        let out = reference::energy_score(&reference::EnergyScoreProblem {
-            y: &y,
-            preds: &preds,
-            n: spec.n,
-            m: spec.m,
-            d: spec.d,
-            beta: spec.beta,
-            grad: spec.grad,
-        });
+        let (n, m, d) = (spec.n, spec.m, spec.d);
+        let (y, preds) = (Floats::of(call.y)?, Floats::of(call.preds)?);
+        let power = Power::new(spec.beta);
+        let samples = (CHUNK_ELEMENTS / (m * m * d).max(1)).max(1);
+        let mut grad = spec
+            .grad
+            .then(|| Tensor::host_output(&[n, m, d], DType::F32))
+            .transpose()?;
+        let mut grad_chunks: Vec<Option<&mut [f32]>> = match grad.as_mut() {
+            Some(g) => g
+                .host_slice_mut::<f32>()?
+                .chunks_mut(samples * m * d)
+                .map(Some)
+                .collect(),
+            None => (0..n.div_ceil(samples)).map(|_| None).collect(),
+        };
+        // The gradient's coefficients: 1 / (n m) for term1, -m / (m - 1) / (n m m) for
+        // the ordered pairs of term2 (p_ij is first and second of one, hence twice 0.5).
+        let c1 = (1.0 / (n * m) as f64) as f32;
+        let c2 = if m < 2 {
+            0.0
+        } else {
+            (-(m as f64) / (m - 1) as f64 / (n * m * m) as f64) as f32
+        };
+        let sums: Vec<(f64, f64)> = grad_chunks
+            .par_iter_mut()
+            .enumerate()
+            .map(|(chunk, grad)| {
+                let (mut sum1, mut sum2) = (0.0f64, 0.0f64);
+                let (mut rows, mut target) = (vec![0.0f32; m * d], vec![0.0f32; d]);
+                let mut slopes = vec![0.0f32; m.div_ceil(LANES) * LANES];
+                for i in chunk * samples..((chunk + 1) * samples).min(n) {
+                    let columns = Columns::new(preds, i * m, m, d, None);
+                    let sample = Sample {
+                        preds: &columns,
+                        rows: preds.read(i * m * d, &mut rows),
+                        y: y.read(i * d, &mut target),
+                        d,
+                        power,
+                    };
+                    for j in 0..m {
+                        sum1 += f64::from(power.of(sample.target_square(j)));
+                        sum2 += columns.weighted_sum(sample.row(j), 0, power);
+                        if let Some(g) = grad.as_deref_mut() {
+                            let at = ((i - chunk * samples) * m + j) * d;
+                            sample.grad_row(j, c1, c2, &mut slopes, &mut g[at..at + d]);
+                        }
+                    }
+                }
+                (sum1, sum2)
+            })
+            .collect();
+        let (mut sum1, mut sum2) = (0.0, 0.0);
+        for &(s1, s2) in &sums {
+            sum1 += s1;
+            sum2 += s2;
+        }
+        let term1 = sum1 / (n * m) as f64;
+        let term2 = if m < 2 {
+            0.0
+        } else {
+            -0.5 * (m as f64 / (m - 1) as f64) * sum2 / (n * m * m) as f64
+        };
         Ok(EnergyScoreOutput {
-            term1: scalar(out.term1)?,
-            term2: scalar(out.term2)?,
-            loss: scalar(out.loss)?,
-            grad: out
-                .grad
-                .map(|g| tensor(&g, &[spec.n, spec.m, spec.d], DType::F32))
-                .transpose()?,
+            term1: scalar(term1)?,
+            term2: scalar(term2)?,
+            loss: scalar(term1 + term2)?,
+            grad,
         })
     }
 
     fn energy_distance(&self, bound: &EnergyDistanceCall<'_>) -> Result<EnergyDistanceOutput> {
         let (spec, call) = (bound.spec(), bound.call());
-        let x = call.x.to_f64_vec()?;
-        let y = call.y.to_f64_vec()?;
-        let weights_x = call.weights_x.map(Tensor::to_f64_vec).transpose()?;
-        let weights_y = call.weights_y.map(Tensor::to_f64_vec).transpose()?;
-        for (name, weights) in [("weights_x", &weights_x), ("weights_y", &weights_y)] {
-            if let Some(values) = weights {
-                check_weight_values(name, values)?;
-            }
-        }
-        let out = reference::energy_distance(&reference::EnergyDistanceProblem {
-            x: &x,
-            y: &y,
-            n: spec.n,
-            m: spec.m,
-            d: spec.d,
-            weights_x: weights_x.as_deref(),
-            weights_y: weights_y.as_deref(),
-            beta: spec.beta,
-            statistic: spec.statistic,
-            grad: spec.grad,
-        });
-        let grad = |values: Option<Vec<f64>>, rows: usize| {
-            values
-                .map(|g| tensor(&g, &[rows, spec.d], DType::F32))
-                .transpose()
+        let (n, m, d) = (spec.n, spec.m, spec.d);
+        let (x, y) = (Floats::of(call.x)?, Floats::of(call.y)?);
+        let wx = checked_weights("weights_x", call.weights_x)?;
+        let wy = checked_weights("weights_y", call.weights_y)?;
+        let power = Power::new(spec.beta);
+        let (x_columns, y_columns) = (Columns::new(x, 0, n, d, wx), Columns::new(y, 0, m, d, wy));
+        let (totals_x, totals_y) = (weight_totals(wx, n), weight_totals(wy, m));
+        let cross = pair_sum(x, wx, &y_columns, d, n, false, power) / (totals_x.0 * totals_y.0);
+        let within_x = within(
+            pair_sum(x, wx, &x_columns, d, n, true, power),
+            totals_x,
+            spec.statistic,
+        );
+        let within_y = within(
+            pair_sum(y, wy, &y_columns, d, m, true, power),
+            totals_y,
+            spec.statistic,
+        );
+        let (grad_x, grad_y) = if spec.grad {
+            let cross_coef = 2.0 / (totals_x.0 * totals_y.0);
+            let within_x_coef = within_coef(totals_x, spec.statistic);
+            let within_y_coef = within_coef(totals_y, spec.statistic);
+            let gradient = |points, weights, rows, terms| {
+                distance_gradient(points, weights, rows, d, terms, power).map(Some)
+            };
+            (
+                gradient(
+                    x,
+                    wx,
+                    n,
+                    [(&y_columns, cross_coef), (&x_columns, within_x_coef)],
+                )?,
+                gradient(
+                    y,
+                    wy,
+                    m,
+                    [(&x_columns, cross_coef), (&y_columns, within_y_coef)],
+                )?,
+            )
+        } else {
+            (None, None)
         };
         Ok(EnergyDistanceOutput {
-            distance: scalar(out.distance)?,
-            cross: scalar(out.cross)?,
-            within_x: scalar(out.within_x)?,
-            within_y: scalar(out.within_y)?,
-            grad_x: grad(out.grad_x, spec.n)?,
-            grad_y: grad(out.grad_y, spec.m)?,
+            distance: scalar(2.0 * cross - within_x - within_y)?,
+            cross: scalar(cross)?,
+            within_x: scalar(within_x)?,
+            within_y: scalar(within_y)?,
+            grad_x,
+            grad_y,
         })
     }
 }

@@ -4,6 +4,7 @@ mod backends;
 mod bad_input;
 mod bnstats;
 mod compile;
+mod cpu;
 mod energy;
 mod ensemble;
 mod families;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use clap::{Args, ValueEnum};
 use losskern::check;
 use losskern::ops::bnstats::{self, Affine, BnStats, Layout};
+use losskern::ops::energy::{self, EnergyDistance, EnergyScore, Statistic};
 use losskern::ops::xent::{self, Targets, Xent, XentOptions};
 use losskern::{Backend, DType, Device, Tensor};
 
@@ -25,13 +26,15 @@ pub struct BenchArgs {
     /// The input's dtype [default: bf16 on a GPU, f32 on the CPU]
     #[arg(long, value_enum)]
     dtype: Option<DTypeArg>,
-    /// xent: B x V [default: 4096x32000 on a GPU, 256x32000 on the CPU];
+    /// xent: B x V [default: 4096x32000];
     /// bnstats: N x C x H x W or N x C, whatever the layout [default: 32x64x28x28];
+    /// energy-score: n x m x d [default: 1024x16x100]; energy-distance: N x M x d
+    /// [default: 4096x4096x64];
     /// ensemble: E x B x d0 x .. x dL [default: 81x60000x784x128x128x10, B = 600 on the CPU];
     /// landscape: K x distances x B x d0 x .. x dL [default: 7x11x60000x784x128x128x10]
     #[arg(long, value_name = "AxBx...", value_parser = parse_shape)]
     shape: Option<Dims>,
-    /// xent: also compute the gradient
+    /// xent, energy-score, energy-distance: also compute the gradient
     #[arg(long)]
     grad: bool,
     /// bnstats: the memory layout of x
@@ -57,6 +60,10 @@ enum BenchOp {
     Bnstats,
     Ensemble,
     Landscape,
+    /// The energy score (engression loss) of preds n x m x d (`--grad` adds its gradient)
+    EnergyScore,
+    /// The two-sample energy distance of X [N, d] and Y [M, d], shape N x M x d
+    EnergyDistance,
 }
 
 /// A shape given as `AxBx...`: one value for clap (a bare Vec would be read as a list).
@@ -98,6 +105,15 @@ pub fn bench_command(args: &BenchArgs) -> Result<(), Failure> {
             (args.op == BenchOp::Landscape).then(|| args.perturbation.into()),
             args.json,
         ),
+        BenchOp::EnergyScore | BenchOp::EnergyDistance => bench_energy(&device, dtype, args),
+    }
+}
+
+/// The input dtype when none is given: bf16 on a GPU, f32 on the CPU.
+fn default_dtype(device: &Device) -> DType {
+    match device.backend() {
+        Backend::Cpu => DType::F32,
+        Backend::Cuda | Backend::Wgpu => DType::BF16,
     }
 }
 
@@ -162,12 +178,8 @@ pub fn bench(
     grad: bool,
     json: bool,
 ) -> Result<(), Failure> {
-    let (default_shape, default_dtype) = match device.backend() {
-        Backend::Cpu => ((256, 32000), DType::F32),
-        Backend::Cuda | Backend::Wgpu => ((4096, 32000), DType::BF16),
-    };
-    let (batch, classes) = shape.unwrap_or(default_shape);
-    let dtype = dtype.unwrap_or(default_dtype);
+    let (batch, classes) = shape.unwrap_or((4096, 32000));
+    let dtype = dtype.unwrap_or_else(|| default_dtype(device));
     eprintln!(
         "bench: timing xent {batch} x {classes} {dtype} on {} (a few seconds) ...",
         device.name()
@@ -246,6 +258,24 @@ impl Timing {
         self.raw.as_deref().unwrap_or(&self.tensor)
     }
 
+    /// One JSON line of `fields` with the bytes and the Tensor call's times, or `title`
+    /// and the table of [`Timing::print`].
+    fn report(&self, json: bool, mut fields: Vec<(&'static str, Json)>, title: &str) {
+        if json {
+            let median_ms = median(&self.tensor);
+            fields.extend([
+                ("bytes", Json::Num(self.bytes)),
+                ("median_ms", Json::Num(median_ms)),
+                ("best_ms", Json::Num(self.tensor[0])),
+                ("gb_per_s", Json::Num(self.gbps(median_ms))),
+            ]);
+            println!("{}", Json::object(fields));
+            return;
+        }
+        println!("\nbench: {title} ({:.1} MB counted)", self.bytes / 1e6);
+        self.print();
+    }
+
     fn gbps(&self, ms: f64) -> f64 {
         self.bytes / (ms * 1e-3) / 1e9
     }
@@ -290,10 +320,7 @@ fn bench_bnstats(device: &Device, dtype: Option<DType>, args: &BenchArgs) -> Res
             )))
         }
     };
-    let dtype = dtype.unwrap_or(match device.backend() {
-        Backend::Cpu => DType::F32,
-        Backend::Cuda | Backend::Wgpu => DType::BF16,
-    });
+    let dtype = dtype.unwrap_or_else(|| default_dtype(device));
     eprintln!(
         "bench: timing bnstats {dims:?} {layout:?} {dtype} on {} (a few seconds) ...",
         device.name()
@@ -320,34 +347,112 @@ fn bench_bnstats(device: &Device, dtype: Option<DType>, args: &BenchArgs) -> Res
         tensor: times,
         raw: None,
     };
-    if args.json {
-        println!(
-            "{}",
-            Json::object([
-                ("op", Json::Str("bnstats".into())),
-                ("device", Json::Str(device.name())),
-                ("shape", Json::shape(&shape)),
-                ("layout", Json::Str(format!("{layout:?}"))),
-                ("dtype", Json::Str(dtype.name().into())),
-                ("normalize", Json::Bool(args.normalize)),
-                ("bytes", Json::Num(timing.bytes)),
-                ("median_ms", Json::Num(median(&timing.tensor))),
-                ("best_ms", Json::Num(timing.tensor[0])),
-                ("gb_per_s", Json::Num(timing.gbps(median(&timing.tensor)))),
-            ])
-        );
-        return Ok(());
-    }
     let what = if args.normalize {
         "stats + normalise"
     } else {
         "stats"
     };
-    println!(
-        "\nbench: bnstats {what}, {shape:?} {layout:?} {dtype}, on {} ({:.1} MB counted)",
-        device.name(),
-        timing.bytes / 1e6
+    timing.report(
+        args.json,
+        vec![
+            ("op", Json::Str("bnstats".into())),
+            ("device", Json::Str(device.name())),
+            ("shape", Json::shape(&shape)),
+            ("layout", Json::Str(format!("{layout:?}"))),
+            ("dtype", Json::Str(dtype.name().into())),
+            ("normalize", Json::Bool(args.normalize)),
+        ],
+        &format!(
+            "bnstats {what}, {shape:?} {layout:?} {dtype}, on {}",
+            device.name()
+        ),
     );
-    timing.print();
+    Ok(())
+}
+
+/// Benchmarks the energy score (preds n x m x d) or the energy distance (N x M x d) with
+/// beta = 1; bytes counted: the inputs read once, and the gradient written once.
+fn bench_energy(device: &Device, dtype: Option<DType>, args: &BenchArgs) -> Result<(), Failure> {
+    let score = args.op == BenchOp::EnergyScore;
+    let default = if score {
+        [1024, 16, 100]
+    } else {
+        [4096, 4096, 64]
+    };
+    let [a, b, d] = match args.shape.as_ref().map(|s| s.0.as_slice()) {
+        None => default,
+        Some(&[a, b, d]) => [a, b, d],
+        Some(other) => {
+            return Err(Failure::Usage(format!(
+                "energy takes a 3-dim shape, got {other:?}"
+            )))
+        }
+    };
+    let dtype = dtype.unwrap_or_else(|| default_dtype(device));
+    let name = if score {
+        "energy-score"
+    } else {
+        "energy-distance"
+    };
+    eprintln!(
+        "bench: timing {name} {a}x{b}x{d} {dtype} on {} ...",
+        device.name()
+    );
+    let mut rng = check::Rng::new(9);
+    let mut upload = |shape: &[usize]| {
+        let len = shape.iter().product();
+        Tensor::from_f64(device, &rng.normals(len, 1.0), shape, dtype)
+    };
+    let (first, second) = if score {
+        (upload(&[a, d])?, upload(&[a, b, d])?)
+    } else {
+        (upload(&[a, d])?, upload(&[b, d])?)
+    };
+    let mut bytes = (first.byte_len() + second.byte_len()) as f64;
+    let times = if score {
+        if args.grad {
+            bytes += (a * b * d * 4) as f64;
+        }
+        let call = EnergyScore {
+            y: &first,
+            preds: &second,
+            beta: 1.0,
+            grad: args.grad,
+        };
+        time_calls(
+            || energy::energy_score(&call).map(drop),
+            || device.synchronize(),
+        )?
+    } else {
+        let call = EnergyDistance {
+            x: &first,
+            y: &second,
+            weights_x: None,
+            weights_y: None,
+            beta: 1.0,
+            statistic: Statistic::V,
+            grad: args.grad,
+        };
+        time_calls(
+            || energy::energy_distance(&call).map(drop),
+            || device.synchronize(),
+        )?
+    };
+    let timing = Timing {
+        bytes,
+        tensor: times,
+        raw: None,
+    };
+    timing.report(
+        args.json,
+        vec![
+            ("op", Json::Str(name.into())),
+            ("device", Json::Str(device.name())),
+            ("shape", Json::shape(&[a, b, d])),
+            ("dtype", Json::Str(dtype.name().into())),
+            ("grad", Json::Bool(score && args.grad)),
+        ],
+        &format!("{name}, {a}x{b}x{d} {dtype}, on {}", device.name()),
+    );
     Ok(())
 }

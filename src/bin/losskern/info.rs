@@ -4,7 +4,10 @@ use losskern::Device;
 
 pub fn info() {
     println!("losskern {}", env!("CARGO_PKG_VERSION"));
-    println!("cpu: available (the f64 reference, outputs rounded to the GPU backends' dtypes)");
+    println!(
+        "cpu: available (native kernels, {} rayon threads)",
+        rayon::current_num_threads()
+    );
     #[cfg(feature = "cuda")]
     cuda();
     #[cfg(not(feature = "cuda"))]
