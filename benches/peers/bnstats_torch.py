@@ -11,13 +11,11 @@ GB/s (x read once for statistics; x read twice and y written once with the norma
 Run from the repository root on the GPU host: python3 benches/peers/bnstats_torch.py
 (the packed CLI is found at .device/bin/losskern, or set LOSSKERN_BIN).
 """
-import json
-import subprocess
 import sys
 
 import torch
 
-from peer_timing import copy_bandwidth, losskern_binary, median_ms
+from peer_timing import copy_bandwidth, losskern_bench_ms, losskern_binary, median_ms
 
 # (N, C, H, W, dtype, layouts): the issue's headline shapes.
 SHAPES = [
@@ -39,11 +37,7 @@ def losskern_ms(binary, shape, layout, dtype, normalize):
             "--shape", "x".join(map(str, shape)), "--layout", layout, "--dtype", dtype]
     if normalize:
         args.append("--normalize")
-    out = subprocess.run(args, capture_output=True, text=True)
-    if out.returncode != 0:
-        print(f"losskern bench failed: {out.stderr.strip()}", file=sys.stderr)
-        return float("nan")
-    return json.loads(out.stdout.strip().splitlines()[-1])["median_ms"]
+    return losskern_bench_ms(args)
 
 
 def main():

@@ -21,14 +21,12 @@ import os
 import subprocess
 import sys
 import tempfile
-
 import functools
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peer_timing import losskern_binary, median_ms as timed  # noqa: E402
+from peer_timing import losskern_binary, median_ms as timed
 
 # The big pairwise problems take seconds per call: fewer repetitions than the default.
 median_ms = functools.partial(timed, warmup=3, reps=15)

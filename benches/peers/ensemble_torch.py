@@ -14,14 +14,12 @@ speed-up against each PyTorch variant.
 Run from the repository root on the GPU host: python3 benches/peers/ensemble_torch.py
 (the packed CLI is found at .device/bin/losskern, or set LOSSKERN_BIN).
 """
-import json
-import subprocess
 import sys
 
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
-from peer_timing import losskern_binary, median_ms
+from peer_timing import losskern_bench_ms, losskern_binary, median_ms
 
 WIDTHS = [784, 128, 128, 10]
 MODELS, BATCH = 81, 60000
@@ -61,11 +59,7 @@ def losskern_ms(binary, op, extra):
     shape = [MODELS, BATCH] if op == "ensemble" else [DIRECTIONS, DISTANCES, BATCH]
     args = [binary, "bench", "--op", op, "--device", "cuda", "--json",
             "--shape", "x".join(map(str, shape + WIDTHS))] + extra
-    out = subprocess.run(args, capture_output=True, text=True)
-    if out.returncode != 0:
-        print(f"losskern bench failed: {out.stderr.strip()}", file=sys.stderr)
-        return float("nan")
-    return json.loads(out.stdout.strip().splitlines()[-1])["median_ms"]
+    return losskern_bench_ms(args)
 
 
 def main():

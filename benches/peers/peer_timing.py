@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Shared by the peers scripts (imported, not a benchmark itself): CUDA-event timing, the
 device-to-device copy bandwidth of the same run, and where the packed losskern CLI is."""
+import json
 import os
+import subprocess
 import sys
 
 import torch
@@ -43,3 +45,12 @@ def losskern_binary():
     here = os.path.dirname(os.path.abspath(__file__))
     candidates = [os.path.join(here, "..", "bin", "losskern"), ".device/bin/losskern", "target/release/losskern"]
     return os.environ.get("LOSSKERN_BIN") or next((p for p in candidates if os.path.exists(p)), None)
+
+
+def losskern_bench_ms(args):
+    """The median_ms of one `losskern bench ... --json` run (its last line), or NaN with a note."""
+    out = subprocess.run(args, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"losskern bench failed: {out.stderr.strip()}", file=sys.stderr)
+        return float("nan")
+    return json.loads(out.stdout.strip().splitlines()[-1])["median_ms"]

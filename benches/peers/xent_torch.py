@@ -10,14 +10,12 @@ once), % of the copy, and losskern's speed-up against each PyTorch variant.
 Run from the repository root on the GPU host: python3 benches/peers/xent_torch.py
 (the packed CLI is found at .device/bin/losskern, or set LOSSKERN_BIN).
 """
-import json
 import math
-import subprocess
 import sys
 
 import torch
 
-from peer_timing import copy_bandwidth, losskern_binary, median_ms
+from peer_timing import copy_bandwidth, losskern_bench_ms, losskern_binary, median_ms
 import torch.nn.functional as F
 
 SHAPES = [(4096, 32000), (8192, 128256), (32768, 50257)]
@@ -48,11 +46,7 @@ def losskern_ms(binary, b, v, dtype, grad):
     args = [binary, "bench", "--shape", f"{b}x{v}", "--dtype", dtype, "--device", "cuda", "--json"]
     if grad:
         args.append("--grad")
-    out = subprocess.run(args, capture_output=True, text=True)
-    if out.returncode != 0:
-        print(f"losskern bench failed: {out.stderr.strip()}", file=sys.stderr)
-        return float("nan")
-    return json.loads(out.stdout.strip().splitlines()[-1])["median_ms"]
+    return losskern_bench_ms(args)
 
 
 def main():
