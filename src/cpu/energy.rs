@@ -152,13 +152,14 @@ impl Columns {
             for block in (tile..(tile + PAIR_TILE).min(self.padded)).step_by(LANES) {
                 let s = self.squares(a, block);
                 for l in 0..LANES {
-                    // Columns before `from` in the first block, and the padding, weigh 0.
-                    let w = if block + l >= from {
-                        self.weights[block + l]
-                    } else {
-                        0.0
-                    };
-                    acc[l] += w * power.of(s[l]);
+                    // Columns before `from` in the first block, and the padding, are
+                    // masked, not weighted by 0: an infinite distance to a padding column
+                    // (a point with an infinite coordinate) must not turn the sum to NaN,
+                    // as the GPU kernels mask too.
+                    let column = block + l;
+                    if column >= from && column < self.len {
+                        acc[l] += self.weights[column] * power.of(s[l]);
+                    }
                 }
             }
             total += f64::from(lane_sum(&acc));
@@ -433,5 +434,58 @@ impl EnergyKernels for CpuBackend {
             grad_x,
             grad_y,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use losskern_reference::energy as reference;
+
+    use crate::device::{Device, Tensor};
+    use crate::ops::energy::{energy_distance, EnergyDistance, Statistic};
+
+    /// A point with an infinite coordinate: its distances are infinite, and the terms
+    /// the reference makes infinite stay infinite (padding columns must not make NaN).
+    #[test]
+    fn an_infinite_coordinate_gives_the_references_infinities() {
+        let x = [0.5, f64::INFINITY, -1.0, 0.25, 2.0, -0.5];
+        let y = [1.0, 1.5, -0.75, 0.0];
+        let want = reference::energy_distance(&reference::EnergyDistanceProblem {
+            x: &x,
+            y: &y,
+            n: 3,
+            m: 2,
+            d: 2,
+            weights_x: None,
+            weights_y: None,
+            beta: 1.0,
+            statistic: Statistic::U,
+            grad: false,
+        });
+        assert_eq!((want.cross, want.within_x), (f64::INFINITY, f64::INFINITY));
+        let tensor = |v: &[f64], rows| {
+            Tensor::from_slice(
+                &Device::Cpu,
+                &v.iter().map(|&a| a as f32).collect::<Vec<_>>(),
+                &[rows, 2],
+            )
+            .unwrap()
+        };
+        let (xt, yt) = (tensor(&x, 3), tensor(&y, 2));
+        let out = energy_distance(&EnergyDistance {
+            x: &xt,
+            y: &yt,
+            weights_x: None,
+            weights_y: None,
+            beta: 1.0,
+            statistic: Statistic::U,
+            grad: false,
+        })
+        .unwrap();
+        let value = |t: &Tensor| t.to_f64_vec().unwrap()[0];
+        assert_eq!(value(&out.cross), f64::INFINITY);
+        assert_eq!(value(&out.within_x), f64::INFINITY);
+        assert!((value(&out.within_y) - want.within_y).abs() <= 1e-6 * want.within_y);
+        assert!(value(&out.distance).is_nan() && want.distance.is_nan());
     }
 }
