@@ -424,36 +424,15 @@ pub fn energy_distance_raw(
     )?;
 
     let grads = match (out.grad_x, out.grad_y) {
-        (Some(grad_x), Some(grad_y)) => {
-            let grad = GradDispatch {
-                backend,
-                base,
-                d,
-                elem,
-                red: &red,
-                unused: &unused,
-            };
-            let (set_x, set_y) = ((x, wx, n), (y, wy, m));
-            let flags = |wa: Option<_>, wb: Option<_>| flags_of(wa.is_some(), wb.is_some());
-            vec![
-                grad.group(grad_x, set_x, set_y, RED_COEF_X_CROSS, flags(wx, wy))?,
-                grad.group(
-                    grad_x,
-                    set_x,
-                    set_x,
-                    RED_COEF_X_WITHIN,
-                    flags(wx, wx) | F_ADD,
-                )?,
-                grad.group(grad_y, set_y, set_x, RED_COEF_Y_CROSS, flags(wy, wx))?,
-                grad.group(
-                    grad_y,
-                    set_y,
-                    set_y,
-                    RED_COEF_Y_WITHIN,
-                    flags(wy, wy) | F_ADD,
-                )?,
-            ]
+        (Some(grad_x), Some(grad_y)) => GradDispatch {
+            backend,
+            base,
+            d,
+            elem,
+            red: &red,
+            unused: &unused,
         }
+        .terms((grad_x, (x, wx, n)), (grad_y, (y, wy, m)))?,
         _ => Vec::new(),
     };
     let grad_pipeline = backend.pipeline(&key(GRAD, Some(spec.dtype))?)?;
@@ -481,6 +460,48 @@ struct GradDispatch<'b> {
 }
 
 impl GradDispatch<'_> {
+    /// The four terms' bind groups and grids: each set's cross term, which writes its
+    /// gradient rows, then its within term, which adds to them.
+    fn terms(
+        &self,
+        (grad_x, set_x): (&wgpu::Buffer, GradSet<'_>),
+        (grad_y, set_y): (&wgpu::Buffer, GradSet<'_>),
+    ) -> Result<Vec<(wgpu::BindGroup, (u32, u32))>> {
+        let flags = |a: &GradSet<'_>, b: &GradSet<'_>| {
+            (if a.1.is_some() { F_WA } else { 0 }) | (if b.1.is_some() { F_WB } else { 0 })
+        };
+        Ok(vec![
+            self.group(
+                grad_x,
+                set_x,
+                set_y,
+                RED_COEF_X_CROSS,
+                flags(&set_x, &set_y),
+            )?,
+            self.group(
+                grad_x,
+                set_x,
+                set_x,
+                RED_COEF_X_WITHIN,
+                flags(&set_x, &set_x) | F_ADD,
+            )?,
+            self.group(
+                grad_y,
+                set_y,
+                set_x,
+                RED_COEF_Y_CROSS,
+                flags(&set_y, &set_x),
+            )?,
+            self.group(
+                grad_y,
+                set_y,
+                set_y,
+                RED_COEF_Y_WITHIN,
+                flags(&set_y, &set_y) | F_ADD,
+            )?,
+        ])
+    }
+
     /// The bind group and grid of one term of d distance / dA into `grad` [na, d]: A's
     /// rows against B's, scaled by the coefficient in word `coef` of `red`.
     fn group(
