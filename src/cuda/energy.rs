@@ -293,10 +293,7 @@ fn score_rows(spec: &EnergyScoreSpec) -> Result<usize> {
 }
 
 fn grad_bytes(spec: &EnergyScoreSpec) -> Result<usize> {
-    let elements = score_rows(spec)?
-        .checked_mul(spec.d)
-        .ok_or_else(|| Error::Shape("n * m * d overflows usize".into()))?;
-    bytes(elements, 4, "grad")
+    rows_bytes(score_rows(spec)?, spec.d, 4, "grad")
 }
 
 impl EnergyScoreBuffers {
@@ -346,12 +343,6 @@ pub fn energy_score_raw(
     let name = kernel_name("score", spec.dtype)?;
     let elem = spec.dtype.size();
     let rows = score_rows(spec)?;
-    let y_elements = n
-        .checked_mul(d)
-        .ok_or_else(|| Error::Shape("n * d overflows usize".into()))?;
-    let pred_elements = rows
-        .checked_mul(d)
-        .ok_or_else(|| Error::Shape("n * m * d overflows usize".into()))?;
 
     let kernels = kernels(stream.context())?;
     let score = kernels.function(KernelSource::Energy, name)?;
@@ -361,8 +352,8 @@ pub fn energy_score_raw(
         stream,
         guards: Vec::new(),
     };
-    let y_ptr = p.read(y, bytes(y_elements, elem, "y")?, elem, "y")?;
-    let preds_ptr = p.read(preds, bytes(pred_elements, elem, "preds")?, elem, "preds")?;
+    let y_ptr = p.read(y, rows_bytes(n, d, elem, "y")?, elem, "y")?;
+    let preds_ptr = p.read(preds, rows_bytes(rows, d, elem, "preds")?, elem, "preds")?;
     let EnergyScoreBuffers {
         term1,
         term2,
@@ -548,10 +539,7 @@ impl EnergyDistanceBuffers {
             if !spec.grad {
                 return Ok(None);
             }
-            let elements = rows
-                .checked_mul(spec.d)
-                .ok_or_else(|| Error::Shape(format!("{what}: rows * d overflows usize")))?;
-            alloc(bytes(elements, 4, what)?).map(Some)
+            alloc(rows_bytes(rows, spec.d, 4, what)?).map(Some)
         };
         Ok(EnergyDistanceBuffers {
             distance: alloc(4)?,
@@ -621,6 +609,13 @@ struct PairTerm {
     within: bool,
 }
 
+/// Bytes of `rows` points of `d` values of `size` bytes, or a shape error naming `what`.
+fn rows_bytes(rows: usize, d: usize, size: usize, what: &str) -> Result<usize> {
+    rows.checked_mul(d)
+        .ok_or_else(|| Error::Shape(format!("{what}: rows * d overflows usize")))
+        .and_then(|e| bytes(e, size, what))
+}
+
 /// The checked device addresses of a distance's sets and weights (0: uniform).
 struct SetPointers {
     x: u64,
@@ -641,13 +636,8 @@ fn point_sets<'a>(
         )));
     }
     let elem = spec.dtype.size();
-    let elements = |rows: usize, what: &str| {
-        rows.checked_mul(d)
-            .ok_or_else(|| Error::Shape(format!("{what}: rows * d overflows usize")))
-            .and_then(|e| bytes(e, elem, what))
-    };
-    let x = p.read(&inputs.x, elements(n, "x")?, elem, "x")?;
-    let y = p.read(&inputs.y, elements(m, "y")?, elem, "y")?;
+    let x = p.read(&inputs.x, rows_bytes(n, d, elem, "x")?, elem, "x")?;
+    let y = p.read(&inputs.y, rows_bytes(m, d, elem, "y")?, elem, "y")?;
     let wx = match &inputs.weights_x {
         Some(w) => p.read(w, bytes(n, 4, "weights_x")?, 4, "weights_x")?,
         None => 0,
@@ -876,13 +866,18 @@ pub(crate) fn distance_gradient(
             "the gradient was asked but the buffers hold no grad_x / grad_y".into(),
         ));
     };
-    let f32_rows = |rows: usize, what: &str| {
-        rows.checked_mul(spec.d)
-            .ok_or_else(|| Error::Shape(format!("{what}: rows * d overflows usize")))
-            .and_then(|e| bytes(e, 4, what))
-    };
-    let gx = p.write(grad_x, f32_rows(spec.n, "grad_x")?, 4, "grad_x")?;
-    let gy = p.write(grad_y, f32_rows(spec.m, "grad_y")?, 4, "grad_y")?;
+    let gx = p.write(
+        grad_x,
+        rows_bytes(spec.n, spec.d, 4, "grad_x")?,
+        4,
+        "grad_x",
+    )?;
+    let gy = p.write(
+        grad_y,
+        rows_bytes(spec.m, spec.d, 4, "grad_y")?,
+        4,
+        "grad_y",
+    )?;
     // Taken as a write only for its address: the kernels read the merge's coefficients.
     let coef = p.write(coef, 4 * 8, 8, "gradient coefficients")?;
     let launch = GradLaunch {
