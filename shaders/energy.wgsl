@@ -545,27 +545,29 @@ fn energy_grad(
         for (var q = 0u; q < 16u; q = q + 1u) {
             part[q] = 0.0;
         }
-        for (var half = 0u; half < 2u; half = half + 1u) {
-            workgroupBarrier();  // the previous half's slope reads are done
-            for (var c = 2u * half; c < 2u * half + 2u; c = c + 1u) {
-                let j = c0 + tx + 16u * c;
-                for (var r = 0u; r < 4u; r = r + 1u) {
-                    var v = 0.0;
-                    if r0 + ty + 16u * r < P.na && j < P.nb {
-                        v = weight_b(j) * slope(s[r * 4u + c]);
-                    }
-                    slopes[(ty + 16u * r) * HALF_TILE + tx + 16u * (c - 2u * half)] = v;
-                }
+        // Each half of the dims is staged once per column tile; the slopes of the two
+        // column halves take turns in workgroup memory over it.
+        for (var h = 0u; h < 2u; h = h + 1u) {
+            let d0 = g0 + h * DIMS;
+            if d0 >= P.d {
+                break;
             }
-            for (var h = 0u; h < 2u; h = h + 1u) {
-                let d0 = g0 + h * DIMS;
-                if d0 >= P.d {
-                    break;
+            let dims = min(DIMS, P.d - d0);
+            workgroupBarrier();  // the last stage's and slopes' reads are done
+            stage(lid, r0, c0, d0, dims);
+            for (var half = 0u; half < 2u; half = half + 1u) {
+                workgroupBarrier();  // the previous half's slope reads are done
+                for (var c = 2u * half; c < 2u * half + 2u; c = c + 1u) {
+                    let j = c0 + tx + 16u * c;
+                    for (var r = 0u; r < 4u; r = r + 1u) {
+                        var v = 0.0;
+                        if r0 + ty + 16u * r < P.na && j < P.nb {
+                            v = weight_b(j) * slope(s[r * 4u + c]);
+                        }
+                        slopes[(ty + 16u * r) * HALF_TILE + tx + 16u * (c - 2u * half)] = v;
+                    }
                 }
-                let dims = min(DIMS, P.d - d0);
-                workgroupBarrier();  // slopes written, the last stage's reads done
-                stage(lid, r0, c0, d0, dims);
-                workgroupBarrier();
+                workgroupBarrier();  // slopes and the stage written
                 if lane < dims {
                     for (var q = 0u; q < 8u; q = q + 1u) {
                         let row = group + 8u * q;
