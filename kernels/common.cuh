@@ -181,6 +181,106 @@ __device__ __forceinline__ void lk_st_cs_v4(void* p, lk_u32x4 v) {
 }
 
 // ---------------------------------------------------------------------------
+// Thread-block clusters, bulk copies and their barriers (sm_90 and later; the
+// kernels that use them are launched only on such devices, see
+// Kernels::has_clusters in src/cuda/launch.rs). A shared address below is a
+// 32-bit .shared::cta address (lk_smem); for the local CTA it is also its
+// .shared::cluster address.
+
+#if __CUDA_ARCH__ >= 900
+#define LK_HAS_CLUSTERS 1
+
+__device__ __forceinline__ unsigned int lk_smem(const void* p) {
+    unsigned long long a;
+    asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
+    return (unsigned int)a;
+}
+
+__device__ __forceinline__ unsigned int lk_cluster_rank() {
+    unsigned int r;
+    asm("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ unsigned int lk_cluster_id() {
+    unsigned int r;
+    asm("mov.u32 %0, %%clusterid.x;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ unsigned int lk_cluster_size() {
+    unsigned int r;
+    asm("mov.u32 %0, %%cluster_nctarank;" : "=r"(r));
+    return r;
+}
+__device__ __forceinline__ unsigned int lk_cluster_count() {
+    unsigned int r;
+    asm("mov.u32 %0, %%nclusterid.x;" : "=r"(r));
+    return r;
+}
+
+// Every thread of every CTA of the cluster: what each wrote to shared memory
+// before it is visible to every other after it (release / acquire).
+__device__ __forceinline__ void lk_cluster_sync() {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+// The value of `local` (an object in this CTA's shared memory) in CTA `rank`
+// of the cluster, read word by word through distributed shared memory.
+template <typename S>
+__device__ __forceinline__ S lk_cluster_load(const S& local, unsigned int rank) {
+    static_assert(sizeof(S) % 4 == 0, "read as 32-bit words");
+    unsigned int remote;
+    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(lk_smem(&local)), "r"(rank));
+    unsigned int w[sizeof(S) / 4];
+#pragma unroll
+    for (int i = 0; i < (int)(sizeof(S) / 4); ++i) {
+        asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(w[i]) : "r"(remote + 4 * i) : "memory");
+    }
+    S r;
+    memcpy(&r, w, sizeof(S));
+    return r;
+}
+
+// A one-arrival mbarrier for bulk copies; then every thread may wait on it.
+__device__ __forceinline__ void lk_mbarrier_init(unsigned long long* bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n\tfence.mbarrier_init.release.cluster;" ::"r"(
+                     lk_smem(bar))
+                 : "memory");
+}
+
+// One thread: `bytes` (a multiple of 16, both addresses 16-byte aligned) from
+// global `src` to shared `dst`, completing the barrier's current phase when
+// they have landed. The fence orders this CTA's earlier generic accesses of
+// `dst` (made visible to the issuing thread by a __syncthreads) before the
+// asynchronous writes.
+__device__ __forceinline__ void lk_bulk_load(void* dst, const void* src, unsigned int bytes,
+                                             unsigned long long* bar) {
+    asm volatile("fence.proxy.async.shared::cta;\n\t"
+                 "mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(lk_smem(bar)),
+                 "r"(bytes)
+                 : "memory");
+    if (bytes != 0) {
+        asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                         lk_smem(dst)),
+                     "l"(src), "r"(bytes), "r"(lk_smem(bar))
+                     : "memory");
+    }
+}
+
+// Waits until the barrier's phase of parity `parity` (0, 1, 0, .. for the
+// 1st, 2nd, 3rd use) has completed.
+__device__ __forceinline__ void lk_mbarrier_wait(unsigned long long* bar, unsigned int parity) {
+    unsigned int done = 0;
+    while (!done) {
+        asm volatile(
+            "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+            : "=r"(done)
+            : "r"(lk_smem(bar)), "r"(parity)
+            : "memory");
+    }
+}
+#endif
+
+// ---------------------------------------------------------------------------
 // Warp and block reductions. S is a plain struct with
 //   S lk_shfl_down(const S&, int offset)   (shuffles every field) and
 //   S lk_combine(const S& lower, const S& upper)

@@ -537,13 +537,14 @@ __device__ __forceinline__ int xent_block_first(int i) {
     return lk_block_reduce(i, LK_I32_MAX, lk_min_op());
 }
 
+// Over columns lo .. lo + n - 1, z pointing at column lo.
 template <typename T>
-__device__ __forceinline__ int xent_first_nan(const T* z, int V) {
+__device__ __forceinline__ int xent_first_nan(const T* z, int lo, int n) {
     int first = LK_I32_MAX;
-    for (unsigned int k = threadIdx.x; k < (unsigned int)V; k += blockDim.x) {
+    for (unsigned int k = threadIdx.x; k < (unsigned int)n; k += blockDim.x) {
         const float v = lk_to_f32(z[k]);
         if (v != v) {
-            first = (int)k;
+            first = lo + (int)k;
             break;
         }
     }
@@ -566,21 +567,28 @@ struct XentGradRow {
     bool zero;
 };
 
-// Loads N logits as f32: one 16- or 8-byte load when `vec` (aligned), else one by one.
-template <typename T, int N>
+// Loads N logits as f32: one 16- or 8-byte load when `vec` (aligned), else
+// one by one; from global memory (streamed: its last read), or from shared
+// memory when kShared.
+template <typename T, int N, bool kShared>
 __device__ __forceinline__ void xent_load(const T* p, bool vec, float (&x)[N]) {
     typedef XentWord<T> W;
     if (vec) {
         unsigned int w[4];
         if constexpr (N * sizeof(T) == 16) {
-            const lk_u32x4 v = lk_ld_cs_v4(p);
+            const lk_u32x4 v = kShared ? *reinterpret_cast<const lk_u32x4*>(p) : lk_ld_cs_v4(p);
             w[0] = v.x;
             w[1] = v.y;
             w[2] = v.z;
             w[3] = v.w;
         } else {
             static_assert(N * sizeof(T) == 8, "a grad vector covers 8 or 16 bytes of logits");
-            lk_ld_cs_v2(p, w[0], w[1]);
+            if constexpr (kShared) {
+                w[0] = reinterpret_cast<const unsigned int*>(p)[0];
+                w[1] = reinterpret_cast<const unsigned int*>(p)[1];
+            } else {
+                lk_ld_cs_v2(p, w[0], w[1]);
+            }
         }
 #pragma unroll
         for (int i = 0; i < N; ++i) x[i] = W::lane(w[i / W::kLanes], i % W::kLanes);
@@ -620,11 +628,14 @@ __device__ __forceinline__ lk_u32x4 xent_grad_vec(const XentGradRow& r, const P&
     return xent_pack<TG>(g);
 }
 
-template <typename T, typename TG, typename P>
-__device__ __forceinline__ void xent_grad_row(const XentGradRow& r, const P& pol, const T* z, TG* g, int V) {
+// The grad of columns lo .. lo + n - 1 of a row: z and g point at column lo
+// of the logits (global, or shared when kShared) and of the grad row.
+template <typename T, typename TG, bool kShared, typename P>
+__device__ __forceinline__ void xent_grad_cols(const XentGradRow& r, const P& pol, const T* z, TG* g, int lo,
+                                               int n) {
     const int N = 16 / (int)sizeof(TG);  // grad columns per 16-byte store
-    // The re-read comes from L2 (shorter latency than HBM): 2 vectors in
-    // flight per thread are enough, and leave registers for the rest.
+    // A re-read from L2 or shared memory (shorter latency than HBM): 2
+    // vectors in flight per thread are enough, and leave registers for the rest.
     const int U = 2;
     const int NT = blockDim.x;
     const int tid = threadIdx.x;
@@ -632,37 +643,181 @@ __device__ __forceinline__ void xent_grad_row(const XentGradRow& r, const P& pol
     // start on 16-byte boundaries; the vectors follow the grad's alignment,
     // and the logits under a vector are one load when they are aligned too.
     const int mis = (int)(reinterpret_cast<unsigned long long>(g) & 15);
-    const int head = min(V, mis ? (16 - mis) / (int)sizeof(TG) : 0);
-    const int nvec = (V - head) / N;
+    const int head = min(n, mis ? (16 - mis) / (int)sizeof(TG) : 0);
+    const int nvec = (n - head) / N;
     const int tail0 = head + nvec * N;
     const bool zvec = reinterpret_cast<unsigned long long>(z + head) % (N * sizeof(T)) == 0;
     lk_u32x4* gv = reinterpret_cast<lk_u32x4*>(g + head);
-    if (tid < head) g[tid] = lk_from_f32<TG>(r.zero ? 0.0f : xent_grad_value(r, pol, lk_to_f32(z[tid]), tid));
+    if (tid < head) {
+        g[tid] = lk_from_f32<TG>(r.zero ? 0.0f : xent_grad_value(r, pol, lk_to_f32(z[tid]), lo + tid));
+    }
     int j = tid;
     for (; j + (U - 1) * NT < nvec; j += U * NT) {
         float x[U][N];
 #pragma unroll
-        for (int u = 0; u < U; ++u) xent_load<T, N>(z + head + (j + u * NT) * N, zvec, x[u]);
+        for (int u = 0; u < U; ++u) xent_load<T, N, kShared>(z + head + (j + u * NT) * N, zvec, x[u]);
 #pragma unroll
         for (int u = 0; u < U; ++u) {
             const int jj = j + u * NT;
-            lk_st_cs_v4(gv + jj, xent_grad_vec<TG, N>(r, pol, x[u], head + jj * N));
+            lk_st_cs_v4(gv + jj, xent_grad_vec<TG, N>(r, pol, x[u], lo + head + jj * N));
         }
     }
     for (; j < nvec; j += NT) {
         float x[N];
-        xent_load<T, N>(z + head + j * N, zvec, x);
-        lk_st_cs_v4(gv + j, xent_grad_vec<TG, N>(r, pol, x, head + j * N));
+        xent_load<T, N, kShared>(z + head + j * N, zvec, x);
+        lk_st_cs_v4(gv + j, xent_grad_vec<TG, N>(r, pol, x, lo + head + j * N));
     }
-    if (tid < V - tail0) {
+    if (tid < n - tail0) {
         const int k = tail0 + tid;
-        g[k] = lk_from_f32<TG>(r.zero ? 0.0f : xent_grad_value(r, pol, lk_to_f32(z[k]), k));
+        g[k] = lk_from_f32<TG>(r.zero ? 0.0f : xent_grad_value(r, pol, lk_to_f32(z[k]), lo + k));
     }
 }
 
 // ---------------------------------------------------------------------------
-// One row: the forward pass over HBM, the block reduction, the per-row
-// outputs by thread 0, then (with a grad) the gradient pass.
+// What a row's threads share after its reduction, and its per-row outputs.
+
+// The row's statistics every thread needs: thread 0 holds the reduced
+// accumulator and shares them through shared memory.
+struct XentRowState {
+    XentGradRow gr;
+    float top1;      // the row max of z (skipping NaN)
+    bool maybe_nan;  // s is NaN: the row holds a NaN or +inf
+};
+
+template <typename P>
+__device__ __forceinline__ XentRowState xent_row_state(const XentFwdArgs& a, const XentAcc& acc, bool ignored,
+                                                       int y, float y_coef, float factor) {
+    __shared__ float sh_top1, sh_m, sh_inv_s, sh_coef;
+    __shared__ int sh_nan;
+    if (threadIdx.x == 0) {
+        const float m = acc.sm.m;
+        const float s = acc.sm.s;
+        const bool bad = s != s || m == LK_INF_F;
+        const float lse = m / a.temperature + logf(s);
+        float coef = ignored ? 0.0f : (P::kCoef ? acc.call : 0.0f) + y_coef;
+        if (a.z_loss != 0.0f) coef = fmaf(2.0f * a.z_loss, bad ? LK_NAN_F : lse, coef);
+        sh_top1 = m;
+        sh_m = bad ? LK_NAN_F : m;
+        sh_inv_s = 1.0f / s;
+        sh_coef = coef;
+        // Only such a row is read again, for its first NaN (the argmax, as
+        // torch.argmax).
+        sh_nan = s != s;
+    }
+    __syncthreads();
+    XentRowState st;
+    st.gr.m = sh_m;
+    st.gr.inv_s = sh_inv_s;
+    st.gr.coef = sh_coef;
+    st.gr.factor = factor;
+    st.gr.lt = a.lt;
+    st.gr.y = ignored ? -1 : y;
+    st.gr.y_coef = y_coef;
+    st.gr.zero = ignored;
+    st.top1 = sh_top1;
+    st.maybe_nan = sh_nan;
+    return st;
+}
+
+// The first column of one 16-byte vector (its first column col) holding
+// top1, or `first` when none does.
+template <typename T>
+__device__ __forceinline__ int xent_first_in_vec(const lk_u32x4& v, float top1, int col, int first) {
+    typedef XentWord<T> W;
+    const unsigned int w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4 * W::kLanes; ++i) {
+        if (first == LK_I32_MAX && W::lane(w[i / W::kLanes], i % W::kLanes) == top1) first = col + i;
+    }
+    return first;
+}
+
+// Thread 0, with the row's reduced accumulator and argmax: every per-row
+// output. z is the row in global memory (for z_y).
+template <typename T, typename P>
+__device__ __forceinline__ void xent_row_write(const XentFwdArgs& a, lk_i64 row, const T* z, const XentAcc& acc,
+                                               int arg, bool ignored, bool bad_target, int y, float y_coef,
+                                               float weight) {
+    const int V = (int)a.classes;
+    const float T_ = a.temperature;
+    const float m = acc.sm.m;
+    const float s = acc.sm.s;
+    const bool bad = s != s || m == LK_INF_F;
+    const float log_s = logf(s);
+    float lse = m / T_ + log_s;
+    float entropy = log_s - (acc.sm.t / T_) / s;
+    float mx = m / T_;
+    float mn = acc.mn / T_;
+    float gap = V == 1 ? 0.0f : (m - acc.top2) / T_;
+    float spread = (m - acc.mn) / T_;
+    if (bad || bad_target) {
+        lse = entropy = mx = mn = gap = spread = LK_NAN_F;
+    }
+    const float delta = a.gap_top2 ? gap : spread;
+
+    float loss = 0.0f;
+    if (!ignored) {
+        // A bad target has a NaN y_coef (and never indexes z).
+        if (bad || m == -LK_INF_F || y_coef != y_coef) {
+            loss = LK_NAN_F;
+        } else {
+            loss = P::kCoef ? fmaf(acc.cf, log_s, acc.d / T_) : 0.0f;
+            if (y_coef != 0.0f) {
+                const float z_y = lk_to_f32(z[y]);
+                loss = fmaf(y_coef, log_s + (m - z_y) / T_, loss);
+            }
+            if (a.z_loss != 0.0f) loss = fmaf(a.z_loss * lse, lse, loss);
+        }
+    }
+
+    a.loss_row[row] = loss;
+    a.lse[row] = lse;
+    a.entropy[row] = entropy;
+    a.max[row] = mx;
+    a.min[row] = mn;
+    a.top2_gap[row] = gap;
+    a.delta[row] = delta;
+    a.argmax[row] = bad_target ? -1 : arg;
+    // NaN for a bad target: the mean's denominator, so the reduced loss, is NaN.
+    a.row_weight[row] = ignored ? 0.0f : weight;
+    // The largest ~row is the smallest bad row, whatever the order the
+    // blocks run in: the status names the first one, deterministically.
+    if (bad_target) atomicMax(a.status, ~(unsigned long long)row);
+    if (a.rho_per_sample) {
+        a.rho[row] = xent_rho((double)delta, a.rho_eps, a.rho_inf_if_small, a.has_cap, a.rho_cap, a.has_floor,
+                              a.rho_floor);
+    }
+}
+
+// The argmax is not tracked per column: each thread remembers where its max
+// last rose (a column, best_n = 0, or the step of best_n vectors starting at
+// vector best), and after the block knows the row max, only threads holding
+// it look there for its first column.
+struct XentBest {
+    int best;
+    int best_n;
+};
+
+// The first column holding top1 among a thread's remembered place, zv the
+// vectors (global or shared) whose vector 0 starts at column col0.
+template <typename T, bool kShared>
+__device__ __forceinline__ int xent_first_max(const XentBest& b, float my_top1, float top1, const lk_u32x4* zv,
+                                              int col0) {
+    const int kVec = 4 * XentWord<T>::kLanes;
+    int first = LK_I32_MAX;
+    if (my_top1 != top1) return first;
+    if (b.best_n == 0) return b.best;
+    for (int u = 0; u < b.best_n && first == LK_I32_MAX; ++u) {
+        const int jj = b.best + u * (int)blockDim.x;
+        const lk_u32x4 v = kShared ? zv[jj] : lk_ld_nc_v4(zv + jj);
+        first = xent_first_in_vec<T>(v, top1, col0 + jj * kVec, first);
+    }
+    return first;
+}
+
+// ---------------------------------------------------------------------------
+// One row per block: the forward pass over HBM, the block reduction, the
+// per-row outputs by thread 0, then (with a grad) the gradient pass.
 
 // A bad target (a class label outside [0, V) that is not ignore_index; see
 // XentClassRow) gives the row NaN in every per-row output, argmax -1 (no
@@ -692,16 +847,14 @@ __device__ __forceinline__ void xent_row(const XentFwdArgs& a, lk_i64 row, const
     const int tail0 = head + nvec * kVec;
     const lk_u32x4* zv = reinterpret_cast<const lk_u32x4*>(z + head);
 
-    // The argmax is not tracked per column: each thread remembers where its
-    // max last rose (a column, best_n = 0, or the step of best_n vectors
-    // starting at vector best), and after the block knows the row max, only
-    // threads holding it look there for its first column. Until then best is
-    // the thread's first column, which names the row's first column when the
-    // row is all -inf (argmax 0, like the reference).
-    int best = tid < head ? tid : (tid < nvec ? head + tid * kVec : (tid < V - tail0 ? tail0 + tid : LK_I32_MAX));
-    int best_n = 0;
+    // Until the max rises, best is the thread's first column, which names
+    // the row's first column when the row is all -inf (argmax 0, like the
+    // reference).
+    XentBest b;
+    b.best = tid < head ? tid : (tid < nvec ? head + tid * kVec : (tid < V - tail0 ? tail0 + tid : LK_I32_MAX));
+    b.best_n = 0;
     XentAcc acc = xent_acc_identity();
-    if (tid < head && xent_scalar(acc, lk_to_f32(z[tid]), tid, pol, lt)) best = tid;
+    if (tid < head && xent_scalar(acc, lk_to_f32(z[tid]), tid, pol, lt)) b.best = tid;
     // Whole steps. Without per-column coefficients (the common case), software-
     // pipelined: the loads of the next step go out before the current step is
     // computed (two register sets, va and vb, used in turn), so each thread
@@ -715,8 +868,8 @@ __device__ __forceinline__ void xent_row(const XentFwdArgs& a, lk_i64 row, const
             lk_u32x4 v[U];
             xent_ld_step(v, zv, j, NT);
             if (xent_step_at<T, U>(acc, v, j, NT, head, pol, lt)) {
-                best = j;
-                best_n = U;
+                b.best = j;
+                b.best_n = U;
             }
         }
     } else if (j + (U - 1) * NT < nvec) {
@@ -727,8 +880,8 @@ __device__ __forceinline__ void xent_row(const XentFwdArgs& a, lk_i64 row, const
             bool more = jn + (U - 1) * NT < nvec;
             if (more) xent_ld_step(vb, zv, jn, NT);
             if (xent_step_at<T, U>(acc, va, j, NT, head, pol, lt)) {
-                best = j;
-                best_n = U;
+                b.best = j;
+                b.best_n = U;
             }
             j = jn;
             if (!more) break;
@@ -736,8 +889,8 @@ __device__ __forceinline__ void xent_row(const XentFwdArgs& a, lk_i64 row, const
             more = jn + (U - 1) * NT < nvec;
             if (more) xent_ld_step(va, zv, jn, NT);
             if (xent_step_at<T, U>(acc, vb, j, NT, head, pol, lt)) {
-                best = j;
-                best_n = U;
+                b.best = j;
+                b.best_n = U;
             }
             j = jn;
             if (!more) break;
@@ -747,129 +900,195 @@ __device__ __forceinline__ void xent_row(const XentFwdArgs& a, lk_i64 row, const
         lk_u32x4 v[1] = {lk_ld_nc_v4(zv + j)};
         const int col[1] = {head + j * kVec};
         if (xent_step<T, 1>(acc, v, col, pol, lt)) {
-            best = j;
-            best_n = 1;
+            b.best = j;
+            b.best_n = 1;
         }
     }
     if (tid < V - tail0 && xent_scalar(acc, lk_to_f32(z[tail0 + tid]), tail0 + tid, pol, lt)) {
-        best = tail0 + tid;
-        best_n = 0;
+        b.best = tail0 + tid;
+        b.best_n = 0;
     }
     const float my_top1 = acc.sm.m;
     XentCombine combine;
     combine.lt = lt;
     acc = lk_block_reduce(acc, xent_acc_identity(), combine);
+    const XentRowState st = xent_row_state<P>(a, acc, ignored, y, y_coef, factor);
 
-    // Thread 0 has the row; it shares what the others need.
-    __shared__ float sh_top1, sh_m, sh_inv_s, sh_coef;
-    __shared__ int sh_nan;
-    const float T_ = a.temperature;
-    const float m = acc.sm.m;
-    const float s = acc.sm.s;
-    const bool bad = s != s || m == LK_INF_F;
-    float log_s = 0.0f;
-    float lse = 0.0f;
-    if (threadIdx.x == 0) {
-        log_s = logf(s);
-        lse = m / T_ + log_s;
-        float coef = ignored ? 0.0f : (P::kCoef ? acc.call : 0.0f) + y_coef;
-        if (a.z_loss != 0.0f) coef = fmaf(2.0f * a.z_loss, bad ? LK_NAN_F : lse, coef);
-        sh_top1 = m;
-        sh_m = bad ? LK_NAN_F : m;
-        sh_inv_s = 1.0f / s;
-        sh_coef = coef;
-        // s is NaN exactly when the row holds a NaN or +inf; only then is the
-        // row read again, for its first NaN (the argmax, as torch.argmax).
-        sh_nan = s != s;
-    }
-    __syncthreads();
-    XentGradRow gr;
-    gr.m = sh_m;
-    gr.inv_s = sh_inv_s;
-    gr.coef = sh_coef;
-    gr.factor = factor;
-    gr.lt = lt;
-    gr.y = ignored ? -1 : y;
-    gr.y_coef = y_coef;
-    gr.zero = ignored;
-    const float top1 = sh_top1;
-    const bool maybe_nan = sh_nan;
-
-    int first = LK_I32_MAX;
-    if (my_top1 == top1) {
-        if (best_n == 0) {
-            first = best;
-        } else {
-            for (int u = 0; u < best_n && first == LK_I32_MAX; ++u) {
-                const int jj = best + u * NT;
-                const lk_u32x4 v = lk_ld_nc_v4(zv + jj);
-                const unsigned int w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-                for (int i = 0; i < kVec; ++i) {
-                    if (first == LK_I32_MAX && W::lane(w[i / W::kLanes], i % W::kLanes) == top1) {
-                        first = head + jj * kVec + i;
-                    }
-                }
-            }
-        }
-    }
-    int arg = xent_block_first(first);
-    if (maybe_nan) {
-        const int nan_i = xent_first_nan(z, V);
+    int arg = xent_block_first(xent_first_max<T, false>(b, my_top1, st.top1, zv, head));
+    if (st.maybe_nan) {
+        const int nan_i = xent_first_nan(z, 0, V);
         // NaN counts as the largest value (torch.argmax).
         if (nan_i != LK_I32_MAX) arg = nan_i;
     }
-
-    if (threadIdx.x == 0) {
-        float entropy = log_s - (acc.sm.t / T_) / s;
-        float mx = m / T_;
-        float mn = acc.mn / T_;
-        float gap = V == 1 ? 0.0f : (m - acc.top2) / T_;
-        float spread = (m - acc.mn) / T_;
-        if (bad || bad_target) {
-            lse = entropy = mx = mn = gap = spread = LK_NAN_F;
-        }
-        const float delta = a.gap_top2 ? gap : spread;
-
-        float loss = 0.0f;
-        if (!ignored) {
-            // A bad target has a NaN y_coef (and never indexes z).
-            if (bad || m == -LK_INF_F || y_coef != y_coef) {
-                loss = LK_NAN_F;
-            } else {
-                loss = P::kCoef ? fmaf(acc.cf, log_s, acc.d / T_) : 0.0f;
-                if (y_coef != 0.0f) {
-                    const float z_y = lk_to_f32(z[y]);
-                    loss = fmaf(y_coef, log_s + (m - z_y) / T_, loss);
-                }
-                if (a.z_loss != 0.0f) loss = fmaf(a.z_loss * lse, lse, loss);
-            }
-        }
-
-        a.loss_row[row] = loss;
-        a.lse[row] = lse;
-        a.entropy[row] = entropy;
-        a.max[row] = mx;
-        a.min[row] = mn;
-        a.top2_gap[row] = gap;
-        a.delta[row] = delta;
-        a.argmax[row] = bad_target ? -1 : arg;
-        // NaN for a bad target: the mean's denominator, so the reduced loss, is NaN.
-        a.row_weight[row] = ignored ? 0.0f : weight;
-        // The largest ~row is the smallest bad row, whatever the order the
-        // blocks run in: the status names the first one, deterministically.
-        if (bad_target) atomicMax(a.status, ~(unsigned long long)row);
-        if (a.rho_per_sample) {
-            a.rho[row] = xent_rho((double)delta, a.rho_eps, a.rho_inf_if_small, a.has_cap, a.rho_cap,
-                                  a.has_floor, a.rho_floor);
-        }
-    }
-
+    if (threadIdx.x == 0) xent_row_write<T, P>(a, row, z, acc, arg, ignored, bad_target, y, y_coef, weight);
     if (a.grad) {
         TG* g = static_cast<TG*>(a.grad) + row * a.classes;
-        xent_grad_row<T, TG>(gr, pol, z, g, V);
+        xent_grad_cols<T, TG, false>(st.gr, pol, z, g, 0, V);
     }
 }
+
+// ---------------------------------------------------------------------------
+// The cluster kernel (sm_90): the C CTAs of a thread-block cluster (C from
+// the row length, set at launch) share a row, each holding its slice in
+// shared memory, loaded by one bulk copy (cp.async.bulk: the bytes in flight
+// do not depend on registers) that the CTA issues as soon as it has finished
+// reading the previous row's slice. Each CTA reduces its slice; every CTA
+// then merges the C partials in rank order through distributed shared
+// memory (so all hold the same row statistics), and computes the gradient of
+// its slice from shared memory: HBM is read once and written once. Rank 0
+// writes the per-row outputs. The row's reductions have one shape for a
+// given C, with or without the grad.
+
+constexpr int kXentClusterThreads = 256;
+
+// The columns of a row one CTA of the cluster owns: its vectors, plus the
+// row's unaligned head (rank 0) and tail (last rank), which it reads one by
+// one from global memory and keeps in the 16-byte pads around its vectors.
+struct XentSlice {
+    int head;   // columns before the row's first 16-byte boundary
+    int tail0;  // the first column after the row's last whole vector
+    int c0;     // the column of the CTA's first vector
+    int nv;     // its vectors
+    int lo;     // it owns columns lo .. hi - 1
+    int hi;
+};
+
+template <typename T>
+__device__ __forceinline__ XentSlice xent_slice(const T* z, int V, int rank, int C) {
+    const int kVec = 4 * XentWord<T>::kLanes;
+    const int mis = (int)(reinterpret_cast<unsigned long long>(z) & 15);
+    XentSlice s;
+    s.head = min(V, mis ? (16 - mis) / (int)sizeof(T) : 0);
+    const int nvec = (V - s.head) / kVec;
+    s.tail0 = s.head + nvec * kVec;
+    const int per = (nvec + C - 1) / C;
+    const int v0 = min(rank * per, nvec);
+    const int v1 = min(v0 + per, nvec);
+    s.c0 = s.head + v0 * kVec;
+    s.nv = v1 - v0;
+    s.lo = rank == 0 ? 0 : s.c0;
+    s.hi = rank == C - 1 ? V : s.head + v1 * kVec;
+    return s;
+}
+
+// What the CTAs of a cluster read of each other, in two sets used by
+// alternate rows: a peer still reading one row's set is never overwritten by
+// the next row's (a row's two cluster barriers lie between).
+struct XentClusterSlots {
+    XentAcc acc[2];
+    int first_max[2];
+    int first_nan[2];
+    unsigned long long bar;  // completes when the CTA's slice has landed
+};
+
+#ifdef LK_HAS_CLUSTERS
+// The CTA's slice of the row at z: its vectors by a bulk copy. One thread.
+template <typename T>
+__device__ __forceinline__ void xent_fetch_slice(XentClusterSlots& sl, T* base, const T* z, int V, int rank,
+                                                 int C) {
+    const XentSlice s = xent_slice(z, V, rank, C);
+    lk_bulk_load(base, z + s.c0, 16u * (unsigned int)s.nv, &sl.bar);
+}
+
+// One row over the cluster; n counts the rows this CTA has done (the
+// barrier's phase and the slot set), z_next is the row after (null at the
+// end), whose slice is fetched when this one has been read.
+template <typename T, typename TG, typename P>
+__device__ __forceinline__ void xent_cluster_row(const XentFwdArgs& a, XentClusterSlots& sl, T* base,
+                                                 unsigned int n, lk_i64 row, const T* z, const T* z_next,
+                                                 const P& pol, bool ignored, bool bad_target, int y,
+                                                 float y_coef, float weight, float factor) {
+    const int kVec = 4 * XentWord<T>::kLanes;
+    const int U = P::kCoef ? kXentUnroll / 2 : kXentUnroll;
+    const int V = (int)a.classes;
+    const int NT = kXentClusterThreads;
+    const int tid = threadIdx.x;
+    const float lt = a.lt;
+    const int rank = (int)lk_cluster_rank();
+    const int C = (int)lk_cluster_size();
+    const unsigned int set = n & 1;
+    const XentSlice sc = xent_slice(z, V, rank, C);
+    const int head_n = rank == 0 ? sc.head : 0;
+    const int tail_n = rank == C - 1 ? V - sc.tail0 : 0;
+    const lk_u32x4* sv = reinterpret_cast<const lk_u32x4*>(base);
+
+    // As in xent_row: until the max rises, best is the thread's first column.
+    XentBest b;
+    b.best = tid < head_n ? tid : (tid < sc.nv ? sc.c0 + tid * kVec : (tid < tail_n ? sc.tail0 + tid : LK_I32_MAX));
+    b.best_n = 0;
+    XentAcc acc = xent_acc_identity();
+    if (tid < head_n) {
+        const T zt = z[tid];
+        base[tid - sc.c0] = zt;
+        if (xent_scalar(acc, lk_to_f32(zt), tid, pol, lt)) b.best = tid;
+    }
+    lk_mbarrier_wait(&sl.bar, set);
+    int j = tid;
+    for (; j + (U - 1) * NT < sc.nv; j += U * NT) {
+        lk_u32x4 v[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u) v[u] = sv[j + u * NT];
+        if (xent_step_at<T, U>(acc, v, j, NT, sc.c0, pol, lt)) {
+            b.best = j;
+            b.best_n = U;
+        }
+    }
+    for (; j < sc.nv; j += NT) {
+        lk_u32x4 v[1] = {sv[j]};
+        const int col[1] = {sc.c0 + j * kVec};
+        if (xent_step<T, 1>(acc, v, col, pol, lt)) {
+            b.best = j;
+            b.best_n = 1;
+        }
+    }
+    if (tid < tail_n) {
+        const int k = sc.tail0 + tid;
+        const T zt = z[k];
+        base[k - sc.c0] = zt;
+        if (xent_scalar(acc, lk_to_f32(zt), k, pol, lt)) {
+            b.best = k;
+            b.best_n = 0;
+        }
+    }
+    const float my_top1 = acc.sm.m;
+    XentCombine combine;
+    combine.lt = lt;
+    acc = lk_block_reduce(acc, xent_acc_identity(), combine);
+    if (tid == 0) sl.acc[set] = acc;
+    lk_cluster_sync();
+    if (tid == 0) {
+        acc = lk_cluster_load(sl.acc[set], 0);
+        for (int r = 1; r < C; ++r) acc = combine(acc, lk_cluster_load(sl.acc[set], (unsigned int)r));
+    }
+    const XentRowState st = xent_row_state<P>(a, acc, ignored, y, y_coef, factor);
+
+    const int first = xent_block_first(xent_first_max<T, true>(b, my_top1, st.top1, sv, sc.c0));
+    const T* own = base + (sc.lo - sc.c0);  // column lo in shared memory
+    const int nan_i = st.maybe_nan ? xent_first_nan(own, sc.lo, sc.hi - sc.lo) : LK_I32_MAX;
+    if (tid == 0) {
+        sl.first_max[set] = first;
+        sl.first_nan[set] = nan_i;
+    }
+    if (a.grad) {
+        TG* g = static_cast<TG*>(a.grad) + row * a.classes;
+        xent_grad_cols<T, TG, true>(st.gr, pol, own, g + sc.lo, sc.lo, sc.hi - sc.lo);
+    }
+    __syncthreads();  // every read of the slice is done: the next row may land
+    if (tid == 0 && z_next) xent_fetch_slice(sl, base, z_next, V, rank, C);
+    lk_cluster_sync();
+    if (rank == 0 && tid == 0) {
+        int arg = LK_I32_MAX;
+        int nan_first = LK_I32_MAX;
+        for (int r = 0; r < C; ++r) {
+            arg = min(arg, lk_cluster_load(sl.first_max[set], (unsigned int)r));
+            nan_first = min(nan_first, lk_cluster_load(sl.first_nan[set], (unsigned int)r));
+        }
+        // NaN counts as the largest value (torch.argmax).
+        if (nan_first != LK_I32_MAX) arg = nan_first;
+        xent_row_write<T, P>(a, row, z, acc, arg, ignored, bad_target, y, y_coef, weight);
+    }
+}
+#endif
 
 // The class-target bookkeeping of one row: whether it is ignored, its label,
 // the (1 - eps) w_y coefficient and its denominator weight w_y. Targets are
@@ -908,79 +1127,148 @@ __device__ __forceinline__ XentClassRow xent_class_row(const lk_i64* labels, con
     return r;
 }
 
+// The rows of a block (one block per row, grid-strided).
+template <typename T, typename TG>
+struct XentBlockRows {
+    const XentFwdArgs& a;
+    __device__ __forceinline__ lk_i64 first() const { return blockIdx.x; }
+    __device__ __forceinline__ lk_i64 stride() const { return gridDim.x; }
+    template <typename P>
+    __device__ __forceinline__ void run(lk_i64 row, const T* z, const P& pol, bool ignored, bool bad_target, int y,
+                                        float y_coef, float weight, float factor) {
+        xent_row<T, TG>(a, row, z, pol, ignored, bad_target, y, y_coef, weight, factor);
+    }
+};
+
+#ifdef LK_HAS_CLUSTERS
+// The rows of a cluster (one cluster per row, grid-strided by cluster).
+template <typename T, typename TG>
+struct XentClusterRows {
+    const XentFwdArgs& a;
+    XentClusterSlots& sl;
+    T* base;
+    unsigned int done;
+    __device__ __forceinline__ lk_i64 first() const { return lk_cluster_id(); }
+    __device__ __forceinline__ lk_i64 stride() const { return lk_cluster_count(); }
+    template <typename P>
+    __device__ __forceinline__ void run(lk_i64 row, const T* z, const P& pol, bool ignored, bool bad_target, int y,
+                                        float y_coef, float weight, float factor) {
+        const lk_i64 next = row + stride();
+        const T* z_next = next < a.batch ? static_cast<const T*>(a.logits) + next * a.row_stride : nullptr;
+        xent_cluster_row<T, TG>(a, sl, base, done++, row, z, z_next, pol, ignored, bad_target, y, y_coef, weight,
+                                factor);
+    }
+};
+#endif
+
 // One row loop per kind of target, each with its policy fixed: a single
 // loop dispatching per row would keep every policy's values live at once,
 // which costs registers (spills under the 64 of 1024 threads) on the hot path.
-template <typename T, typename TG>
-__device__ __forceinline__ void xent_rows(const XentFwdArgs& a) {
+template <typename T, typename TG, typename Rows>
+__device__ __forceinline__ void xent_rows(const XentFwdArgs& a, Rows& rows) {
     const T* logits = static_cast<const T*>(a.logits);
     // d(reduced loss)/dz carries the reduction's scale and the 1/T of x = z / T.
     const float factor = a.grad ? (float)(a.scale[0] / a.temperature_f64) : 0.0f;
     if (a.labels && a.eps_per_class == 0.0f) {
-        for (lk_i64 row = blockIdx.x; row < a.batch; row += gridDim.x) {
+        for (lk_i64 row = rows.first(); row < a.batch; row += rows.stride()) {
             const T* z = logits + row * a.row_stride;
             const XentClassRow cr =
                 xent_class_row(a.labels, a.weights, row, a.classes, a.ignore_index, a.one_minus_eps);
-            xent_row<T, TG>(a, row, z, XentClassPlain(), cr.ignored, cr.bad, cr.y, cr.y_coef, cr.weight,
-                            factor);
+            rows.run(row, z, XentClassPlain(), cr.ignored, cr.bad, cr.y, cr.y_coef, cr.weight, factor);
         }
     } else if (a.labels) {
-        for (lk_i64 row = blockIdx.x; row < a.batch; row += gridDim.x) {
+        for (lk_i64 row = rows.first(); row < a.batch; row += rows.stride()) {
             const T* z = logits + row * a.row_stride;
             const XentClassRow cr =
                 xent_class_row(a.labels, a.weights, row, a.classes, a.ignore_index, a.one_minus_eps);
             if (cr.ignored) {
-                xent_row<T, TG>(a, row, z, XentClassPlain(), true, false, cr.y, cr.y_coef, cr.weight,
-                                factor);
+                rows.run(row, z, XentClassPlain(), true, false, cr.y, cr.y_coef, cr.weight, factor);
             } else {
                 XentClassSmooth pol;
                 pol.weights = a.weights;
                 pol.eps_per_class = a.eps_per_class;
-                xent_row<T, TG>(a, row, z, pol, false, cr.bad, cr.y, cr.y_coef, cr.weight, factor);
+                rows.run(row, z, pol, false, cr.bad, cr.y, cr.y_coef, cr.weight, factor);
             }
         }
     } else if (a.soft_f32) {
-        for (lk_i64 row = blockIdx.x; row < a.batch; row += gridDim.x) {
+        for (lk_i64 row = rows.first(); row < a.batch; row += rows.stride()) {
             const T* z = logits + row * a.row_stride;
             XentSoft<float> pol;
             pol.q = static_cast<const float*>(a.soft) + row * a.classes;
             pol.weights = a.weights;
             pol.one_minus_eps = a.one_minus_eps;
             pol.eps_per_class = a.eps_per_class;
-            xent_row<T, TG>(a, row, z, pol, false, false, -1, 0.0f, 1.0f, factor);
+            rows.run(row, z, pol, false, false, -1, 0.0f, 1.0f, factor);
         }
     } else {
-        for (lk_i64 row = blockIdx.x; row < a.batch; row += gridDim.x) {
+        for (lk_i64 row = rows.first(); row < a.batch; row += rows.stride()) {
             const T* z = logits + row * a.row_stride;
             XentSoft<T> pol;
             pol.q = static_cast<const T*>(a.soft) + row * a.classes;
             pol.weights = a.weights;
             pol.one_minus_eps = a.one_minus_eps;
             pol.eps_per_class = a.eps_per_class;
-            xent_row<T, TG>(a, row, z, pol, false, false, -1, 0.0f, 1.0f, factor);
+            rows.run(row, z, pol, false, false, -1, 0.0f, 1.0f, factor);
         }
     }
 }
 
+template <typename T, typename TG>
+__device__ __forceinline__ void xent_block_kernel(const XentFwdArgs& a) {
+    XentBlockRows<T, TG> rows{a};
+    xent_rows<T, TG>(a, rows);
+}
+
+// Dynamic shared memory: 16 bytes of pad, the slice's vectors, 16 of pad
+// (the host sizes it from V and the cluster size).
+template <typename T, typename TG>
+__device__ __forceinline__ void xent_cluster_kernel(const XentFwdArgs& a) {
+#ifdef LK_HAS_CLUSTERS
+    extern __shared__ __align__(16) unsigned char xent_slab[];
+    __shared__ XentClusterSlots slots;
+    T* base = reinterpret_cast<T*>(xent_slab + 16);
+    const lk_i64 row0 = lk_cluster_id();
+    if (threadIdx.x == 0) {
+        lk_mbarrier_init(&slots.bar);
+        if (row0 < a.batch) {
+            xent_fetch_slice(slots, base, static_cast<const T*>(a.logits) + row0 * a.row_stride, (int)a.classes,
+                             (int)lk_cluster_rank(), (int)lk_cluster_size());
+        }
+    }
+    __syncthreads();
+    XentClusterRows<T, TG> rows{a, slots, base, 0u};
+    xent_rows<T, TG>(a, rows);
+    // No CTA leaves while a peer may still read its slots.
+    lk_cluster_sync();
+#else
+    // Launched only where clusters exist (Kernels::has_clusters).
+    asm volatile("trap;");
+#endif
+}
+
 // The grad's dtype is a template parameter (f32 or the logits'); without a
 // grad, grad_f32 is 0 and the grad pass is skipped.
-extern "C" __global__ void __launch_bounds__(1024) xent_fwd_f32(const XentFwdArgs a) {
-    xent_rows<float, float>(a);
-}
-extern "C" __global__ void __launch_bounds__(1024) xent_fwd_f16(const XentFwdArgs a) {
-    if (a.grad_f32) {
-        xent_rows<lk_f16, float>(a);
-    } else {
-        xent_rows<lk_f16, lk_f16>(a);
+#define XENT_FWD_ENTRIES(NAME, BOUND, KERNEL)                                                   \
+    extern "C" __global__ void __launch_bounds__(BOUND) NAME##_f32(const XentFwdArgs a) {      \
+        KERNEL<float, float>(a);                                                                \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(BOUND) NAME##_f16(const XentFwdArgs a) {      \
+        if (a.grad_f32) {                                                                       \
+            KERNEL<lk_f16, float>(a);                                                           \
+        } else {                                                                                \
+            KERNEL<lk_f16, lk_f16>(a);                                                          \
+        }                                                                                       \
+    }                                                                                           \
+    extern "C" __global__ void __launch_bounds__(BOUND) NAME##_bf16(const XentFwdArgs a) {     \
+        if (a.grad_f32) {                                                                       \
+            KERNEL<lk_bf16, float>(a);                                                          \
+        } else {                                                                                \
+            KERNEL<lk_bf16, lk_bf16>(a);                                                        \
+        }                                                                                       \
     }
-}
-extern "C" __global__ void __launch_bounds__(1024) xent_fwd_bf16(const XentFwdArgs a) {
-    if (a.grad_f32) {
-        xent_rows<lk_bf16, float>(a);
-    } else {
-        xent_rows<lk_bf16, lk_bf16>(a);
-    }
-}
+
+XENT_FWD_ENTRIES(xent_fwd, 1024, xent_block_kernel)
+XENT_FWD_ENTRIES(xent_cluster, kXentClusterThreads, xent_cluster_kernel)
 
 // ---------------------------------------------------------------------------
 // The grad's reduction scale before the row kernel: 1 / sum of the row

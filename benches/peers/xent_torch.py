@@ -2,9 +2,10 @@
 """xent side by side on one GPU, in one run: PyTorch against losskern.
 
 Times, for each shape and dtype: F.cross_entropy forward, forward+backward, an eager and a
-torch.compile "all outputs" function (loss, lse, entropy, grad, rho from max-min), and the
-losskern CLI's timing of the same shape (forward, forward+grad), next to a device-to-device
-copy measured in the same run. Prints one table: ms, GB/s (logits read once, grad written
+torch.compile "all outputs" function (loss, lse, entropy, grad, rho from max-min), Liger-Kernel's
+cross-entropy forward+backward (when `liger_kernel` imports: it is pure Python on the host's
+Triton), and the losskern CLI's timing of the same shape (forward, forward+grad), next to a
+device-to-device copy measured in the same run. Prints one table: ms, GB/s (logits read once, grad written
 once), % of the copy, and losskern's speed-up against each PyTorch variant.
 
 Run from the repository root on the GPU host: python3 benches/peers/xent_torch.py
@@ -18,12 +19,25 @@ import torch
 from peer_timing import copy_bandwidth, losskern_bench_ms, losskern_binary, median_ms
 import torch.nn.functional as F
 
-SHAPES = [(4096, 32000), (8192, 128256), (32768, 50257)]
+# (B, V, dtypes): the headline shapes, then the short batches that must spread over the GPU.
+SHAPES = [
+    (4096, 32000, ("bf16", "f32")),
+    (8192, 128256, ("bf16", "f32")),
+    (32768, 50257, ("bf16", "f32")),
+    (8, 262144, ("bf16",)),
+    (64, 131072, ("bf16",)),
+]
 DTYPES = {"bf16": torch.bfloat16, "f32": torch.float32}
 
 
-
-
+def liger_cross_entropy():
+    """Liger-Kernel's functional cross-entropy, or None where it is not installed."""
+    try:
+        from liger_kernel.transformers.functional import liger_cross_entropy as fn
+    except ImportError as e:
+        print(f"liger-kernel not importable ({e}): its rows are left out")
+        return None
+    return fn
 
 
 def all_outputs(z, y):
@@ -57,9 +71,11 @@ def main():
     copy = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy:.0f} GB/s (torch {torch.__version__})")
     compiled = torch.compile(all_outputs)
+    liger = liger_cross_entropy()
     rows = []
-    for b, v in SHAPES:
-        for name, dtype in DTYPES.items():
+    for b, v, dtypes in SHAPES:
+        for name in dtypes:
+            dtype = DTYPES[name]
             torch.manual_seed(0)
             z = torch.randn(b, v, device="cuda", dtype=dtype) * 3
             y = torch.randint(0, v, (b,), device="cuda")
@@ -77,6 +93,16 @@ def main():
                 ("torch eager all outputs", median_ms(lambda: all_outputs(z, y)), 2 * logits_bytes, "grad"),
                 ("torch.compile all outputs", median_ms(lambda: compiled(z, y)), 2 * logits_bytes, "grad"),
             ]
+            if liger is not None:
+                # Liger writes the gradient over its input in the forward: it gets its own copy
+                # of the logits, which after the first call holds the gradient (same work).
+                z_liger = z.detach().clone()
+
+                def liger_fwd_bwd():
+                    zz = z_liger.detach().requires_grad_()
+                    liger(zz, y).backward()
+
+                timings.append(("liger cross_entropy fwd+bwd", median_ms(liger_fwd_bwd), 2 * logits_bytes, "grad"))
             ours = {"fwd": float("nan"), "grad": float("nan")}
             if binary:
                 ours = {"fwd": losskern_ms(binary, b, v, name, False), "grad": losskern_ms(binary, b, v, name, True)}

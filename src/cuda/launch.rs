@@ -4,10 +4,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
-use cudarc::driver::sys::CUdevice_attribute as Attr;
+use cudarc::driver::sys::{self, CUdevice_attribute as Attr, CUfunction_attribute as FuncAttr};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, CudaView, DevicePtr,
-    DevicePtrMut, DeviceSlice, DriverError, LaunchConfig, SyncOnDrop,
+    DevicePtrMut, DeviceRepr, DeviceSlice, DriverError, LaunchConfig, SyncOnDrop,
 };
 
 use super::compile::{compiled, KernelSource};
@@ -280,6 +280,74 @@ impl Kernels {
         self.checked(name, f, (grid, 1, 1), (threads, 1, 1))
     }
 
+    /// Whether the device runs thread-block clusters, bulk copies and
+    /// distributed shared memory (compute capability 9.0 and later).
+    pub(crate) fn has_clusters(&self) -> bool {
+        self.arch
+            .strip_prefix("sm_")
+            .and_then(|cc| cc.get(..cc.len().saturating_sub(1)))
+            .and_then(|major| major.parse::<u32>().ok())
+            .is_some_and(|major| major >= 9)
+    }
+
+    /// A launch of `f` in clusters of `size` CTAs of `threads` threads with
+    /// `shared` bytes of dynamic shared memory each, for `work` clusters'
+    /// worth of work: opts `f` into that much shared memory (and, above 8,
+    /// into non-portable cluster sizes), and caps the grid at the clusters the
+    /// device holds at once (the kernel grid-strides by cluster, so the cap
+    /// changes no result). None when not even one cluster fits.
+    pub(crate) fn cluster_config(
+        &self,
+        name: &str,
+        f: &CudaFunction,
+        stream: &CudaStream,
+        work: usize,
+        shape: ClusterShape,
+    ) -> Result<Option<ClusterConfig>> {
+        let attribute = |what: FuncAttr, value: u32| {
+            let value = i32::try_from(value).unwrap_or(i32::MAX);
+            f.set_attribute(what, value)
+                .map_err(driver_error("cuFuncSetAttribute"))
+        };
+        attribute(
+            FuncAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            shape.shared,
+        )?;
+        if shape.size > 8 {
+            attribute(
+                FuncAttr::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
+                1,
+            )?;
+        }
+        let grid = u32::try_from(work)
+            .unwrap_or(u32::MAX)
+            .min(self.limits.max_grid[0] / shape.size.max(1))
+            .max(1);
+        let mut config = ClusterConfig {
+            clusters: grid,
+            shape,
+        };
+        let mut fit: std::ffi::c_int = 0;
+        self.ctx
+            .bind_to_thread()
+            .map_err(driver_error("cuCtxSetCurrent"))?;
+        config
+            .with_raw(stream, |raw| {
+                // SAFETY: `raw` and the attribute it points to live for this call;
+                // the function handle is a loaded function of this context.
+                unsafe { sys::cuOccupancyMaxActiveClusters(&mut fit, f.cu_function(), raw) }
+                    .result()
+            })
+            .map_err(driver_error("cuOccupancyMaxActiveClusters"))?;
+        let fit = u32::try_from(fit).unwrap_or(0);
+        if fit == 0 {
+            return Ok(None);
+        }
+        self.checked(name, f, (grid * shape.size, 1, 1), (shape.threads, 1, 1))?;
+        config.clusters = grid.min(fit);
+        Ok(Some(config))
+    }
+
     /// A single block of up to 1024 threads (batch reductions).
     pub(crate) fn single_block_config(&self, name: &str, f: &CudaFunction) -> Result<LaunchConfig> {
         let block = 1024.min(self.block_cap(name, f)?);
@@ -367,6 +435,90 @@ impl Kernels {
             grid_dim: grid,
             block_dim: block,
             shared_mem_bytes: 0,
+        })
+    }
+}
+
+/// The shape of one cluster of a cluster launch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ClusterShape {
+    /// CTAs per cluster.
+    pub(crate) size: u32,
+    /// Threads per CTA.
+    pub(crate) threads: u32,
+    /// Dynamic shared memory per CTA, in bytes.
+    pub(crate) shared: u32,
+}
+
+/// A checked cluster launch (see [`Kernels::cluster_config`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ClusterConfig {
+    clusters: u32,
+    shape: ClusterShape,
+}
+
+impl ClusterConfig {
+    /// Calls `run` with the driver's launch configuration for `stream`.
+    fn with_raw<R>(
+        &self,
+        stream: &CudaStream,
+        run: impl FnOnce(*const sys::CUlaunchConfig) -> R,
+    ) -> R {
+        let mut cluster = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION,
+            pad: [0; 4],
+            value: sys::CUlaunchAttributeValue {
+                clusterDim: sys::CUlaunchAttributeValue_union__bindgen_ty_1 {
+                    x: self.shape.size,
+                    y: 1,
+                    z: 1,
+                },
+            },
+        };
+        let raw = sys::CUlaunchConfig {
+            gridDimX: self.clusters * self.shape.size,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: self.shape.threads,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: self.shape.shared,
+            hStream: stream.cu_stream(),
+            attrs: &mut cluster,
+            numAttrs: 1,
+        };
+        run(&raw)
+    }
+
+    /// Launches `f`, whose one parameter is `args`, with this configuration
+    /// on `stream`.
+    ///
+    /// # Safety
+    ///
+    /// `args` must be the kernel's parameter type, and every device pointer
+    /// in it valid for all the kernel does with this configuration, on
+    /// `stream`, until the stream has run it.
+    pub(crate) unsafe fn launch<A: DeviceRepr>(
+        &self,
+        stream: &CudaStream,
+        f: &CudaFunction,
+        args: &A,
+    ) -> std::result::Result<(), DriverError> {
+        stream.context().bind_to_thread()?;
+        let mut params = [(args as *const A).cast_mut().cast::<std::ffi::c_void>()];
+        self.with_raw(stream, |raw| {
+            // SAFETY: the caller vouches for the parameter and its pointers;
+            // `raw`, its attribute and `params` live for this call, and the
+            // driver copies the parameter before returning.
+            unsafe {
+                sys::cuLaunchKernelEx(
+                    raw,
+                    f.cu_function(),
+                    params.as_mut_ptr(),
+                    std::ptr::null_mut(),
+                )
+            }
+            .result()
         })
     }
 }

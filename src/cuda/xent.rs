@@ -39,8 +39,8 @@ use cudarc::driver::{
 
 use super::compile::KernelSource;
 use super::launch::{
-    alloc_output, as_i64, bytes, check_context, cuda_slice, driver_error, kernels, offsets, Fill,
-    Kernels, Pointers,
+    alloc_output, as_i64, bytes, check_context, cuda_slice, driver_error, kernels, offsets,
+    ClusterShape, Fill, Kernels, Pointers,
 };
 use super::{CudaBackend, TargetWatch};
 use crate::device::{Storage, Tensor};
@@ -328,15 +328,52 @@ unsafe impl DeviceRepr for XentScaleArgs {}
 // SAFETY: as above.
 unsafe impl DeviceRepr for XentReduceArgs {}
 
-fn fwd_kernel(dtype: DType) -> Result<&'static str> {
+/// The row kernels for `dtype`: one block per row, and a cluster per row.
+fn fwd_kernels(dtype: DType) -> Result<(&'static str, &'static str)> {
     match dtype {
-        DType::F32 => Ok("xent_fwd_f32"),
-        DType::F16 => Ok("xent_fwd_f16"),
-        DType::BF16 => Ok("xent_fwd_bf16"),
+        DType::F32 => Ok(("xent_fwd_f32", "xent_cluster_f32")),
+        DType::F16 => Ok(("xent_fwd_f16", "xent_cluster_f16")),
+        DType::BF16 => Ok(("xent_fwd_bf16", "xent_cluster_bf16")),
         other => Err(Error::DType(format!(
             "the CUDA xent kernels take f32, f16 or bf16 logits, not {other}"
         ))),
     }
+}
+
+/// Threads per CTA of the cluster kernel (kXentClusterThreads in kernels/xent.cu).
+const CLUSTER_THREADS: u32 = 256;
+/// The most of a row one CTA of the cluster kernel holds: small enough that
+/// four CTAs share a multiprocessor, so one CTA's loads are in flight while
+/// another reduces or writes its gradient.
+const CLUSTER_SLICE_BYTES: usize = 48 << 10;
+/// Rows shorter than this stay with the block kernel: a block's own loads
+/// (16 KiB in flight per 1024 threads) already cover them.
+const CLUSTER_MIN_ROW_BYTES: usize = 32 << 10;
+/// The largest cluster (16 is beyond the portable 8, allowed on sm_90).
+const CLUSTER_MAX_SIZE: usize = 16;
+
+/// The cluster kernel's shape for `spec`, or None where the block kernel
+/// runs (no clusters on the device, rows under 32 KiB or over 16 slices).
+/// It depends on V and the dtype alone, so a row's reductions, hence its
+/// bits, do not change with B or with the grad.
+fn cluster_shape(kernels: &Kernels, spec: &XentSpec) -> Option<ClusterShape> {
+    let elem = spec.dtype.size();
+    let row_bytes = spec.classes.checked_mul(elem)?;
+    if !kernels.has_clusters() || row_bytes < CLUSTER_MIN_ROW_BYTES {
+        return None;
+    }
+    let size = row_bytes.div_ceil(CLUSTER_SLICE_BYTES).next_power_of_two();
+    if size > CLUSTER_MAX_SIZE {
+        return None;
+    }
+    // Each CTA holds up to ceil(whole vectors / size) 16-byte vectors, with
+    // 16 bytes of pad on either side for the row's unaligned head and tail.
+    let vectors = (spec.classes / (16 / elem)).div_ceil(size);
+    Some(ClusterShape {
+        size: u32::try_from(size).ok()?,
+        threads: CLUSTER_THREADS,
+        shared: u32::try_from(32 + 16 * vectors).ok()?,
+    })
 }
 
 fn reduction_code(reduction: Reduction) -> i32 {
@@ -374,7 +411,7 @@ pub fn xent_raw(
         )));
     }
     let elem = spec.dtype.size();
-    let fwd_name = fwd_kernel(spec.dtype)?;
+    let (fwd_name, cluster_name) = fwd_kernels(spec.dtype)?;
     if spec.grad_dtype != spec.dtype && spec.grad_dtype != DType::F32 {
         return Err(Error::DType(format!(
             "grad dtype must be {} or f32, got {}",
@@ -572,18 +609,36 @@ pub fn xent_raw(
         has_floor: i32::from(r.floor.is_some()),
         grad_f32: i32::from(o.grad && spec.grad_dtype == DType::F32),
     };
-    let cfg = fwd_config(&kernels, fwd_name, &fwd, spec)?;
-    // SAFETY: the argument block matches xent_fwd's parameter (see the
-    // DeviceRepr impl). Every pointer was checked above to be aligned and to
-    // cover what the kernel touches for this spec: logits (B-1)*stride + V
-    // elements, targets B labels or B*V soft values, weights V, every per-row
-    // output B elements, rho B (per-sample; else null and unused), scale one
-    // f64 and grad B*V elements of grad_dtype written densely with row stride
-    // V (both null without options.grad), status one u64 (atomicMax). Labels
-    // are bounds-checked in the kernel before indexing. The grid and block were checked against the
-    // device and function limits by row_config.
-    unsafe { stream.launch_builder(&fwd).arg(&fwd_args).launch(cfg) }
-        .map_err(driver_error(fwd_name))?;
+    let cluster = match cluster_shape(&kernels, spec) {
+        Some(shape) => {
+            let f = kernels.function(KernelSource::Xent, cluster_name)?;
+            kernels
+                .cluster_config(cluster_name, &f, stream, b, shape)?
+                .map(|cfg| (f, cfg))
+        }
+        None => None,
+    };
+    // Both launches: the argument block matches the row kernels'
+    // parameter (see the DeviceRepr impl). Every pointer was checked above to
+    // be aligned and to cover what the kernel touches for this spec: logits
+    // (B-1)*stride + V elements, targets B labels or B*V soft values, weights
+    // V, every per-row output B elements, rho B (per-sample; else null and
+    // unused), scale one f64 and grad B*V elements of grad_dtype written
+    // densely with row stride V (both null without options.grad), status one
+    // u64 (atomicMax). Labels are bounds-checked in the kernel before
+    // indexing. The block kernel's grid and block were checked against the
+    // device and function limits by row_config; the cluster kernel's by
+    // cluster_config, which also opted the function into the dynamic shared
+    // memory cluster_shape sized for V (the kernel's slice never exceeds it).
+    if let Some((f, cfg)) = cluster {
+        // SAFETY: see above.
+        unsafe { cfg.launch(stream, &f, &fwd_args) }.map_err(driver_error(cluster_name))?;
+    } else {
+        let cfg = fwd_config(&kernels, fwd_name, &fwd, spec)?;
+        // SAFETY: see above.
+        unsafe { stream.launch_builder(&fwd).arg(&fwd_args).launch(cfg) }
+            .map_err(driver_error(fwd_name))?;
+    }
 
     let reduce_args = XentReduceArgs {
         loss_row: loss_row_ptr,
