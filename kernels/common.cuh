@@ -223,21 +223,13 @@ __device__ __forceinline__ void lk_cluster_sync() {
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
 }
 
-// The value of `local` (an object in this CTA's shared memory) in CTA `rank`
-// of the cluster, read word by word through distributed shared memory.
-template <typename S>
-__device__ __forceinline__ S lk_cluster_load(const S& local, unsigned int rank) {
-    static_assert(sizeof(S) % 4 == 0, "read as 32-bit words");
+// Stores `value` at the address of `local` (a word of this CTA's shared
+// memory) in CTA `rank` of the cluster: a store, not a round trip; the next
+// lk_cluster_sync makes it visible there.
+__device__ __forceinline__ void lk_cluster_store(const void* local, unsigned int rank, unsigned int value) {
     unsigned int remote;
-    asm("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(lk_smem(&local)), "r"(rank));
-    unsigned int w[sizeof(S) / 4];
-#pragma unroll
-    for (int i = 0; i < (int)(sizeof(S) / 4); ++i) {
-        asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(w[i]) : "r"(remote + 4 * i) : "memory");
-    }
-    S r;
-    memcpy(&r, w, sizeof(S));
-    return r;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(lk_smem(local)), "r"(rank));
+    asm volatile("st.shared::cluster.u32 [%0], %1;" ::"r"(remote), "r"(value) : "memory");
 }
 
 // A one-arrival mbarrier for bulk copies; then every thread may wait on it.

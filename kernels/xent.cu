@@ -930,16 +930,18 @@ __device__ __forceinline__ void xent_row(const XentFwdArgs& a, lk_i64 row, const
 // ---------------------------------------------------------------------------
 // The cluster kernel (sm_90): the C CTAs of a thread-block cluster (C from
 // the row length, set at launch) share a row, each holding its slice in
-// shared memory, loaded by one bulk copy (cp.async.bulk: the bytes in flight
-// do not depend on registers) that the CTA issues as soon as it has finished
-// reading the previous row's slice. Each CTA reduces its slice; every CTA
-// then merges the C partials in rank order through distributed shared
-// memory (so all hold the same row statistics), and computes the gradient of
-// its slice from shared memory: HBM is read once and written once. Rank 0
-// writes the per-row outputs. The row's reductions have one shape for a
-// given C, with or without the grad.
+// shared memory. A slice is loaded by one bulk copy (cp.async.bulk: the bytes
+// in flight do not depend on registers) into one of two buffers: the next
+// row's copy is issued when a row starts, so its latency hides behind this
+// row's work. Each CTA reduces its slice and pushes the partial into every
+// peer's shared memory (stores, no round trips); after a cluster barrier
+// every CTA merges the C partials in rank order (so all hold the same row
+// statistics) and computes the gradient of its slice from shared memory:
+// HBM is read once and written once. Rank 0 writes the per-row outputs. A
+// row's reductions have one shape for a given C, with or without the grad.
 
 constexpr int kXentClusterThreads = 256;
+constexpr int kXentClusterMax = 16;  // the largest cluster (non-portable above 8)
 
 // The columns of a row one CTA of the cluster owns: its vectors, plus the
 // row's unaligned head (rank 0) and tail (last rank), which it reads one by
@@ -971,49 +973,49 @@ __device__ __forceinline__ XentSlice xent_slice(const T* z, int V, int rank, int
     return s;
 }
 
-// What the CTAs of a cluster read of each other, in two sets used by
-// alternate rows: a peer still reading one row's set is never overwritten by
-// the next row's (a row's two cluster barriers lie between).
+// Bytes of one slice buffer: the most vectors any row's slice holds, and a
+// 16-byte pad on either side. The host sizes the two buffers the same way.
+template <typename T>
+__device__ __forceinline__ int xent_slice_buffer_bytes(int V, int C) {
+    const int kVec = 4 * XentWord<T>::kLanes;
+    return 32 + 16 * ((V / kVec + C - 1) / C);
+}
+
+// What the CTAs of a cluster write into each other, in two sets used by
+// alternate rows: between a row's writes of one set and the next writes of
+// it lie two cluster barriers, which every reader of it has passed.
 struct XentClusterSlots {
-    XentAcc acc[2];
-    int first_max[2];
-    int first_nan[2];
-    unsigned long long bar;  // completes when the CTA's slice has landed
+    XentAcc acc[2][kXentClusterMax];        // every CTA's partial, in each CTA
+    int first[2][kXentClusterMax][2];       // first max and first NaN column, in rank 0
+    XentAcc mine;                           // this CTA's partial, for the pushes
+    unsigned long long bar[2];              // completes when a buffer's slice has landed
 };
 
 #ifdef LK_HAS_CLUSTERS
-// The CTA's slice of the row at z: its vectors by a bulk copy. One thread.
+// The CTA's slice of the row at z: its vectors by a bulk copy into `buf`,
+// completing `bar`. One thread.
 template <typename T>
-__device__ __forceinline__ void xent_fetch_slice(XentClusterSlots& sl, T* base, const T* z, int V, int rank,
+__device__ __forceinline__ void xent_fetch_slice(unsigned long long* bar, T* buf, const T* z, int V, int rank,
                                                  int C) {
     const XentSlice s = xent_slice(z, V, rank, C);
-    lk_bulk_load(base, z + s.c0, 16u * (unsigned int)s.nv, &sl.bar);
+    lk_bulk_load(buf, z + s.c0, 16u * (unsigned int)s.nv, bar);
 }
 
-// One row over the cluster; n counts the rows this CTA has done (the
-// barrier's phase and the slot set), z_next is the row after (null at the
-// end), whose slice is fetched when this one has been read.
-template <typename T, typename TG, typename P>
-__device__ __forceinline__ void xent_cluster_row(const XentFwdArgs& a, XentClusterSlots& sl, T* base,
-                                                 unsigned int n, lk_i64 row, const T* z, const T* z_next,
-                                                 const P& pol, bool ignored, bool bad_target, int y,
-                                                 float y_coef, float weight, float factor) {
+// The forward pass of a CTA over its slice: its head or tail columns from
+// global memory (kept in the buffer's pads for the gradient), its vectors
+// from the buffer once the copy has landed.
+template <typename T, typename P>
+__device__ __forceinline__ XentAcc xent_slice_forward(const XentSlice& sc, T* base, const T* z, int V, int rank,
+                                                      int C, unsigned long long* bar, unsigned int parity,
+                                                      const P& pol, float lt, XentBest& b) {
     const int kVec = 4 * XentWord<T>::kLanes;
     const int U = P::kCoef ? kXentUnroll / 2 : kXentUnroll;
-    const int V = (int)a.classes;
     const int NT = kXentClusterThreads;
     const int tid = threadIdx.x;
-    const float lt = a.lt;
-    const int rank = (int)lk_cluster_rank();
-    const int C = (int)lk_cluster_size();
-    const unsigned int set = n & 1;
-    const XentSlice sc = xent_slice(z, V, rank, C);
     const int head_n = rank == 0 ? sc.head : 0;
     const int tail_n = rank == C - 1 ? V - sc.tail0 : 0;
     const lk_u32x4* sv = reinterpret_cast<const lk_u32x4*>(base);
-
     // As in xent_row: until the max rises, best is the thread's first column.
-    XentBest b;
     b.best = tid < head_n ? tid : (tid < sc.nv ? sc.c0 + tid * kVec : (tid < tail_n ? sc.tail0 + tid : LK_I32_MAX));
     b.best_n = 0;
     XentAcc acc = xent_acc_identity();
@@ -1022,7 +1024,7 @@ __device__ __forceinline__ void xent_cluster_row(const XentFwdArgs& a, XentClust
         base[tid - sc.c0] = zt;
         if (xent_scalar(acc, lk_to_f32(zt), tid, pol, lt)) b.best = tid;
     }
-    lk_mbarrier_wait(&sl.bar, set);
+    lk_mbarrier_wait(bar, parity);
     int j = tid;
     for (; j + (U - 1) * NT < sc.nv; j += U * NT) {
         lk_u32x4 v[U];
@@ -1050,38 +1052,83 @@ __device__ __forceinline__ void xent_cluster_row(const XentFwdArgs& a, XentClust
             b.best_n = 0;
         }
     }
+    return acc;
+}
+
+// The row's accumulator on every CTA's thread 0: each CTA pushes its partial
+// (held by its thread 0) into slot `rank` of every CTA, one word per thread,
+// then after the barrier merges the C slots in rank order.
+__device__ __forceinline__ XentAcc xent_cluster_merge(XentClusterSlots& sl, XentAcc acc, unsigned int set, int rank,
+                                                      int C, const XentCombine& combine) {
+    const int kWords = (int)(sizeof(XentAcc) / 4);
+    if (threadIdx.x == 0) sl.mine = acc;
+    __syncthreads();
+    if ((int)threadIdx.x < C * kWords) {
+        const int peer = threadIdx.x / kWords;
+        const int word = threadIdx.x % kWords;
+        const unsigned int* mine = reinterpret_cast<const unsigned int*>(&sl.mine);
+        lk_cluster_store(reinterpret_cast<const unsigned int*>(&sl.acc[set][rank]) + word, (unsigned int)peer,
+                         mine[word]);
+    }
+    lk_cluster_sync();
+    if (threadIdx.x == 0) {
+        acc = sl.acc[set][0];
+        for (int r = 1; r < C; ++r) acc = combine(acc, sl.acc[set][r]);
+    }
+    return acc;
+}
+
+// One row over the cluster; n counts the rows this CTA has done (its buffer,
+// barrier phase and slot set), z_next is the row after (null at the end),
+// whose slice is fetched into the other buffer as this row starts.
+template <typename T, typename TG, typename P>
+__device__ __forceinline__ void xent_cluster_row(const XentFwdArgs& a, XentClusterSlots& sl, unsigned char* slab,
+                                                 unsigned int n, lk_i64 row, const T* z, const T* z_next,
+                                                 const P& pol, bool ignored, bool bad_target, int y,
+                                                 float y_coef, float weight, float factor) {
+    const int V = (int)a.classes;
+    const int tid = threadIdx.x;
+    const int rank = (int)lk_cluster_rank();
+    const int C = (int)lk_cluster_size();
+    const unsigned int set = n & 1;
+    const int buffer_bytes = xent_slice_buffer_bytes<T>(V, C);
+    T* base = reinterpret_cast<T*>(slab + set * buffer_bytes + 16);
+    if (tid == 0 && z_next) {
+        // The other buffer was last read by the row before, which ended in a
+        // __syncthreads.
+        T* next = reinterpret_cast<T*>(slab + (set ^ 1) * buffer_bytes + 16);
+        xent_fetch_slice(&sl.bar[set ^ 1], next, z_next, V, rank, C);
+    }
+    const XentSlice sc = xent_slice(z, V, rank, C);
+    XentBest b;
+    XentAcc acc = xent_slice_forward(sc, base, z, V, rank, C, &sl.bar[set], (n >> 1) & 1, pol, a.lt, b);
     const float my_top1 = acc.sm.m;
     XentCombine combine;
-    combine.lt = lt;
+    combine.lt = a.lt;
     acc = lk_block_reduce(acc, xent_acc_identity(), combine);
-    if (tid == 0) sl.acc[set] = acc;
-    lk_cluster_sync();
-    if (tid == 0) {
-        acc = lk_cluster_load(sl.acc[set], 0);
-        for (int r = 1; r < C; ++r) acc = combine(acc, lk_cluster_load(sl.acc[set], (unsigned int)r));
-    }
+    acc = xent_cluster_merge(sl, acc, set, rank, C, combine);
     const XentRowState st = xent_row_state<P>(a, acc, ignored, y, y_coef, factor);
 
+    const lk_u32x4* sv = reinterpret_cast<const lk_u32x4*>(base);
     const int first = xent_block_first(xent_first_max<T, true>(b, my_top1, st.top1, sv, sc.c0));
     const T* own = base + (sc.lo - sc.c0);  // column lo in shared memory
     const int nan_i = st.maybe_nan ? xent_first_nan(own, sc.lo, sc.hi - sc.lo) : LK_I32_MAX;
     if (tid == 0) {
-        sl.first_max[set] = first;
-        sl.first_nan[set] = nan_i;
+        lk_cluster_store(&sl.first[set][rank][0], 0, (unsigned int)first);
+        lk_cluster_store(&sl.first[set][rank][1], 0, (unsigned int)nan_i);
     }
     if (a.grad) {
         TG* g = static_cast<TG*>(a.grad) + row * a.classes;
         xent_grad_cols<T, TG, true>(st.gr, pol, own, g + sc.lo, sc.lo, sc.hi - sc.lo);
     }
-    __syncthreads();  // every read of the slice is done: the next row may land
-    if (tid == 0 && z_next) xent_fetch_slice(sl, base, z_next, V, rank, C);
+    __syncthreads();  // every read of this row's buffer is done
     lk_cluster_sync();
     if (rank == 0 && tid == 0) {
         int arg = LK_I32_MAX;
         int nan_first = LK_I32_MAX;
         for (int r = 0; r < C; ++r) {
-            arg = min(arg, lk_cluster_load(sl.first_max[set], (unsigned int)r));
-            nan_first = min(nan_first, lk_cluster_load(sl.first_nan[set], (unsigned int)r));
+            arg = min(arg, sl.first[set][r][0]);
+            nan_first = min(nan_first, sl.first[set][r][1]);
         }
         // NaN counts as the largest value (torch.argmax).
         if (nan_first != LK_I32_MAX) arg = nan_first;
@@ -1146,7 +1193,7 @@ template <typename T, typename TG>
 struct XentClusterRows {
     const XentFwdArgs& a;
     XentClusterSlots& sl;
-    T* base;
+    unsigned char* slab;
     unsigned int done;
     __device__ __forceinline__ lk_i64 first() const { return lk_cluster_id(); }
     __device__ __forceinline__ lk_i64 stride() const { return lk_cluster_count(); }
@@ -1155,7 +1202,7 @@ struct XentClusterRows {
                                         float y_coef, float weight, float factor) {
         const lk_i64 next = row + stride();
         const T* z_next = next < a.batch ? static_cast<const T*>(a.logits) + next * a.row_stride : nullptr;
-        xent_cluster_row<T, TG>(a, sl, base, done++, row, z, z_next, pol, ignored, bad_target, y, y_coef, weight,
+        xent_cluster_row<T, TG>(a, sl, slab, done++, row, z, z_next, pol, ignored, bad_target, y, y_coef, weight,
                                 factor);
     }
 };
@@ -1219,24 +1266,25 @@ __device__ __forceinline__ void xent_block_kernel(const XentFwdArgs& a) {
     xent_rows<T, TG>(a, rows);
 }
 
-// Dynamic shared memory: 16 bytes of pad, the slice's vectors, 16 of pad
-// (the host sizes it from V and the cluster size).
+// Dynamic shared memory: two slice buffers (xent_slice_buffer_bytes each,
+// sized the same way by the host from V and the cluster size).
 template <typename T, typename TG>
 __device__ __forceinline__ void xent_cluster_kernel(const XentFwdArgs& a) {
 #ifdef LK_HAS_CLUSTERS
     extern __shared__ __align__(16) unsigned char xent_slab[];
     __shared__ XentClusterSlots slots;
-    T* base = reinterpret_cast<T*>(xent_slab + 16);
     const lk_i64 row0 = lk_cluster_id();
     if (threadIdx.x == 0) {
-        lk_mbarrier_init(&slots.bar);
+        lk_mbarrier_init(&slots.bar[0]);
+        lk_mbarrier_init(&slots.bar[1]);
         if (row0 < a.batch) {
-            xent_fetch_slice(slots, base, static_cast<const T*>(a.logits) + row0 * a.row_stride, (int)a.classes,
+            xent_fetch_slice(&slots.bar[0], reinterpret_cast<T*>(xent_slab + 16),
+                             static_cast<const T*>(a.logits) + row0 * a.row_stride, (int)a.classes,
                              (int)lk_cluster_rank(), (int)lk_cluster_size());
         }
     }
     __syncthreads();
-    XentClusterRows<T, TG> rows{a, slots, base, 0u};
+    XentClusterRows<T, TG> rows{a, slots, xent_slab, 0u};
     xent_rows<T, TG>(a, rows);
     // No CTA leaves while a peer may still read its slots.
     lk_cluster_sync();
@@ -1248,18 +1296,18 @@ __device__ __forceinline__ void xent_cluster_kernel(const XentFwdArgs& a) {
 
 // The grad's dtype is a template parameter (f32 or the logits'); without a
 // grad, grad_f32 is 0 and the grad pass is skipped.
-#define XENT_FWD_ENTRIES(NAME, BOUND, KERNEL)                                                   \
-    extern "C" __global__ void __launch_bounds__(BOUND) NAME##_f32(const XentFwdArgs a) {      \
+#define XENT_FWD_ENTRIES(NAME, KERNEL, ...)                                                   \
+    extern "C" __global__ void __launch_bounds__(__VA_ARGS__) NAME##_f32(const XentFwdArgs a) {      \
         KERNEL<float, float>(a);                                                                \
     }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(BOUND) NAME##_f16(const XentFwdArgs a) {      \
+    extern "C" __global__ void __launch_bounds__(__VA_ARGS__) NAME##_f16(const XentFwdArgs a) {      \
         if (a.grad_f32) {                                                                       \
             KERNEL<lk_f16, float>(a);                                                           \
         } else {                                                                                \
             KERNEL<lk_f16, lk_f16>(a);                                                          \
         }                                                                                       \
     }                                                                                           \
-    extern "C" __global__ void __launch_bounds__(BOUND) NAME##_bf16(const XentFwdArgs a) {     \
+    extern "C" __global__ void __launch_bounds__(__VA_ARGS__) NAME##_bf16(const XentFwdArgs a) {     \
         if (a.grad_f32) {                                                                       \
             KERNEL<lk_bf16, float>(a);                                                          \
         } else {                                                                                \
@@ -1267,8 +1315,10 @@ __device__ __forceinline__ void xent_cluster_kernel(const XentFwdArgs& a) {
         }                                                                                       \
     }
 
-XENT_FWD_ENTRIES(xent_fwd, 1024, xent_block_kernel)
-XENT_FWD_ENTRIES(xent_cluster, kXentClusterThreads, xent_cluster_kernel)
+XENT_FWD_ENTRIES(xent_fwd, xent_block_kernel, 1024)
+// Four CTAs per multiprocessor (64 registers a thread, as the block kernel's
+// 1024 threads have), so that their phases overlap.
+XENT_FWD_ENTRIES(xent_cluster, xent_cluster_kernel, kXentClusterThreads, 4)
 
 // ---------------------------------------------------------------------------
 // The grad's reduction scale before the row kernel: 1 / sum of the row

@@ -342,37 +342,44 @@ fn fwd_kernels(dtype: DType) -> Result<(&'static str, &'static str)> {
 
 /// Threads per CTA of the cluster kernel (kXentClusterThreads in kernels/xent.cu).
 const CLUSTER_THREADS: u32 = 256;
-/// The most of a row one CTA of the cluster kernel holds: small enough that
-/// four CTAs share a multiprocessor, so one CTA's loads are in flight while
-/// another reduces or writes its gradient.
-const CLUSTER_SLICE_BYTES: usize = 48 << 10;
+/// The slice of a row one CTA of the cluster kernel aims to hold: it keeps
+/// two (this row's and the next one's, in flight), and four CTAs share a
+/// multiprocessor, so one CTA's work overlaps another's waiting.
+const CLUSTER_SLICE_BYTES: usize = 24 << 10;
 /// Rows shorter than this stay with the block kernel: a block's own loads
 /// (16 KiB in flight per 1024 threads) already cover them.
 const CLUSTER_MIN_ROW_BYTES: usize = 32 << 10;
-/// The largest cluster (16 is beyond the portable 8, allowed on sm_90).
+/// The largest cluster (kXentClusterMax; beyond the portable 8, sm_90 allows 16).
 const CLUSTER_MAX_SIZE: usize = 16;
+/// The most shared memory the two slice buffers of a CTA may take.
+const CLUSTER_MAX_SHARED: usize = 200 << 10;
 
 /// The cluster kernel's shape for `spec`, or None where the block kernel
-/// runs (no clusters on the device, rows under 32 KiB or over 16 slices).
-/// It depends on V and the dtype alone, so a row's reductions, hence its
-/// bits, do not change with B or with the grad.
+/// runs (no clusters on the device, rows under 32 KiB, or rows whose 16
+/// slices would not fit in shared memory). It depends on V and the dtype
+/// alone, so a row's reductions, hence its bits, do not change with B or
+/// with the grad.
 fn cluster_shape(kernels: &Kernels, spec: &XentSpec) -> Option<ClusterShape> {
     let elem = spec.dtype.size();
     let row_bytes = spec.classes.checked_mul(elem)?;
     if !kernels.has_clusters() || row_bytes < CLUSTER_MIN_ROW_BYTES {
         return None;
     }
-    let size = row_bytes.div_ceil(CLUSTER_SLICE_BYTES).next_power_of_two();
-    if size > CLUSTER_MAX_SIZE {
+    let size = row_bytes
+        .div_ceil(CLUSTER_SLICE_BYTES)
+        .min(CLUSTER_MAX_SIZE);
+    // Two buffers, each holding up to ceil(whole vectors / size) 16-byte
+    // vectors with 16 bytes of pad on either side for the row's unaligned
+    // head and tail (xent_slice_buffer_bytes).
+    let buffer = 32 + 16 * (spec.classes / (16 / elem)).div_ceil(size);
+    let shared = 2 * buffer;
+    if shared > CLUSTER_MAX_SHARED {
         return None;
     }
-    // Each CTA holds up to ceil(whole vectors / size) 16-byte vectors, with
-    // 16 bytes of pad on either side for the row's unaligned head and tail.
-    let vectors = (spec.classes / (16 / elem)).div_ceil(size);
     Some(ClusterShape {
         size: u32::try_from(size).ok()?,
         threads: CLUSTER_THREADS,
-        shared: u32::try_from(32 + 16 * vectors).ok()?,
+        shared: u32::try_from(shared).ok()?,
     })
 }
 

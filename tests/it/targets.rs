@@ -329,7 +329,13 @@ fn forward_bits(out: &XentOutput) -> Vec<(&'static str, Vec<u64>)> {
 #[test]
 fn forward_outputs_do_not_change_by_a_bit_with_the_gradient() {
     for device in backends::gpus() {
-        for (b, v) in [(7, 1), (7, 31), (5, 4097), (3, (1 << 17) + 3), (900, 16_411)] {
+        for (b, v) in [
+            (7, 1),
+            (7, 31),
+            (5, 4097),
+            (3, (1 << 17) + 3),
+            (900, 16_411),
+        ] {
             for (dtype, smoothed) in [(DType::F32, false), (DType::BF16, true)] {
                 let mut case = XentCase::new(b, v, dtype, 8000 + v as u64);
                 case.class_weights = smoothed;
