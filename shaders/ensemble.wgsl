@@ -8,8 +8,8 @@
 //                      a scan the first non-finite t and the first k outside [0, K), into
 //                      the status words (work[0..8)); the host reads them at its next
 //                      readback (no op waits for the device).
-//   ensemble_mlp       a workgroup per (batch tile of 16 rows, model): the tile goes
-//                      through every layer, its activations in workgroup memory when every
+//   ensemble_mlp       a workgroup per (batch tile of 16 rows, model), or for a Split
+//                      scan per (tile, direction k): the tile goes through every layer, its activations in workgroup memory when every
 //                      width after the input is at most 64 (else in the workgroup's slice
 //                      of `scratch`, and the grid is capped and strides over the work),
 //                      weights staged through workgroup memory 64 units x 8 inputs at a
@@ -25,9 +25,8 @@
 // Modes: FORWARD reads model e's own parameters. ROUNDED forms each weight as it is
 // staged: fl(w0 + fl(t d)) in the parameters' dtype, each operation in f32, as the
 // reference rounds it. SPLIT computes b0 + W0 h and db + D h side by side and adds them as
-// (b0 + W0 h) + t (db + D h). Unlike the CUDA kernel, a Split scan's first layer is computed
-// per model rather than once per (tile, direction): the same operations on the same values,
-// so the same bits, at E / K times the first layer's work.
+// (b0 + W0 h) + t (db + D h); its first layer's two parts are computed once per (tile, k),
+// into the workgroup's scratch, and shared by every distance on direction k.
 //
 // Labels out of range give that row a NaN loss (never an out-of-bounds read); a model whose
 // k is out of range gets NaN logits, loss and accuracy. No float atomics and no subgroup
@@ -77,13 +76,14 @@ struct Params {
     batch: u32,
     directions: u32,
     tiles: u32,
-    // Work items: tiles x models.
+    // Work items: tiles x models, or tiles x directions for a Split scan.
     work: u32,
     // Workgroups the MLP dispatch has; the work items are strided over them.
     launched: u32,
     mode: u32,
     shared_input: u32,
     // Floats of each activation buffer in a workgroup's scratch; 0: workgroup memory.
+    // A Split scan's first-layer parts follow them: ROWS d1 floats each.
     act_floats: u32,
     scratch_stride: u32,
     // Whether the logits are written.
@@ -107,7 +107,8 @@ struct Params {
 @group(0) @binding(4) var<storage, read_write> logits: array<f32>;
 // Status [8], loss [E] and accuracy [E] as f64 (lo, hi) words, slots [E, tiles, 3].
 @group(0) @binding(5) var<storage, read_write> work: array<u32>;
-// Per workgroup: two activation buffers of P.act_floats; a placeholder when on chip.
+// Per workgroup: two activation buffers of P.act_floats, then a Split scan's first-layer
+// parts b0 + W0 h and db + D h [ROWS, d1] each; a placeholder when none is needed.
 @group(0) @binding(6) var<storage, read_write> scratch: array<f32>;
 
 fn width(l: u32) -> u32 {
@@ -249,6 +250,11 @@ fn act_get(buffer: u32, i: u32) -> f32 {
     return scratch[scratch_base + buffer * P.act_floats + i];
 }
 
+// The first float of a Split scan's first-layer parts in this workgroup's scratch.
+fn parts_base() -> u32 {
+    return scratch_base + 2u * P.act_floats;
+}
+
 fn act_set(buffer: u32, i: u32, v: f32) {
     if P.act_floats == 0u {
         act[buffer * ROWS * HIDDEN + i] = v;
@@ -343,8 +349,10 @@ fn unit_output(p: Layer, j: u32, acc: f32, acc_d: f32) -> f32 {
 }
 
 // Layer l on the tile's `rows` rows: out[r, j] = b_j + sum_i w_ji in[r, i] (ReLU between
-// layers) into activation buffer l & 1. Ends with a barrier: the output is complete.
-fn run_layer(l: u32, p: Layer, rows: u32, x_base: u32, lid: u32) {
+// layers) into activation buffer l & 1; with `parts` (a Split scan's shared first layer),
+// b0 + W0 in and db + D in into the scratch's parts instead. Ends with a barrier: the
+// output is complete.
+fn run_layer(l: u32, p: Layer, rows: u32, x_base: u32, parts: bool, lid: u32) {
     let relu = l + 1u < P.layers;
     let split = P.mode == SPLIT;
     let unit = lid % COLS;
@@ -371,7 +379,13 @@ fn run_layer(l: u32, p: Layer, rows: u32, x_base: u32, lid: u32) {
         for (var i = 0u; i < ROWS_PER_INVOCATION; i = i + 1u) {
             let r = row0 + i;
             if r < rows && j < p.d_out {
-                act_set(l & 1u, r * p.d_out + j, relu_of(unit_output(p, j, acc[i], acc_d[i]), relu));
+                let at = r * p.d_out + j;
+                if parts {
+                    scratch[parts_base() + at] = load_param(p.b + j) + acc[i];
+                    scratch[parts_base() + ROWS * p.d_out + at] = load_param(p.db + j) + acc_d[i];
+                } else {
+                    act_set(l & 1u, at, relu_of(unit_output(p, j, acc[i], acc_d[i]), relu));
+                }
             }
         }
     }
@@ -461,6 +475,46 @@ fn bad_model(e: u32, tile: u32, rows: u32, row0: u32, lid: u32) {
     }
 }
 
+// Model e's layers first..L on the tile (layer 0 reads its input rows, layer l writes
+// activation buffer l & 1), then its loss.
+fn run_model(first: u32, e: u32, k: u32, t: f32, tile: u32, rows: u32, row0: u32, lid: u32) {
+    var x_base = row0 * width(0u);
+    if P.shared_input == 0u {
+        x_base = x_base + e * P.batch * width(0u);
+    }
+    for (var l = first; l < P.layers; l = l + 1u) {
+        run_layer(l, layer_of(l, e, k, t), rows, x_base, false, lid);
+    }
+    tile_loss(e, tile, rows, row0, lid);
+}
+
+// Split scan, direction k: the first layer's parts once, then every model on k.
+fn split_direction(k: u32, tile: u32, rows: u32, row0: u32, lid: u32) {
+    let d1 = width(1u);
+    run_layer(0u, layer_of(0u, 0u, k, 0.0), rows, row0 * width(0u), true, lid);
+    let relu = P.layers > 1u;
+    for (var e = 0u; e < P.models; e = e + 1u) {
+        if !index_in_range(P.k_word + 2u * e, P.directions) {
+            // Direction 0's workgroups answer for the models of no direction.
+            if k == 0u {
+                bad_model(e, tile, rows, row0, lid);
+            }
+            continue;
+        }
+        if data[P.k_word + 2u * e] != k {
+            continue;
+        }
+        let t = bitcast<f32>(data[P.t_word + e]);
+        let base = parts_base();
+        for (var q = lid; q < rows * d1; q = q + WG) {
+            act_set(0u, q, relu_of(scratch[base + q] + t * scratch[base + ROWS * d1 + q], relu));
+        }
+        storageBarrier();
+        workgroupBarrier();
+        run_model(1u, e, k, t, tile, rows, row0, lid);
+    }
+}
+
 @compute @workgroup_size(256)
 fn ensemble_mlp(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -473,28 +527,26 @@ fn ensemble_mlp(
     }
     scratch_base = group * P.scratch_stride;
     for (var item = group; item < P.work; item = item + P.launched) {
-        let e = item / P.tiles;
+        let owner = item / P.tiles;
         let tile = item % P.tiles;
         let row0 = tile * ROWS;
         let rows = min(P.batch - row0, ROWS);
+        if P.mode == SPLIT {
+            split_direction(owner, tile, rows, row0, lid);
+            continue;
+        }
         var k = 0u;
         var t = 0.0;
-        if P.mode != FORWARD {
-            if !index_in_range(P.k_word + 2u * e, P.directions) {
-                bad_model(e, tile, rows, row0, lid);
+        if P.mode == ROUNDED {
+            if !index_in_range(P.k_word + 2u * owner, P.directions) {
+                bad_model(owner, tile, rows, row0, lid);
+                workgroupBarrier();
                 continue;
             }
-            k = data[P.k_word + 2u * e];
-            t = bitcast<f32>(data[P.t_word + e]);
+            k = data[P.k_word + 2u * owner];
+            t = bitcast<f32>(data[P.t_word + owner]);
         }
-        var x_base = row0 * width(0u);
-        if P.shared_input == 0u {
-            x_base = x_base + e * P.batch * width(0u);
-        }
-        for (var l = 0u; l < P.layers; l = l + 1u) {
-            run_layer(l, layer_of(l, e, k, t), rows, x_base, lid);
-        }
-        tile_loss(e, tile, rows, row0, lid);
+        run_model(0u, owner, k, t, tile, rows, row0, lid);
     }
 }
 

@@ -8,10 +8,12 @@
 //! 1. `ensemble_check`: one workgroup; the first label outside [0, C) and, for a scan, the
 //!    first non-finite t and k outside [0, K), into four u64 status words that the backend
 //!    reads at the calling thread's next readback (`spec::ensemble::status_error`).
-//! 2. `ensemble_mlp`: a workgroup per (16-row batch tile, model) through every layer:
-//!    activations in workgroup memory when every width after the input is at most 64, else
-//!    in the workgroup's own scratch (the grid is then capped at [`SCRATCH_WORKGROUPS`] and
-//!    strides over the work, so the scratch stays small); weights staged 64 units x 8 inputs
+//! 2. `ensemble_mlp`: a workgroup per (16-row batch tile, model), or per (tile, direction)
+//!    for a Split scan (its first layer's two parts computed once, in the workgroup's
+//!    scratch, for every distance on the direction), through every layer: activations in
+//!    workgroup memory when every width after the input is at most 64, else in the
+//!    workgroup's own scratch (with any scratch the grid is capped at
+//!    [`SCRATCH_WORKGROUPS`] and strides over the work, so the scratch stays small); weights staged 64 units x 8 inputs
 //!    at a time; f32 FMA chains in input order; the tile's cross-entropies summed in
 //!    two-float arithmetic in row order into its (model, tile) slot.
 //! 3. `ensemble_finalize`: a workgroup per model; the f64 loss and accuracy from the slots
@@ -134,7 +136,8 @@ pub(crate) fn all_pipelines() -> Vec<PipelineKey> {
 /// The launch shape of one spec on one device, and the scratch it needs.
 struct Plan {
     tiles: u64,
-    /// (model, tile) items of the MLP dispatch, and the workgroups that stride over them.
+    /// (model or Split direction, tile) items of the MLP dispatch, and the workgroups that
+    /// stride over them.
     work: u64,
     launched: u64,
     /// Floats of each activation buffer in a workgroup's scratch; 0 when they fit on chip.
@@ -152,22 +155,31 @@ impl Plan {
             )));
         }
         let tiles = (spec.batch as u64).div_ceil(ROWS);
-        let work = tiles * spec.models as u64;
-        let widest = spec.widths[1..].iter().copied().max().unwrap_or(1);
-        let (act_floats, launched) = if widest <= HIDDEN {
-            (0, work)
-        } else {
-            let act_floats = ROWS * widest as u64;
-            // Both buffers of every workgroup within one binding.
-            let fit = backend.binding_limit() / (2 * 4 * act_floats);
-            (act_floats, work.min(SCRATCH_WORKGROUPS).min(fit.max(1)))
+        let groups = match spec.scan {
+            Some((k, Perturbation::Split)) => k,
+            _ => spec.models,
         };
-        let scratch_stride = 2 * act_floats;
-        backend.check_binding(
-            MLP,
-            "the activations' scratch",
-            4 * launched * scratch_stride,
-        )?;
+        let work = tiles * groups as u64;
+        let widest = spec.widths[1..].iter().copied().max().unwrap_or(1);
+        let act_floats = if widest <= HIDDEN {
+            0
+        } else {
+            ROWS * widest as u64
+        };
+        // A Split scan keeps its shared first layer (b0 + W0 x and db + D x) in scratch.
+        let parts = match spec.perturbation() {
+            Some(Perturbation::Split) => 2 * ROWS * spec.widths[1] as u64,
+            _ => 0,
+        };
+        let scratch_stride = 2 * act_floats + parts;
+        let launched = if scratch_stride == 0 {
+            work
+        } else {
+            // Every workgroup's scratch within one binding.
+            let fit = backend.binding_limit() / (4 * scratch_stride);
+            work.min(SCRATCH_WORKGROUPS).min(fit.max(1))
+        };
+        backend.check_binding(MLP, "the scratch", 4 * launched * scratch_stride)?;
         Ok(Plan {
             tiles,
             work,
@@ -286,7 +298,7 @@ fn params_of(spec: &EnsembleSpec, plan: &Plan) -> Result<Params> {
         batch: index(batch, "B")?,
         directions: index(spec.directions().unwrap_or(0) as u64, "K")?,
         tiles: index(plan.tiles, "tiles")?,
-        work: index(plan.work, "tiles x models")?,
+        work: index(plan.work, "work items")?,
         launched: index(plan.launched, "workgroups")?,
         mode: mode(spec),
         shared_input: u32::from(spec.shared_input),
