@@ -1,7 +1,8 @@
 //! ensemble: the Loss-Cartography notebook's shapes. 81 MLPs 784-128-128-10 on one shared
 //! batch (forward, both precisions, f32 and bf16), and a landscape of K = 7 directions x 11
-//! doubling distances + the centre (78 models) in both perturbation modes. The GPUs run
-//! the notebook's B = 60000; the CPU B = 600, a hundredth. Throughput is the bytes of the
+//! doubling distances + the centre (78 models) in both perturbation modes, on every
+//! backend present (CPU, CUDA, wgpu; wgpu's TensorCore rows run its Exact kernels). The GPUs
+//! run the notebook's B = 60000; the CPU B = 600, a hundredth. Throughput is the bytes of the
 //! inputs read once; the names carry the FLOPs (2 E B sum d_l d_{l+1}), so TFLOP/s is
 //! that over the time.
 

@@ -178,52 +178,9 @@ fn slope(s: f32) -> f32 {
     return P.beta * pow(s, P.half_beta - 1.0);
 }
 
-// --------------------------------------------------------------- two-float sums
+// --------------------------------------------------------------- workgroup sums
 
-fn two_sum(x: f32, y: f32) -> vec2<f32> {
-    let s = x + y;
-    let v = s - x;
-    return vec2<f32>(s, (x - (s - v)) + (y - v));
-}
-
-fn fast_two_sum(x: f32, y: f32) -> vec2<f32> {
-    let s = x + y;
-    return vec2<f32>(s, y - (s - x));
-}
-
-fn df_add(x: vec2<f32>, y: vec2<f32>) -> vec2<f32> {
-    let s = two_sum(x.x, y.x);
-    let t = two_sum(x.y, y.y);
-    let u = fast_two_sum(s.x, s.y + t.x);
-    return fast_two_sum(u.x, u.y + t.y);
-}
-
-// Dekker's split: hi holds the top 12 bits, so products of halves are exact.
-fn split(x: f32) -> vec2<f32> {
-    let c = 4097.0 * x;
-    let hi = c - (c - x);
-    return vec2<f32>(hi, x - hi);
-}
-
-fn two_prod(x: f32, y: f32) -> vec2<f32> {
-    let p = x * y;
-    let sx = split(x);
-    let sy = split(y);
-    let e = ((sx.x * sy.x - p) + sx.x * sy.y + sx.y * sy.x) + sx.y * sy.y;
-    return vec2<f32>(p, e);
-}
-
-fn df_mul(x: vec2<f32>, y: vec2<f32>) -> vec2<f32> {
-    let p = two_prod(x.x, y.x);
-    return fast_two_sum(p.x, p.y + (x.x * y.y + x.y * y.x));
-}
-
-// x / y to about 2^-44 relative: one Newton step on the f32 quotient.
-fn df_div(x: vec2<f32>, y: vec2<f32>) -> vec2<f32> {
-    let q = x.x / y.x;
-    let r = df_add(x, -df_mul(vec2<f32>(q, 0.0), y));
-    return fast_two_sum(q, (r.x + r.y) / y.x);
-}
+// (The two-float helpers two_sum, df_add, df_mul, df_div are in common.wgsl.)
 
 var<workgroup> w_hi: array<f32, WG>;
 var<workgroup> w_lo: array<f32, WG>;

@@ -251,12 +251,12 @@ pub(crate) fn check_scan_values(
 /// u64 words of the status a GPU backend's data check writes: !(first row whose label is
 /// outside [0, C)) and that label, !(first model whose t is not finite), !(first model
 /// whose k is outside [0, K)); 0 where there is none.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) const STATUS_WORDS: usize = 4;
 
 /// The error the status words say, in the order the CPU checks (a scan's values, then
 /// the labels), with the CPU's errors.
-#[cfg(feature = "cuda")]
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
 pub(crate) fn status_error(words: &[u64], classes: usize, directions: usize) -> Result<()> {
     match *words {
         [_, _, t, _] if t != 0 => Err(non_finite_distance()),

@@ -15,12 +15,13 @@ use crate::device::{Backend, Storage, Tensor};
 use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::spec::energy::weight_status_error;
-use crate::spec::ensemble::EnsembleKernels;
+use crate::spec::ensemble::{status_error, STATUS_WORDS};
 use crate::spec::BackendKind;
 use crate::watch::Watches;
 
 mod bnstats;
 pub mod energy;
+mod ensemble;
 pub mod xent;
 
 pub use xent::{xent_raw, XentBuffers, XentTargets};
@@ -40,14 +41,16 @@ pub enum ShaderSource {
     Xent,
     BnStats,
     Energy,
+    Ensemble,
 }
 
 impl ShaderSource {
     /// Every shader, so that tests can compile them all.
-    pub const ALL: [ShaderSource; 3] = [
+    pub const ALL: [ShaderSource; 4] = [
         ShaderSource::Xent,
         ShaderSource::BnStats,
         ShaderSource::Energy,
+        ShaderSource::Ensemble,
     ];
 
     pub fn name(self) -> &'static str {
@@ -55,6 +58,7 @@ impl ShaderSource {
             ShaderSource::Xent => "xent.wgsl",
             ShaderSource::BnStats => "bnstats.wgsl",
             ShaderSource::Energy => "energy.wgsl",
+            ShaderSource::Ensemble => "ensemble.wgsl",
         }
     }
 
@@ -64,6 +68,7 @@ impl ShaderSource {
             ShaderSource::Xent => include_str!("../../shaders/xent.wgsl"),
             ShaderSource::BnStats => include_str!("../../shaders/bnstats.wgsl"),
             ShaderSource::Energy => include_str!("../../shaders/energy.wgsl"),
+            ShaderSource::Ensemble => include_str!("../../shaders/ensemble.wgsl"),
         }
     }
 
@@ -82,6 +87,7 @@ impl ShaderSource {
             ShaderSource::Xent => xent::BINDINGS,
             ShaderSource::BnStats => bnstats::BINDINGS,
             ShaderSource::Energy => energy::BINDINGS,
+            ShaderSource::Ensemble => ensemble::BINDINGS,
         }
     }
 
@@ -91,6 +97,7 @@ impl ShaderSource {
             ShaderSource::Xent => xent::all_pipelines(),
             ShaderSource::BnStats => bnstats::all_pipelines(),
             ShaderSource::Energy => energy::all_pipelines(),
+            ShaderSource::Ensemble => ensemble::all_pipelines(),
         }
     }
 }
@@ -160,6 +167,15 @@ pub(crate) enum Watch {
     Targets(TargetWatch),
     /// An energy distance's weight check (`spec::energy::weight_status_error`).
     Weights(wgpu::Buffer),
+    /// An ensemble call's data check (`spec::ensemble::status_error`).
+    Ensemble(EnsembleWatch),
+}
+
+/// The status words ([`STATUS_WORDS`] u64) of an ensemble call and what its error names.
+pub(crate) struct EnsembleWatch {
+    pub status: wgpu::Buffer,
+    pub classes: usize,
+    pub directions: usize,
 }
 
 /// A status word (u32) an op's kernels write: 0, or !row for the first row whose class
@@ -364,30 +380,51 @@ impl WgpuBackend {
         self.watched.push(Watch::Weights(status));
     }
 
+    /// Checks the status words of an ensemble call at the calling thread's next readback
+    /// or synchronisation.
+    pub(crate) fn watch_ensemble(&self, watch: EnsembleWatch) {
+        self.watched.push(Watch::Ensemble(watch));
+    }
+
     /// Reads the status word of every op queued since the last check and reports the
-    /// first op's first bad row or weight.
+    /// first op's first bad row, weight or ensemble value.
     fn check_targets(&self) -> Result<()> {
         let watched = self.watched.take();
         for watch in watched {
-            let buffer = match &watch {
-                Watch::Targets(t) => &t.status,
-                Watch::Weights(status) => status,
-            };
-            let word = self.read_back(buffer, 4)?;
-            let status = u32::from_le_bytes([word[0], word[1], word[2], word[3]]);
-            if status == 0 {
-                continue;
+            match watch {
+                Watch::Targets(t) => {
+                    let status = self.status_word(&t.status)?;
+                    if status != 0 {
+                        return Err(Error::Target {
+                            row: (!status) as usize,
+                            classes: t.classes,
+                            ignore_index: t.ignore_index,
+                        });
+                    }
+                }
+                Watch::Weights(buffer) => {
+                    let status = self.status_word(&buffer)?;
+                    if status != 0 {
+                        return Err(weight_status_error(u64::from(status)));
+                    }
+                }
+                Watch::Ensemble(e) => {
+                    let bytes = self.read_back(&e.status, 8 * STATUS_WORDS)?;
+                    let words: Vec<u64> = bytes
+                        .chunks_exact(8)
+                        .map(bytemuck::pod_read_unaligned)
+                        .collect();
+                    status_error(&words, e.classes, e.directions)?;
+                }
             }
-            return Err(match watch {
-                Watch::Targets(t) => Error::Target {
-                    row: (!status) as usize,
-                    classes: t.classes,
-                    ignore_index: t.ignore_index,
-                },
-                Watch::Weights(_) => weight_status_error(u64::from(status)),
-            });
         }
         Ok(())
+    }
+
+    /// The u32 status word at the start of `buffer`.
+    fn status_word(&self, buffer: &wgpu::Buffer) -> Result<u32> {
+        let word = self.read_back(buffer, 4)?;
+        Ok(u32::from_le_bytes([word[0], word[1], word[2], word[3]]))
     }
 
     /// A backend on a device the caller created (e.g. a framework's own), so that its
@@ -981,6 +1018,3 @@ impl BackendKind for WgpuBackend {
         Backend::Wgpu
     }
 }
-
-// Families without WGSL kernels yet: every op answers Error::Unsupported.
-impl EnsembleKernels for WgpuBackend {}

@@ -377,6 +377,34 @@ fn split_agrees_with_rounded_at_moderate_distances() {
     }
 }
 
+/// Many (tile, model) items with a width over what the GPU kernels keep on chip: the
+/// scratch-backed dispatches cap their grid (wgpu at 1024 workgroups of 16-row tiles, here
+/// 1125 items for each mode) and stride over the work, and every item must still be done
+/// once, by a workgroup whose scratch no other one shares.
+#[test]
+fn a_wide_ensemble_over_many_tiles_matches_the_reference() {
+    let case = |models, directions, perturbation| EnsembleCase {
+        widths: vec![5, 129, 4],
+        models,
+        batch: 6000,
+        dtype: DType::F32,
+        shared_input: true,
+        directions,
+        perturbation,
+        seed: 95,
+    };
+    let cases = [
+        case(3, None, Perturbation::Split),
+        case(3, Some(2), Perturbation::Rounded),
+        case(5, Some(3), Perturbation::Split),
+    ];
+    for device in backends::all() {
+        for case in &cases {
+            assert_matches_reference(&Case::Ensemble(case.clone()), &device);
+        }
+    }
+}
+
 #[test]
 fn two_runs_are_bitwise_equal_and_independent_of_the_thread_count() {
     let mut rng = Rng::new(90);
