@@ -475,12 +475,46 @@ __device__ void en_accumulate(const EnRowsIn<TIn>& in, const EnWeightsIn<T>& wt,
     }
 }
 
+// Bias, Split combination and ReLU of one column pass's accumulators into out
+// (and out_d: a scan's shared first layer). acc_d (the D h part) only for SPLIT.
+template <typename T, int Arith>
+__device__ __forceinline__ void en_epilogue(const EnLayer<T>& p, int mode, bool relu, int rows,
+                                            lk_i64 j0, const float acc[EN_TILE],
+                                            const float* acc_d, float* out, float* out_d) {
+#pragma unroll
+    for (int q = 0; q < EN_TILE; ++q) {
+        int r;
+        int c;
+        en_out_at<Arith>(q, r, c);
+        const lk_i64 j = j0 + c;
+        if (r >= rows || j >= p.d_out) continue;
+        const lk_i64 at = (lk_i64)r * p.d_out + j;
+        const float b = lk_to_f32(p.b[j]);
+        float v;
+        if (mode == EN_FORWARD) {
+            v = b + acc[q];
+        } else if (mode == EN_ROUNDED) {
+            v = en_perturbed<T>(b, p.t, lk_to_f32(p.db[j])) + acc[q];
+        } else {
+            const float part_d = lk_to_f32(p.db[j]) + acc_d[q];
+            if (out_d != nullptr) {
+                out[at] = b + acc[q];
+                out_d[at] = part_d;
+                continue;
+            }
+            v = (b + acc[q]) + p.t * part_d;
+        }
+        out[at] = en_relu(v, relu);
+    }
+}
+
 // The layer on the tile's `rows` rows of `in` ([rows, d_in], row-major):
 // out[r, j] = b_j + sum_i w_ji in[r, i] (ReLU when `relu`). SPLIT with `out_d`
 // (a scan's shared first layer) writes b0 + W0 in to out and db + D in to out_d.
 // `out` may be `in` (the on-chip activations, d_out <= EN_COLS): every read of
 // `in` ends before the first write. Ends with a barrier: `out` is complete for
-// the next layer.
+// the next layer. SPLIT has a code path of its own, so that the other modes'
+// passes keep only 32 accumulators live.
 template <typename T, typename TIn, int Arith>
 __device__ void en_layer(const TIn* in, int rows, const EnLayer<T>& p, int mode, bool relu,
                          float* out, float* out_d, EnShared& sh) {
@@ -490,41 +524,17 @@ __device__ void en_layer(const TIn* in, int rows, const EnLayer<T>& p, int mode,
                              (p.dw == nullptr || en_aligned(p.dw, 4 * sizeof(T)));
     for (lk_i64 j0 = 0; j0 < p.d_out; j0 += EN_COLS) {
         float acc[EN_TILE];
-        float acc_d[EN_TILE];
-        if (mode == EN_SPLIT) {
-            const EnWeightsIn<T> d = {p.dw, nullptr, 0.0f, p.d_in, p.d_out, j0, weights_vec};
-            en_accumulate<T, TIn, Arith>(src, d, acc_d, sh);
-        } else {
-#pragma unroll
-            for (int q = 0; q < EN_TILE; ++q) acc_d[q] = 0.0f;
-        }
         const EnWeightsIn<T> w = {p.w, mode == EN_ROUNDED ? p.dw : nullptr, p.t, p.d_in,
                                   p.d_out, j0, weights_vec};
-        en_accumulate<T, TIn, Arith>(src, w, acc, sh);
-#pragma unroll
-        for (int q = 0; q < EN_TILE; ++q) {
-            int r;
-            int c;
-            en_out_at<Arith>(q, r, c);
-            const lk_i64 j = j0 + c;
-            if (r >= rows || j >= p.d_out) continue;
-            const lk_i64 at = (lk_i64)r * p.d_out + j;
-            const float b = lk_to_f32(p.b[j]);
-            float v;
-            if (mode == EN_FORWARD) {
-                v = b + acc[q];
-            } else if (mode == EN_ROUNDED) {
-                v = en_perturbed<T>(b, p.t, lk_to_f32(p.db[j])) + acc[q];
-            } else {
-                const float part_d = lk_to_f32(p.db[j]) + acc_d[q];
-                if (out_d != nullptr) {
-                    out[at] = b + acc[q];
-                    out_d[at] = part_d;
-                    continue;
-                }
-                v = (b + acc[q]) + p.t * part_d;
-            }
-            out[at] = en_relu(v, relu);
+        if (mode == EN_SPLIT) {
+            float acc_d[EN_TILE];
+            const EnWeightsIn<T> d = {p.dw, nullptr, 0.0f, p.d_in, p.d_out, j0, weights_vec};
+            en_accumulate<T, TIn, Arith>(src, d, acc_d, sh);
+            en_accumulate<T, TIn, Arith>(src, w, acc, sh);
+            en_epilogue<T, Arith>(p, mode, relu, rows, j0, acc, acc_d, out, out_d);
+        } else {
+            en_accumulate<T, TIn, Arith>(src, w, acc, sh);
+            en_epilogue<T, Arith>(p, mode, relu, rows, j0, acc, nullptr, out, out_d);
         }
     }
     __syncthreads();
