@@ -9,46 +9,82 @@
 //                                and the first k outside [0, K), into the
 //                                status words; the host reads them at its next
 //                                readback (no op waits for the device).
-//   ensemble_mlp_{f32,f16,bf16}  a block per (batch tile of 32 rows, model), or
-//                                for a Split scan per (tile, direction k): the
-//                                tile goes through every layer, its activations
-//                                in shared memory when every width after the
-//                                input is at most 128 (else in the block's
-//                                global scratch, which stays in L2), weights
-//                                staged through shared memory 64 units x 16
-//                                inputs at a time; each output is one fmaf
-//                                chain in input order. Then the tile's rows'
-//                                cross-entropies (f32), summed in f64 in row
-//                                order with the count of right argmaxes into
+//   ensemble_mlp_{f32,f16,bf16}  Exact: a block per (batch tile of 64 rows,
+//                                model), or for a Split scan per (tile,
+//                                direction k), the models of one tile on
+//                                neighbouring blocks, so a tile of X comes from
+//                                memory once and from L2 for every other model.
+//                                The tile goes through every layer, its
+//                                activations in shared memory (updated in place)
+//                                when every width after the input is at most
+//                                128, else in the block's global scratch (which
+//                                stays in L2). Each layer is a tiled GEMM over
+//                                128 units at a time: the input rows and the
+//                                weights are staged 8 inputs deep through
+//                                double-buffered shared memory (16-byte loads
+//                                where the rows allow), and each thread keeps an
+//                                8 rows x 4 units register tile; each output is
+//                                one fmaf chain in input order. Then the tile's
+//                                rows' cross-entropies (f32), summed in f64 in
+//                                row order with the count of right argmaxes into
 //                                the (model, tile) slot.
+//   ensemble_mlp_tc_{f32,f16,bf16}  TensorCore (sm_80+): the same blocks and
+//                                staging, but each warp computes a 32 x 32 tile
+//                                with mma.sync (m16n8k8 tf32 for f32, every
+//                                operand rounded with cvt.rna.tf32.f32;
+//                                m16n8k16 bf16/f16 for 16-bit inputs, the hidden
+//                                activations rounded to the input dtype) with
+//                                f32 accumulation.
 //   ensemble_finalize            a block per model: its slots in f64, in tile
 //                                order then the fixed tree: loss and accuracy.
+//
+// Cost at the headline shape (E = 81, B = 60000, 784-128-128-10, f32): the FLOP
+// floor is 2 E B sum(d_l d_{l+1}) = 2 * 81 * 60000 * 118016 = 1.147 TFLOP (85%
+// of it in the 784-wide first layer), 17 ms at the H200's 67 TFLOP/s of f32 FMA
+// and 2.3 ms at its ~495 TFLOP/s of dense tf32. Memory: X is 188 MB, the
+// weights 38 MB (L2-resident: every model's weights are live at once), the
+// logits when asked 194 MB; ~0.1 ms at 4.3 TB/s, so both paths are bound by
+// arithmetic and by shared-memory and L2 traffic, not by HBM. L2 traffic: each
+// 64-row tile re-reads its model's weights (400 KB for 12.8 MFLOP), about
+// 54 GB in all.
 //
 // Modes: FORWARD reads model e's own parameters. ROUNDED forms each weight as
 // it is staged: fl(w0 + fl(t d)) in the parameters' dtype, each operation in f32
 // (__fmul_rn / __fadd_rn: no contraction), exactly as the reference rounds it.
-// SPLIT computes b0 + W0 h and db + D h side by side and adds them as
-// (b0 + W0 h) + t (db + D h); its first layer is computed once per (tile, k) and
-// shared by every distance on direction k.
+// SPLIT computes b0 + W0 h and db + D h (one pass over the inputs for each) and
+// adds them as (b0 + W0 h) + t (db + D h); its first layer is computed once per
+// (tile, k) and shared by every distance on direction k.
 //
 // Labels out of range give that row a NaN loss (never an out-of-bounds read); a
 // model whose k is out of range gets NaN logits and loss. No float atomics: the
 // same input gives the same bits. Offsets are 64-bit.
 
-#define EN_ROWS 32
-#define EN_COLS 64
-#define EN_K 16
+#define EN_ROWS 64
+#define EN_COLS 128
+#define EN_K 8
 #define EN_THREADS 256
 #define EN_WARPS (EN_THREADS / 32)
 #define EN_HIDDEN 128
 #define EN_MAX_LAYERS 8
+// Each thread's register tile: 8 rows x 4 units (Exact) or, per warp, a 32 x 32
+// tile of 2 x 4 MMA tiles of 16 x 8 (TensorCore): 32 accumulators either way.
+#define EN_TILE 32
 
 #define EN_FORWARD 0
 #define EN_ROUNDED 1
 #define EN_SPLIT 2
 
-static_assert(EN_WARPS * 4 == EN_ROWS, "each warp computes 4 rows of the tile");
-static_assert(EN_COLS == 64, "each lane computes units lane and lane + 32");
+// What a staged 32-bit word holds: an f32 input (Exact), an f32 rounded to tf32
+// (TensorCore on f32) or two neighbouring 16-bit inputs, the lower in the low
+// half (TensorCore on f16 / bf16, as mma's .f16x2 / .bf16x2 operands pack them).
+#define EN_ARITH_FMA 0
+#define EN_ARITH_TF32 1
+#define EN_ARITH_PAIR 2
+
+static_assert(EN_WARPS == 8 && EN_ROWS == 64 && EN_COLS == 128,
+              "8 warps of 32 x 32 outputs tile 64 rows x 128 units");
+static_assert(EN_THREADS == 2 * EN_COLS && EN_THREADS == 4 * EN_ROWS,
+              "staging: two threads per weight row, the first 128 two per input row");
 
 // Must match EnsembleArgs in src/cuda/ensemble.rs field for field.
 struct EnsembleArgs {
@@ -97,12 +133,15 @@ LK_FIELD_AT(EnsembleArgs, mode, 440);
 LK_FIELD_AT(EnsembleArgs, shared_input, 444);
 static_assert(sizeof(EnsembleArgs) == 448, "EnsembleArgs is 448 bytes as in Rust");
 
-struct EnShared {
-    float act[2][EN_ROWS * EN_HIDDEN];   // activations of the tile, ping-pong
-    float h[EN_ROWS][EN_K + 1];          // the staged input chunk
-    // The staged weights (W or W0, and D); the pad spreads the staging stores
-    // (16 inputs of 2 units per warp) over the banks.
-    float w[2][EN_K][EN_COLS + 1];
+
+// The staged words are k-major ([input][row] and [input][unit]) so that a thread
+// reads 8 rows or 4 units of one input with 16-byte loads; the rows are padded by
+// 8 words so that the MMA fragments' reads (lane / 4 along the rows, lane % 4
+// along the inputs) fall on 32 different banks.
+struct alignas(16) EnShared {
+    float act[EN_ROWS * EN_HIDDEN];                   // the tile's activations
+    unsigned int x[2][EN_K][EN_ROWS + 8];             // staged input words, 2 stages
+    unsigned int w[2][EN_K][EN_COLS + 8];             // staged weight words
     double row_loss[EN_ROWS];
     float row_hit[EN_ROWS];
 };
@@ -151,93 +190,351 @@ __device__ __forceinline__ float en_relu(float v, bool relu) {
     return relu && v < 0.0f ? 0.0f : v;
 }
 
+__device__ __forceinline__ bool en_aligned(const void* p, unsigned long long bytes) {
+    return ((unsigned long long)p & (bytes - 1)) == 0;
+}
+
+template <typename T>
+__device__ __forceinline__ float en_half_to_f32(unsigned int bits) {
+    T h;
+    h.bits = (unsigned short)bits;
+    return lk_to_f32(h);
+}
+
+// p[0..4) of a row as f32, zero from `left` on (the elements the row still has
+// from p; none are read past it): one 16-byte (f32) or 8-byte (16-bit) load when
+// `vec` says p is aligned for it.
+__device__ __forceinline__ void en_load4(const float* p, lk_i64 left, bool vec, float v[4]) {
+    if (vec && left >= 4) {
+        const float4 q = *reinterpret_cast<const float4*>(p);
+        v[0] = q.x;
+        v[1] = q.y;
+        v[2] = q.z;
+        v[3] = q.w;
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = i < left ? p[i] : 0.0f;
+}
+
+template <typename T>
+__device__ __forceinline__ void en_load4(const T* p, lk_i64 left, bool vec, float v[4]) {
+    if (vec && left >= 4) {
+        const uint2 q = *reinterpret_cast<const uint2*>(p);
+        v[0] = en_half_to_f32<T>(q.x & 0xffffu);
+        v[1] = en_half_to_f32<T>(q.x >> 16);
+        v[2] = en_half_to_f32<T>(q.y & 0xffffu);
+        v[3] = en_half_to_f32<T>(q.y >> 16);
+        return;
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] = i < left ? lk_to_f32(p[i]) : 0.0f;
+}
+
+// Inputs per staged word.
+template <int Arith>
+__device__ __forceinline__ constexpr int en_per_word() {
+    return Arith == EN_ARITH_PAIR ? 2 : 1;
+}
+
+// The 4 words of 4 * en_per_word elements at p (see EN_ARITH_*).
+template <typename T, int Arith, typename TSrc>
+__device__ __forceinline__ void en_load_run(const TSrc* p, lk_i64 left, bool vec,
+                                            float* v) {
+#pragma unroll
+    for (int h = 0; h < en_per_word<Arith>(); ++h) en_load4(p + 4 * h, left - 4 * h, vec, v + 4 * h);
+}
+
+template <typename T, int Arith>
+__device__ __forceinline__ unsigned int en_word(const float* v) {
+    if constexpr (Arith == EN_ARITH_PAIR) {
+        return (unsigned int)lk_from_f32<T>(v[0]).bits |
+               ((unsigned int)lk_from_f32<T>(v[1]).bits << 16);
+    } else if constexpr (Arith == EN_ARITH_TF32) {
+        unsigned int r;
+        asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v[0]));
+        return r;
+    } else {
+        return __float_as_uint(v[0]);
+    }
+}
+
+// The A operand of a layer: `rows` rows of d_in inputs, row-major (X's rows, or
+// the activations in shared memory or scratch).
+template <typename TIn>
+struct EnRowsIn {
+    const TIn* p;
+    lk_i64 d_in;
+    int rows;
+    bool vec;
+};
+
+// The B operand: units j0.. of w [d_out, d_in]; with d (a Rounded scan's
+// direction) each weight is formed as fl(w + fl(t d)) as it is staged.
+template <typename T>
+struct EnWeightsIn {
+    const T* w;
+    const T* d;
+    float t;
+    lk_i64 d_in;
+    lk_i64 d_out;
+    lk_i64 j0;
+    bool vec;
+};
+
+// One stage in registers: this thread's 4 words of the input rows (threads
+// 0..127: row tid / 2, words 4 (tid % 2)..) and of the weights (unit tid / 2).
+struct EnFetch {
+    unsigned int x[4];
+    unsigned int w[4];
+};
+
+template <typename T, typename TIn, int Arith>
+__device__ __forceinline__ void en_fetch(const EnRowsIn<TIn>& in, const EnWeightsIn<T>& wt,
+                                         lk_i64 k0, EnFetch& f) {
+    constexpr int per = en_per_word<Arith>();
+    const int tid = threadIdx.x;
+    const lk_i64 k = k0 + (tid & 1) * 4 * per;
+    float v[4 * per];
+    if (tid < 2 * EN_ROWS) {
+        const int r = tid >> 1;
+        const lk_i64 left = r < in.rows ? in.d_in - k : 0;
+        en_load_run<T, Arith>(in.p + (lk_i64)r * in.d_in + k, left, in.vec, v);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) f.x[q] = en_word<T, Arith>(v + per * q);
+    }
+    const lk_i64 j = wt.j0 + (tid >> 1);
+    const lk_i64 left = j < wt.d_out ? wt.d_in - k : 0;
+    const lk_i64 at = j * wt.d_in + k;
+    en_load_run<T, Arith>(wt.w + at, left, wt.vec, v);
+    if (wt.d != nullptr) {
+        float d[4 * per];
+        en_load_run<T, Arith>(wt.d + at, left, wt.vec, d);
+#pragma unroll
+        for (int i = 0; i < 4 * per; ++i) {
+            if (i < left) v[i] = en_perturbed<T>(v[i], wt.t, d[i]);
+        }
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) f.w[q] = en_word<T, Arith>(v + per * q);
+}
+
+__device__ __forceinline__ void en_store(const EnFetch& f, int s, EnShared& sh) {
+    const int tid = threadIdx.x;
+    const int word = (tid & 1) * 4;
+    if (tid < 2 * EN_ROWS) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) sh.x[s][word + q][tid >> 1] = f.x[q];
+    }
+#pragma unroll
+    for (int q = 0; q < 4; ++q) sh.w[s][word + q][tid >> 1] = f.w[q];
+}
+
+// Warp w computes rows 32 (w / 4).. and units 32 (w % 4).. of the block's tile.
+__device__ __forceinline__ int en_warp_row() { return (threadIdx.x >> 7) * 32; }
+__device__ __forceinline__ int en_warp_col() { return ((threadIdx.x >> 5) & 3) * 32; }
+
+// Exact: the thread's lanes are 4 x 8 over the warp's tile, 8 rows x 4 units
+// each; accumulator 4 i + j is row r0 + i, unit c0 + j.
+__device__ __forceinline__ int en_fma_row0() { return en_warp_row() + ((threadIdx.x & 31) >> 3) * 8; }
+__device__ __forceinline__ int en_fma_col0() { return en_warp_col() + (threadIdx.x & 7) * 4; }
+
+// One stage of 8 inputs: per input, 8 rows and 4 units by 16-byte loads, then
+// 32 fmaf, so each accumulator's chain takes the inputs in order.
+__device__ __forceinline__ void en_fma_stage(const EnShared& sh, int s, float acc[EN_TILE]) {
+    const int r0 = en_fma_row0();
+    const int c0 = en_fma_col0();
+#pragma unroll
+    for (int kk = 0; kk < EN_K; ++kk) {
+        const float4 h_lo = *reinterpret_cast<const float4*>(&sh.x[s][kk][r0]);
+        const float4 h_hi = *reinterpret_cast<const float4*>(&sh.x[s][kk][r0 + 4]);
+        const float4 w4 = *reinterpret_cast<const float4*>(&sh.w[s][kk][c0]);
+        const float h[8] = {h_lo.x, h_lo.y, h_lo.z, h_lo.w, h_hi.x, h_hi.y, h_hi.z, h_hi.w};
+        const float w[4] = {w4.x, w4.y, w4.z, w4.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc[4 * i + j] = fmaf(w[j], h[i], acc[4 * i + j]);
+        }
+    }
+}
+
+// D += A B on one 16 x 8 tile (PTX ISA, "Matrix Fragments for mma.m16n8k8" and
+// "mma.m16n8k16"). With g = lane / 4 and c = lane % 4, in 32-bit words (one tf32,
+// or two 16-bit inputs k = 2 c', 2 c' + 1 of word c'):
+//   A (16 rows x 8 words, row-major): a0 (g, c), a1 (g + 8, c), a2 (g, c + 4),
+//     a3 (g + 8, c + 4);
+//   B (8 words x 8 units, "col": word-major per unit): b0 (c, g), b1 (c + 4, g);
+//   C, D (16 x 8 f32): d0 (g, 2c), d1 (g, 2c + 1), d2 (g + 8, 2c), d3 (g + 8, 2c + 1).
+// The same word coordinates hold for m16n8k8 tf32 and m16n8k16 f16/bf16.
+__device__ __forceinline__ void en_mma16(const lk_bf16*, float d[4], const unsigned int a[4],
+                                         const unsigned int b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ void en_mma16(const lk_f16*, float d[4], const unsigned int a[4],
+                                         const unsigned int b[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+template <typename T, int Arith>
+__device__ __forceinline__ void en_mma(float d[4], const unsigned int a[4], const unsigned int b[2]) {
+    if constexpr (Arith == EN_ARITH_TF32) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 "
+            "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+        en_mma16((const T*)nullptr, d, a, b);
+    }
+}
+
+// TensorCore: the warp's 32 x 32 tile is 2 x 4 MMA tiles; accumulator
+// 4 (4 mi + ni) + i is element d_i of tile (mi, ni).
+__device__ __forceinline__ void en_mma_out_at(int q, int& r, int& c) {
+    const int lane = threadIdx.x & 31;
+    const int tile = q >> 2;
+    r = en_warp_row() + (tile >> 2) * 16 + (lane >> 2) + ((q >> 1) & 1) * 8;
+    c = en_warp_col() + (tile & 3) * 8 + (lane & 3) * 2 + (q & 1);
+}
+
+template <typename T, int Arith>
+__device__ __forceinline__ void en_mma_stage(const EnShared& sh, int s, float acc[EN_TILE]) {
+    const int lane = threadIdx.x & 31;
+    const int g = lane >> 2;
+    const int c = lane & 3;
+    unsigned int a[2][4];
+    unsigned int b[4][2];
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+        const int m = en_warp_row() + mi * 16 + g;
+        a[mi][0] = sh.x[s][c][m];
+        a[mi][1] = sh.x[s][c][m + 8];
+        a[mi][2] = sh.x[s][c + 4][m];
+        a[mi][3] = sh.x[s][c + 4][m + 8];
+    }
+#pragma unroll
+    for (int ni = 0; ni < 4; ++ni) {
+        const int n = en_warp_col() + ni * 8 + g;
+        b[ni][0] = sh.w[s][c][n];
+        b[ni][1] = sh.w[s][c + 4][n];
+    }
+#pragma unroll
+    for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) en_mma<T, Arith>(acc + 4 * (4 * mi + ni), a[mi], b[ni]);
+    }
+}
+
+// The row and unit (within the block's 64 x 128 tile) of accumulator q.
+template <int Arith>
+__device__ __forceinline__ void en_out_at(int q, int& r, int& c) {
+    if constexpr (Arith == EN_ARITH_FMA) {
+        r = en_fma_row0() + (q >> 2);
+        c = en_fma_col0() + (q & 3);
+    } else {
+        en_mma_out_at(q, r, c);
+    }
+}
+
+// acc = in W^T over units wt.j0.. (no bias): the inputs in stages of EN_K words,
+// the next stage fetched into registers while this one is multiplied. Ends with a
+// barrier, after which `in` is no longer read (so the caller may overwrite it).
+template <typename T, typename TIn, int Arith>
+__device__ void en_accumulate(const EnRowsIn<TIn>& in, const EnWeightsIn<T>& wt,
+                              float acc[EN_TILE], EnShared& sh) {
+    const lk_i64 step = EN_K * en_per_word<Arith>();
+#pragma unroll
+    for (int q = 0; q < EN_TILE; ++q) acc[q] = 0.0f;
+    EnFetch f;
+    en_fetch<T, TIn, Arith>(in, wt, 0, f);
+    en_store(f, 0, sh);
+    __syncthreads();
+    int s = 0;
+    for (lk_i64 k0 = 0; k0 < in.d_in; k0 += step) {
+        const bool more = k0 + step < in.d_in;
+        if (more) en_fetch<T, TIn, Arith>(in, wt, k0 + step, f);
+        if constexpr (Arith == EN_ARITH_FMA) {
+            en_fma_stage(sh, s, acc);
+        } else {
+            en_mma_stage<T, Arith>(sh, s, acc);
+        }
+        // Stage s ^ 1 was last read before the previous barrier.
+        if (more) en_store(f, s ^ 1, sh);
+        __syncthreads();
+        s ^= 1;
+    }
+}
+
+// Bias, Split combination and ReLU of one column pass's accumulators into out
+// (and out_d: a scan's shared first layer). acc_d (the D h part) only for SPLIT.
+template <typename T, int Arith>
+__device__ __forceinline__ void en_epilogue(const EnLayer<T>& p, int mode, bool relu, int rows,
+                                            lk_i64 j0, const float acc[EN_TILE],
+                                            const float* acc_d, float* out, float* out_d) {
+#pragma unroll
+    for (int q = 0; q < EN_TILE; ++q) {
+        int r;
+        int c;
+        en_out_at<Arith>(q, r, c);
+        const lk_i64 j = j0 + c;
+        if (r >= rows || j >= p.d_out) continue;
+        const lk_i64 at = (lk_i64)r * p.d_out + j;
+        const float b = lk_to_f32(p.b[j]);
+        float v;
+        if (mode == EN_FORWARD) {
+            v = b + acc[q];
+        } else if (mode == EN_ROUNDED) {
+            v = en_perturbed<T>(b, p.t, lk_to_f32(p.db[j])) + acc[q];
+        } else {
+            const float part_d = lk_to_f32(p.db[j]) + acc_d[q];
+            if (out_d != nullptr) {
+                out[at] = b + acc[q];
+                out_d[at] = part_d;
+                continue;
+            }
+            v = (b + acc[q]) + p.t * part_d;
+        }
+        out[at] = en_relu(v, relu);
+    }
+}
+
 // The layer on the tile's `rows` rows of `in` ([rows, d_in], row-major):
 // out[r, j] = b_j + sum_i w_ji in[r, i] (ReLU when `relu`). SPLIT with `out_d`
 // (a scan's shared first layer) writes b0 + W0 in to out and db + D in to out_d.
-// Ends with a barrier: `out` is complete for the next layer.
-template <typename T, typename TIn>
+// `out` may be `in` (the on-chip activations, d_out <= EN_COLS): every read of
+// `in` ends before the first write. Ends with a barrier: `out` is complete for
+// the next layer. SPLIT has a code path of its own, so that the other modes'
+// passes keep only 32 accumulators live.
+template <typename T, typename TIn, int Arith>
 __device__ void en_layer(const TIn* in, int rows, const EnLayer<T>& p, int mode, bool relu,
                          float* out, float* out_d, EnShared& sh) {
-    const int tid = threadIdx.x;
-    const int lane = tid & 31;
-    const int row_base = (tid >> 5) * 4;
-    const bool both = mode == EN_SPLIT;
+    const EnRowsIn<TIn> src = {in, p.d_in, rows,
+                               p.d_in % 4 == 0 && en_aligned(in, 4 * sizeof(TIn))};
+    const bool weights_vec = p.d_in % 4 == 0 && en_aligned(p.w, 4 * sizeof(T)) &&
+                             (p.dw == nullptr || en_aligned(p.dw, 4 * sizeof(T)));
     for (lk_i64 j0 = 0; j0 < p.d_out; j0 += EN_COLS) {
-        float acc[4][2];
-        float acc_d[4][2];
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            acc[i][0] = acc[i][1] = 0.0f;
-            acc_d[i][0] = acc_d[i][1] = 0.0f;
-        }
-        for (lk_i64 k0 = 0; k0 < p.d_in; k0 += EN_K) {
-            for (int q = tid; q < EN_ROWS * EN_K; q += EN_THREADS) {
-                const int r = q / EN_K;
-                const lk_i64 k = k0 + q % EN_K;
-                sh.h[r][q % EN_K] =
-                    (r < rows && k < p.d_in) ? lk_to_f32(in[(lk_i64)r * p.d_in + k]) : 0.0f;
-            }
-            for (int q = tid; q < EN_COLS * EN_K; q += EN_THREADS) {
-                const int c = q / EN_K;
-                const int kk = q % EN_K;
-                const lk_i64 j = j0 + c;
-                const lk_i64 k = k0 + kk;
-                float v = 0.0f;
-                float vd = 0.0f;
-                if (j < p.d_out && k < p.d_in) {
-                    const lk_i64 at = j * p.d_in + k;
-                    v = lk_to_f32(p.w[at]);
-                    if (mode != EN_FORWARD) vd = lk_to_f32(p.dw[at]);
-                    if (mode == EN_ROUNDED) v = en_perturbed<T>(v, p.t, vd);
-                }
-                sh.w[0][kk][c] = v;
-                sh.w[1][kk][c] = vd;
-            }
-            __syncthreads();
-#pragma unroll
-            for (int kk = 0; kk < EN_K; ++kk) {
-                const float w_lo = sh.w[0][kk][lane];
-                const float w_hi = sh.w[0][kk][lane + 32];
-                const float d_lo = sh.w[1][kk][lane];
-                const float d_hi = sh.w[1][kk][lane + 32];
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const float h = sh.h[row_base + i][kk];
-                    acc[i][0] = fmaf(w_lo, h, acc[i][0]);
-                    acc[i][1] = fmaf(w_hi, h, acc[i][1]);
-                    if (both) {
-                        acc_d[i][0] = fmaf(d_lo, h, acc_d[i][0]);
-                        acc_d[i][1] = fmaf(d_hi, h, acc_d[i][1]);
-                    }
-                }
-            }
-            __syncthreads();
-        }
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                const int r = row_base + i;
-                const lk_i64 j = j0 + lane + 32 * c;
-                if (r >= rows || j >= p.d_out) continue;
-                const lk_i64 at = (lk_i64)r * p.d_out + j;
-                const float b = lk_to_f32(p.b[j]);
-                float v;
-                if (mode == EN_FORWARD) {
-                    v = b + acc[i][c];
-                } else if (mode == EN_ROUNDED) {
-                    v = en_perturbed<T>(b, p.t, lk_to_f32(p.db[j])) + acc[i][c];
-                } else {
-                    const float part_d = lk_to_f32(p.db[j]) + acc_d[i][c];
-                    if (out_d != nullptr) {
-                        out[at] = b + acc[i][c];
-                        out_d[at] = part_d;
-                        continue;
-                    }
-                    v = (b + acc[i][c]) + p.t * part_d;
-                }
-                out[at] = en_relu(v, relu);
-            }
+        float acc[EN_TILE];
+        const EnWeightsIn<T> w = {p.w, mode == EN_ROUNDED ? p.dw : nullptr, p.t, p.d_in,
+                                  p.d_out, j0, weights_vec};
+        if (mode == EN_SPLIT) {
+            float acc_d[EN_TILE];
+            const EnWeightsIn<T> d = {p.dw, nullptr, 0.0f, p.d_in, p.d_out, j0, weights_vec};
+            en_accumulate<T, TIn, Arith>(src, d, acc_d, sh);
+            en_accumulate<T, TIn, Arith>(src, w, acc, sh);
+            en_epilogue<T, Arith>(p, mode, relu, rows, j0, acc, acc_d, out, out_d);
+        } else {
+            en_accumulate<T, TIn, Arith>(src, w, acc, sh);
+            en_epilogue<T, Arith>(p, mode, relu, rows, j0, acc, nullptr, out, out_d);
         }
     }
     __syncthreads();
@@ -328,8 +625,9 @@ __device__ __forceinline__ const T* en_input(const EnsembleArgs& a, lk_i64 e, lk
 }
 
 // Layers from.. of model e (layer 0 reads the tile's input rows, layer l writes
-// act[l & 1]), then the loss of the last layer's logits.
-template <typename T>
+// act[l & 1]; both are the one on-chip buffer when the widths fit), then the
+// loss of the last layer's logits.
+template <typename T, int Arith>
 __device__ void en_run_layers(const EnsembleArgs& a, int from, lk_i64 e, lk_i64 k, float t,
                               int rows, lk_i64 row0, lk_i64 tile, float* const act[2],
                               EnShared& sh) {
@@ -337,24 +635,26 @@ __device__ void en_run_layers(const EnsembleArgs& a, int from, lk_i64 e, lk_i64 
         const EnLayer<T> p = en_params<T>(a, l, e, k, t);
         const bool relu = l + 1 < a.layers;
         if (l == 0) {
-            en_layer<T, T>(en_input<T>(a, e, row0), rows, p, a.mode, relu, act[0], nullptr, sh);
+            en_layer<T, T, Arith>(en_input<T>(a, e, row0), rows, p, a.mode, relu, act[0], nullptr,
+                                  sh);
         } else {
-            en_layer<T, float>(act[(l - 1) & 1], rows, p, a.mode, relu, act[l & 1], nullptr, sh);
+            en_layer<T, float, Arith>(act[(l - 1) & 1], rows, p, a.mode, relu, act[l & 1],
+                                      nullptr, sh);
         }
     }
     en_loss(a, act[(a.layers - 1) & 1], rows, row0, e, tile, sh);
 }
 
 // Split scan, direction k: the first layer's parts once, then every model on k.
-template <typename T>
+template <typename T, int Arith>
 __device__ void en_split_direction(const EnsembleArgs& a, lk_i64 k, int rows, lk_i64 row0,
                                    lk_i64 tile, float* const act[2], float* parts,
                                    EnShared& sh) {
     const lk_i64 d1 = a.widths[1];
     float* base = parts;
     float* slope = parts + (lk_i64)EN_ROWS * d1;
-    en_layer<T, T>(en_input<T>(a, 0, row0), rows, en_params<T>(a, 0, 0, k, 0.0f), EN_SPLIT, false,
-                   base, slope, sh);
+    en_layer<T, T, Arith>(en_input<T>(a, 0, row0), rows, en_params<T>(a, 0, 0, k, 0.0f),
+                          EN_SPLIT, false, base, slope, sh);
     const bool relu = a.layers > 1;
     for (lk_i64 e = 0; e < a.models; ++e) {
         const lk_i64 ke = a.direction_of[e];
@@ -369,29 +669,30 @@ __device__ void en_split_direction(const EnsembleArgs& a, lk_i64 k, int rows, lk
             act[0][q] = en_relu(base[q] + t * slope[q], relu);
         }
         __syncthreads();
-        en_run_layers<T>(a, 1, e, k, t, rows, row0, tile, act, sh);
+        en_run_layers<T, Arith>(a, 1, e, k, t, rows, row0, tile, act, sh);
     }
 }
 
-template <typename T>
+template <typename T, int Arith>
 __device__ void ensemble_mlp(const EnsembleArgs& a) {
     __shared__ EnShared sh;
     float* scratch = a.scratch != nullptr ? a.scratch + (lk_i64)blockIdx.x * a.scratch_stride
                                           : nullptr;
     float* const act[2] = {
-        a.act_floats == 0 ? sh.act[0] : scratch,
-        a.act_floats == 0 ? sh.act[1] : scratch + a.act_floats,
+        a.act_floats == 0 ? sh.act : scratch,
+        a.act_floats == 0 ? sh.act : scratch + a.act_floats,
     };
     float* parts = scratch == nullptr ? nullptr : scratch + 2 * a.act_floats;
     const lk_i64 groups = a.mode == EN_SPLIT ? a.directions : a.models;
     const lk_i64 work = a.tiles * groups;
     for (lk_i64 item = blockIdx.x; item < work; item += gridDim.x) {
-        const lk_i64 group = item / a.tiles;
-        const lk_i64 tile = item % a.tiles;
+        // Tile-major: the groups of one tile run side by side and share its X in L2.
+        const lk_i64 tile = item / groups;
+        const lk_i64 group = item % groups;
         const lk_i64 row0 = tile * EN_ROWS;
         const int rows = (int)(a.batch - row0 < EN_ROWS ? a.batch - row0 : EN_ROWS);
         if (a.mode == EN_SPLIT) {
-            en_split_direction<T>(a, group, rows, row0, tile, act, parts, sh);
+            en_split_direction<T, Arith>(a, group, rows, row0, tile, act, parts, sh);
             continue;
         }
         lk_i64 k = 0;
@@ -405,18 +706,42 @@ __device__ void ensemble_mlp(const EnsembleArgs& a) {
                 continue;
             }
         }
-        en_run_layers<T>(a, 0, group, k, t, rows, row0, tile, act, sh);
+        en_run_layers<T, Arith>(a, 0, group, k, t, rows, row0, tile, act, sh);
     }
 }
 
-extern "C" __global__ void __launch_bounds__(EN_THREADS) ensemble_mlp_f32(EnsembleArgs a) {
-    ensemble_mlp<float>(a);
+// Two blocks per multiprocessor: 2 x 46 KB of shared memory and at most 128
+// registers a thread.
+#define EN_BOUNDS __launch_bounds__(EN_THREADS, 2)
+
+extern "C" __global__ void EN_BOUNDS ensemble_mlp_f32(EnsembleArgs a) {
+    ensemble_mlp<float, EN_ARITH_FMA>(a);
 }
-extern "C" __global__ void __launch_bounds__(EN_THREADS) ensemble_mlp_f16(EnsembleArgs a) {
-    ensemble_mlp<lk_f16>(a);
+extern "C" __global__ void EN_BOUNDS ensemble_mlp_f16(EnsembleArgs a) {
+    ensemble_mlp<lk_f16, EN_ARITH_FMA>(a);
 }
-extern "C" __global__ void __launch_bounds__(EN_THREADS) ensemble_mlp_bf16(EnsembleArgs a) {
-    ensemble_mlp<lk_bf16>(a);
+extern "C" __global__ void EN_BOUNDS ensemble_mlp_bf16(EnsembleArgs a) {
+    ensemble_mlp<lk_bf16, EN_ARITH_FMA>(a);
+}
+
+// mma.sync and cvt.rna.tf32 need sm_80; the host launches these only there, and
+// below it they compile to the Exact kernels (which the TensorCore bound covers).
+#if __CUDA_ARCH__ >= 800
+#define EN_TC_TF32 EN_ARITH_TF32
+#define EN_TC_PAIR EN_ARITH_PAIR
+#else
+#define EN_TC_TF32 EN_ARITH_FMA
+#define EN_TC_PAIR EN_ARITH_FMA
+#endif
+
+extern "C" __global__ void EN_BOUNDS ensemble_mlp_tc_f32(EnsembleArgs a) {
+    ensemble_mlp<float, EN_TC_TF32>(a);
+}
+extern "C" __global__ void EN_BOUNDS ensemble_mlp_tc_f16(EnsembleArgs a) {
+    ensemble_mlp<lk_f16, EN_TC_PAIR>(a);
+}
+extern "C" __global__ void EN_BOUNDS ensemble_mlp_tc_bf16(EnsembleArgs a) {
+    ensemble_mlp<lk_bf16, EN_TC_PAIR>(a);
 }
 
 // ---------------------------------------------------------------------------

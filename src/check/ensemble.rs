@@ -9,7 +9,25 @@
 //! network of |c| + |t| |d| bounds: 2u L P more. A Rounded landscape forms exactly the
 //! parameters the reference rounds (same operations, same roundings), so it adds nothing;
 //! its absolute network is that of fl(|c| + |t| |d|), which bounds |fl(c + t d)| since
-//! rounding is monotonic. The output rounds once: u |logit|. The loss of a model is a mean of B cross-entropies
+//! rounding is monotonic. The output rounds once: u |logit|.
+//!
+//! TensorCore (MMA on rounded operands, f32 accumulation), per layer l of d = d_l inputs:
+//! each operand is rounded to the MMA type with relative error at most v_l: tf32 (f32
+//! inputs, cvt.rna: 10 stored bits) v = 2^-11 for X, W and the activations alike; for f16
+//! and bf16 inputs X and W are already exact (v_0 = 0, the perturbed weights of a Rounded
+//! scan too, as the reference rounds them to the dtype) and the f32 activations of the
+//! layers after the first are rounded to the dtype: v = 2^-11 (f16) or 2^-8 (bf16). A
+//! product of two rounded operands is exact in f32 (at most 2 x 11 bits) and within
+//! (1 + v)^2 - 1 of the true one. The MMA's f32 accumulation is not a chain of
+//! round-to-nearest adds: each instruction aligns its k + 1 terms (k products and the
+//! accumulator) to the largest and truncates, each term off by at most one ulp (2u) of
+//! that largest, over ceil(d / k) instructions: at most 2u (d + ceil(d / k)) <= 4u (d + 1)
+//! of |b| + sum |w'| |h'|, with the bias added in f32 (one more u, inside the same
+//! allowance). So layer l's relative error is k_l = (1 + v_l)^2 (1 + 4u (d + 1)) - 1 of its
+//! absolute network, never taken below the Exact k_l (backends without MMA run Exact), and
+//! the logits' error is (sum_l k_l + L x the Split term) P + u |logit|. f16 activations are
+//! assumed inside f16's normal range (|h| in [2^-14, 65504]; the check data are): below it
+//! the rounding is absolute, not relative. The loss of a model is a mean of B cross-entropies
 //! lse(z) - z_y: each within sum_k p_k E_k + E_y of the logits' errors E, plus its own
 //! rounding (k_C + 8u)(|lse| + |z_y|); the mean adds k_B of the sum of |CE|.
 //! Accuracy: a row's argmax can move only where another class k comes within the two
@@ -37,6 +55,7 @@ pub struct EnsembleCase {
     pub directions: Option<usize>,
     /// How a landscape scan forms its parameters.
     pub perturbation: Perturbation,
+    pub precision: Precision,
     pub seed: u64,
 }
 
@@ -49,11 +68,16 @@ pub fn cases() -> Vec<EnsembleCase> {
         shared_input,
         directions: None,
         perturbation: Perturbation::Split,
+        precision: Precision::Exact,
         seed,
     };
     let scan = |case: EnsembleCase, k, perturbation| EnsembleCase {
         directions: Some(k),
         perturbation,
+        ..case
+    };
+    let tensor_core = |case: EnsembleCase| EnsembleCase {
+        precision: Precision::TensorCore,
         ..case
     };
     vec![
@@ -82,6 +106,26 @@ pub fn cases() -> Vec<EnsembleCase> {
             3,
             Perturbation::Rounded,
         ),
+        // TensorCore: ragged inputs (not a multiple of the MMA's k) and rows, each dtype;
+        // [5, 200] keeps its activations in scratch, two column passes. The bound is v P
+        // with P the absolute network's logit, which grows ~0.6 sqrt(d) a layer, so these
+        // stay narrow (and bf16, whose hidden activations round by 2^-8, and the scans,
+        // whose P adds |t| |D|, single-layer) for it to still catch a mutation at 4x
+        // (tests/it/mutation.rs); the property test draws deeper and wider ones.
+        tensor_core(case(&[4, 6, 2], 5, 70, DType::F32, true, 61)),
+        tensor_core(case(&[5, 200], 2, 40, DType::F32, false, 62)),
+        tensor_core(case(&[40, 7], 3, 33, DType::BF16, false, 63)),
+        tensor_core(case(&[6, 9, 2], 4, 65, DType::F16, true, 64)),
+        tensor_core(scan(
+            case(&[6, 3], 4, 70, DType::F32, true, 65),
+            2,
+            Perturbation::Split,
+        )),
+        tensor_core(scan(
+            case(&[17, 3], 5, 70, DType::BF16, true, 66),
+            2,
+            Perturbation::Rounded,
+        )),
     ]
 }
 
@@ -139,7 +183,15 @@ impl EnsembleCase {
                 ),
                 None => format!("E{} B{} {:?}", self.models, self.batch, self.widths),
             },
-            tolerance: "per logit L (k + 2u split) P(|net|) + u|v|; loss from the logits' E",
+            tolerance: match self.precision {
+                Precision::Exact => {
+                    "per logit L (k + 2u split) P(|net|) + u|v|; loss from the logits' E"
+                }
+                Precision::TensorCore => {
+                    "per logit (sum_l (1+v_l)^2 (1+4u(d_l+1)) - 1 + 2u split) P(|net|) + u|v|, \
+                     v = 2^-11 tf32/f16, 2^-8 bf16; loss from the logits' E"
+                }
+            },
         }
     }
 }
@@ -211,7 +263,7 @@ pub fn outputs(case: &EnsembleCase, device: &Device) -> Result<Vec<Output>> {
             input: &x,
             labels: &y,
             logits: true,
-            precision: Precision::Exact,
+            precision: case.precision,
         })?,
         Some(_) => {
             let k_tensor = Tensor::from_slice(device, &drawn.direction_of, &[case.models])?;
@@ -226,7 +278,7 @@ pub fn outputs(case: &EnsembleCase, device: &Device) -> Result<Vec<Output>> {
                 input: &x,
                 labels: &y,
                 logits: true,
-                precision: Precision::Exact,
+                precision: case.precision,
                 perturbation: case.perturbation,
             })?
         }
@@ -307,20 +359,17 @@ pub fn expected(case: &EnsembleCase) -> Result<Vec<Expected>> {
     let want = reference_run(case, &drawn, false)?;
     let absolute = reference_run(case, &drawn, true)?;
     let layers = (case.widths.len() - 1) as f64;
-    let k = case.widths[..case.widths.len() - 1]
-        .iter()
-        .map(|&d| sum_error(d + 1))
-        .fold(0.0, f64::max);
     let per_parameter = if case.directions.is_some() && case.perturbation == Perturbation::Split {
         2.0 * U
     } else {
         0.0
     };
+    let relative = layers * per_parameter + network_error(case);
     let logit_error: Vec<f64> = want
         .logits
         .iter()
         .zip(&absolute.logits)
-        .map(|(w, p)| (layers * (k + per_parameter)) * p + U * w.abs())
+        .map(|(w, p)| relative * p + U * w.abs())
         .collect();
     let (b, classes) = (case.batch, case.widths[case.widths.len() - 1]);
     let k_classes = sum_error(classes) + 8.0 * U;
@@ -349,6 +398,37 @@ pub fn expected(case: &EnsembleCase) -> Result<Vec<Expected>> {
         Expected::within("loss", want.loss, |e, w| loss_error[e] + U * w.abs()),
         Expected::within("accuracy", want.accuracy, |e, _| accuracy_error[e]),
     ])
+}
+
+/// The layers' part of a logit's relative error against its absolute network (module
+/// doc): Exact L max_l k_l, TensorCore sum_l k_l with the MMA operands' rounding.
+fn network_error(case: &EnsembleCase) -> f64 {
+    let inputs = &case.widths[..case.widths.len() - 1];
+    let exact = |d: usize| sum_error(d + 1);
+    match case.precision {
+        Precision::Exact => {
+            inputs.len() as f64 * inputs.iter().map(|&d| exact(d)).fold(0.0, f64::max)
+        }
+        Precision::TensorCore => inputs
+            .iter()
+            .enumerate()
+            .map(|(l, &d)| {
+                let v = operand_rounding(case.dtype, l);
+                let mma = (1.0 + v) * (1.0 + v) * (1.0 + 4.0 * U * (d + 1) as f64) - 1.0;
+                mma.max(exact(d))
+            })
+            .sum(),
+    }
+}
+
+/// The relative rounding of layer l's MMA operands (module doc).
+fn operand_rounding(dtype: DType, layer: usize) -> f64 {
+    match (dtype, layer) {
+        (DType::F32, _) => 2f64.powi(-11),
+        (_, 0) => 0.0,
+        (DType::BF16, _) => 2f64.powi(-8),
+        _ => 2f64.powi(-11),
+    }
 }
 
 /// The share of model e's B rows whose argmax the logits' errors could move: some class

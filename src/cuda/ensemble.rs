@@ -3,17 +3,20 @@
 //! 1. `ensemble_check`: one block; the first label outside [0, C) and, for a scan, the
 //!    first non-finite t and k outside [0, K), into four status words that the backend
 //!    reads at the calling thread's next readback (`spec::ensemble::status_error`).
-//! 2. `ensemble_mlp_{dtype}`: a block per (32-row batch tile, model), or per (tile,
-//!    direction) for a Split scan, through every layer: activations in shared memory when
-//!    every width after the input is at most 128, else in the block's own scratch (the
-//!    grid is then one resident wave, so the scratch stays small and in L2); weights staged
-//!    64 units x 16 inputs at a time; f32 FMA chains in input order; the tile's
-//!    cross-entropies summed in f64 in row order into its (model, tile) slot.
+//! 2. `ensemble_mlp_{dtype}` (Exact) or `ensemble_mlp_tc_{dtype}` (TensorCore on sm_80+):
+//!    a block per (64-row batch tile, model), or per (tile, direction) for a Split scan,
+//!    the models of one tile side by side (X from memory once per tile), through every
+//!    layer: activations in shared memory when every width after the input is at most
+//!    128, else in the block's own scratch (the grid is then one resident wave, so the
+//!    scratch stays small and in L2); each layer a register-tiled GEMM over inputs and
+//!    weights staged through double-buffered shared memory: f32 FMA chains in input order
+//!    (Exact), or mma.sync tf32 / bf16 / f16 with f32 accumulation (TensorCore); the
+//!    tile's cross-entropies summed in f64 in row order into its (model, tile) slot.
 //! 3. `ensemble_finalize`: a block per model; loss and accuracy in f64 from the slots.
 //!
-//! `Precision::TensorCore` runs these f32 FMA kernels too (there is no MMA path yet),
-//! which lies within the TensorCore bound. [`ensemble_raw`] is the zero-copy entry; the
-//! `EnsembleKernels` impl (the Tensor entries) calls it.
+//! `Precision::TensorCore` below sm_80 runs the Exact kernels, which lie within the
+//! TensorCore bound. [`ensemble_raw`] is the zero-copy entry; the `EnsembleKernels` impl
+//! (the Tensor entries) calls it.
 
 use std::sync::Arc;
 
@@ -29,12 +32,12 @@ use crate::dtype::DType;
 use crate::error::{Error, Result};
 use crate::spec::ensemble::{
     EnsembleCall, EnsembleKernels, EnsembleOutput, EnsembleSpec, LandscapeCall, Perturbation,
-    STATUS_WORDS,
+    Precision, STATUS_WORDS,
 };
 
 /// Batch rows per tile, threads per block, the widest activation kept on chip and the
 /// deepest network: kernels/ensemble.cu's EN_ROWS, EN_THREADS, EN_HIDDEN, EN_MAX_LAYERS.
-const ROWS: usize = 32;
+const ROWS: usize = 64;
 const THREADS: u32 = 256;
 const HIDDEN: usize = 128;
 const MAX_LAYERS: usize = 8;
@@ -48,12 +51,22 @@ fn mode(spec: &EnsembleSpec) -> i32 {
     }
 }
 
-fn kernel_name(dtype: DType) -> Result<&'static str> {
-    Ok(match dtype {
-        DType::F32 => "ensemble_mlp_f32",
-        DType::F16 => "ensemble_mlp_f16",
-        DType::BF16 => "ensemble_mlp_bf16",
-        other => {
+/// The MLP kernel for `spec` on `stream`'s device: the MMA kernels where TensorCore is
+/// asked and the device has mma.sync for tf32 and bf16 (sm_80+), else the Exact ones.
+fn kernel_name(stream: &CudaStream, spec: &EnsembleSpec) -> Result<&'static str> {
+    let (major, _) = stream
+        .context()
+        .compute_capability()
+        .map_err(driver_error("compute capability"))?;
+    let tensor_core = spec.precision == Precision::TensorCore && major >= 8;
+    Ok(match (spec.dtype, tensor_core) {
+        (DType::F32, false) => "ensemble_mlp_f32",
+        (DType::F16, false) => "ensemble_mlp_f16",
+        (DType::BF16, false) => "ensemble_mlp_bf16",
+        (DType::F32, true) => "ensemble_mlp_tc_f32",
+        (DType::F16, true) => "ensemble_mlp_tc_f16",
+        (DType::BF16, true) => "ensemble_mlp_tc_bf16",
+        (other, _) => {
             return Err(Error::DType(format!(
                 "the CUDA ensemble kernels take f32, f16 or bf16, not {other}"
             )))
@@ -222,7 +235,7 @@ impl Plan {
             // One resident wave grid-strides over the work, so the scratch is
             // a few blocks' worth, not one per tile.
             let kernels = kernels(stream.context())?;
-            let f = kernels.function(KernelSource::Ensemble, kernel_name(spec.dtype)?)?;
+            let f = kernels.function(KernelSource::Ensemble, kernel_name(stream, spec)?)?;
             let resident = kernels.blocks_per_multiprocessor(&f, THREADS)? as usize
                 * kernels.multiprocessors() as usize;
             work.min(resident.max(1))
@@ -374,7 +387,7 @@ pub fn ensemble_raw(
         ));
     }
     let plan = Plan::new(stream, spec)?;
-    let name = kernel_name(spec.dtype)?;
+    let name = kernel_name(stream, spec)?;
     let kernels = kernels(stream.context())?;
     let mlp = kernels.function(KernelSource::Ensemble, name)?;
     let check = kernels.function(KernelSource::Ensemble, "ensemble_check")?;

@@ -26,10 +26,11 @@ fn case() -> impl Strategy<Value = EnsembleCase> {
         any::<bool>(),
         prop::option::of(1usize..=3),
         prop::sample::select(vec![Perturbation::Rounded, Perturbation::Split]),
+        prop::sample::select(vec![Precision::Exact, Precision::TensorCore]),
         any::<u64>(),
     )
         .prop_map(
-            |(widths, models, batch, dtype, shared, directions, perturbation, seed)| {
+            |(widths, models, batch, dtype, shared, directions, perturbation, precision, seed)| {
                 EnsembleCase {
                     widths,
                     models,
@@ -39,6 +40,7 @@ fn case() -> impl Strategy<Value = EnsembleCase> {
                     shared_input: shared || directions.is_some(),
                     directions,
                     perturbation,
+                    precision,
                     seed,
                 }
             },
@@ -331,6 +333,7 @@ fn split_agrees_with_rounded_at_moderate_distances() {
         shared_input: true,
         directions: Some(3),
         perturbation,
+        precision: Precision::Exact,
         seed: 87,
     };
     let (split, rounded) = (
