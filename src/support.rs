@@ -59,17 +59,7 @@ impl Backend {
     pub fn supports(self, op: Op) -> bool {
         match self {
             Backend::Cpu => true,
-            Backend::Cuda => matches!(
-                op,
-                Op::Xent
-                    | Op::XentDirectional
-                    | Op::EnergyScore
-                    | Op::EnergyDistance
-                    | Op::BnStats
-                    | Op::BnMerge
-                    | Op::BnRunning
-            ),
-            Backend::Wgpu => matches!(
+            Backend::Cuda | Backend::Wgpu => matches!(
                 op,
                 Op::Xent
                     | Op::XentDirectional

@@ -394,6 +394,7 @@ fn a_wide_ensemble_over_many_tiles_matches_the_reference() {
         shared_input: true,
         directions,
         perturbation,
+        precision: Precision::Exact,
         seed: 95,
     };
     let cases = [
