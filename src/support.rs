@@ -59,7 +59,9 @@ impl Backend {
     pub fn supports(self, op: Op) -> bool {
         match self {
             Backend::Cpu => true,
-            Backend::Cuda | Backend::Wgpu => matches!(
+            // CUDA's ensemble kernels have not yet passed the data-error tests on a GPU.
+            Backend::Cuda => !matches!(op, Op::EnsembleForward | Op::EnsembleLandscape),
+            Backend::Wgpu => matches!(
                 op,
                 Op::Xent
                     | Op::XentDirectional
