@@ -22,8 +22,8 @@ use losskern::check::ensemble::EnsembleCase;
 use losskern::check::xent::{DirectionalCase, Special, XentCase};
 use losskern::check::{self, Case, Outcome};
 use losskern::ops::bnstats::Layout;
-use losskern::ops::ensemble::Perturbation;
 use losskern::ops::energy::Statistic;
+use losskern::ops::ensemble::{Perturbation, Precision};
 use losskern::ops::xent::{Gap, GradDType, RadiusOptions, Reduction, RhoReduce, XentOptions};
 use losskern::DType;
 
@@ -238,6 +238,7 @@ fn case(input: &Input) -> Case {
                 } else {
                     Perturbation::Split
                 },
+                precision: Precision::Exact,
                 seed,
             })
         }

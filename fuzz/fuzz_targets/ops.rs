@@ -262,7 +262,11 @@ fn bn_ops(device: &Device, input: &Input) {
                 m2: &stats.m2,
             },
         ];
-        let used = if input.flag(13) { 2 } else { usize::from(input.flag(14)) };
+        let used = if input.flag(13) {
+            2
+        } else {
+            usize::from(input.flag(14))
+        };
         settle(
             device,
             bnstats::merge(&BnMerge {
