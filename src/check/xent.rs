@@ -410,8 +410,9 @@ impl<'a> Bounds<'a> {
     }
 
     fn rho(&self, delta: f64, delta_error: f64, rho: f64) -> f64 {
-        // An infinite Delta gives rho = 0 exactly; there is no error to propagate.
-        let relative = if delta.is_finite() {
+        // An infinite Delta gives rho = 0 exactly, and an exact one (a zero Delta, whose
+        // delta + eps may be 0) leaves only the rounding of rho: no error to propagate.
+        let relative = if delta.is_finite() && delta_error > 0.0 {
             delta_error / (delta + self.options.radius.eps)
         } else {
             0.0

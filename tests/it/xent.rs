@@ -48,7 +48,7 @@ fn radius() -> impl Strategy<Value = RadiusOptions> {
             Just(RhoReduce::Max),
             Just(RhoReduce::PerSample)
         ],
-        prop_oneof![Just(1e-6), Just(1e-3)],
+        prop_oneof![Just(0.0), Just(1e-6), Just(1e-3)],
         proptest::option::of(1.0..100.0f64),
         proptest::option::of(0.0..0.1f64),
         any::<bool>(),
@@ -190,6 +190,27 @@ fn xent_handles_the_extreme_shapes() {
         soft.class_weights = true;
         soft.options.grad = true;
         assert_matches_reference(&soft, &device);
+    }
+}
+
+/// A zero Delta with eps = 0 makes rho = pi / 0; clamped by the cap and then the floor it
+/// is the f32 of 0.05, which the check allowed nothing for (0 / 0 in the relative error).
+/// Found by the differential fuzz target.
+#[test]
+fn a_clamped_rho_of_a_zero_delta_passes_the_check() {
+    for device in backends::all() {
+        for reduce in [RhoReduce::PerSample, RhoReduce::Mean, RhoReduce::Max] {
+            let mut case = XentCase::new(1, 1, DType::F32, 96);
+            case.options.temperature = 0.25;
+            case.options.radius = RadiusOptions {
+                eps: 0.0,
+                cap: Some(0.0),
+                floor: Some(0.05),
+                reduce,
+                ..RadiusOptions::default()
+            };
+            assert_matches_reference(&case, &device);
+        }
     }
 }
 
