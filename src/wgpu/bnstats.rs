@@ -17,7 +17,7 @@ use crate::spec::bnstats::{
     Tiling, TILE_THREADS,
 };
 use crate::wgpu::{
-    dtype_code, index, padded_size, wgpu_buffer, BindingKind, PipelineKey, ShaderSource,
+    dtype_code, index, padded_size, wgpu_buffer, whole, BindingKind, PipelineKey, ShaderSource,
     WgpuBackend,
 };
 
@@ -115,9 +115,6 @@ fn submit(
     )?;
     let unused = backend.create_buffer("bnstats unused", 16, wgpu::BufferUsages::STORAGE)?;
     let unused_y = backend.create_buffer("bnstats unused y", 16, wgpu::BufferUsages::STORAGE)?;
-    fn whole(buffer: &wgpu::Buffer) -> (&wgpu::Buffer, u64, u64) {
-        (buffer, 0, buffer.size())
-    }
     fn sized<'b>(
         b: Option<(&'b wgpu::Buffer, u64)>,
         unused: &'b wgpu::Buffer,

@@ -24,8 +24,8 @@ use crate::spec::energy::{
     Statistic, PAIR_TILE,
 };
 use crate::wgpu::{
-    dtype_code, index, padded_size, require, wgpu_buffer, BindingKind, PipelineKey, ShaderSource,
-    WgpuBackend, WORKGROUP_SIZE,
+    dtype_code, index, padded_size, prefix, require, wgpu_buffer, BindingKind, PipelineKey,
+    ShaderSource, WgpuBackend, WORKGROUP_SIZE,
 };
 
 /// Group 0 of `energy.wgsl`: params, A (or preds), B (or y), the two weights, slots, red,
@@ -166,11 +166,6 @@ fn uniform(backend: &WgpuBackend, params: &Params) -> Result<wgpu::Buffer> {
         bytemuck::bytes_of(params),
         wgpu::BufferUsages::UNIFORM,
     )
-}
-
-/// The whole of `buffer` as a binding of `bytes` (rounded up to 4).
-fn whole(buffer: &wgpu::Buffer, bytes: u64) -> (&wgpu::Buffer, u64, u64) {
-    (buffer, 0, padded_size(bytes))
 }
 
 /// The binding of a set's weights, or of the placeholder when they are uniform.
@@ -389,14 +384,14 @@ pub fn energy_distance_raw(
         let group = backend.bind_group(
             ShaderSource::Energy,
             &[
-                whole(&uniform, 64),
-                whole(a, na * d * elem),
-                whole(b, nb * d * elem),
+                prefix(&uniform, 64),
+                prefix(a, na * d * elem),
+                prefix(b, nb * d * elem),
                 weight_binding(wa, na, &unused.read),
                 weight_binding(wb, nb, &unused.read),
-                whole(&slot_buffer, slot_bytes),
-                whole(&red, RED_BYTES),
-                whole(&unused.write, 16),
+                prefix(&slot_buffer, slot_bytes),
+                prefix(&red, RED_BYTES),
+                prefix(&unused.write, 16),
             ],
         )?;
         dispatches.push((group, backend.grid(PAIRS, *tiles)?));
@@ -412,14 +407,14 @@ pub fn energy_distance_raw(
     let merge_group = backend.bind_group(
         ShaderSource::Energy,
         &[
-            whole(&merge_uniform, 64),
-            whole(x, x_bytes),
-            whole(y, y_bytes),
+            prefix(&merge_uniform, 64),
+            prefix(x, x_bytes),
+            prefix(y, y_bytes),
             weight_binding(wx, n, &unused.read),
             weight_binding(wy, m, &unused.read),
-            whole(&slot_buffer, slot_bytes),
-            whole(&red, RED_BYTES),
-            whole(&unused.write, 16),
+            prefix(&slot_buffer, slot_bytes),
+            prefix(&red, RED_BYTES),
+            prefix(&unused.write, 16),
         ],
     )?;
 
@@ -527,14 +522,14 @@ impl GradDispatch<'_> {
         let group = self.backend.bind_group(
             ShaderSource::Energy,
             &[
-                whole(&uniform, 64),
-                whole(a, na * self.d * self.elem),
-                whole(b, nb * self.d * self.elem),
+                prefix(&uniform, 64),
+                prefix(a, na * self.d * self.elem),
+                prefix(b, nb * self.d * self.elem),
                 weight_binding(wa, na, &self.unused.read),
                 weight_binding(wb, nb, &self.unused.read),
-                whole(&self.unused.write, 16),
-                whole(self.red, RED_BYTES),
-                whole(grad, na * self.d * 4),
+                prefix(&self.unused.write, 16),
+                prefix(self.red, RED_BYTES),
+                prefix(grad, na * self.d * 4),
             ],
         )?;
         Ok((group, self.backend.grid(GRAD, tiles)?))
@@ -680,19 +675,19 @@ pub fn energy_score_raw(
     };
     let uniform = uniform(backend, &params)?;
     let grad_binding = match out.grad {
-        Some(g) => whole(g, grad_bytes),
-        None => whole(&unused.write, 16),
+        Some(g) => prefix(g, grad_bytes),
+        None => prefix(&unused.write, 16),
     };
     let group = backend.bind_group(
         ShaderSource::Energy,
         &[
-            whole(&uniform, 64),
-            whole(preds, preds_bytes),
-            whole(y, y_bytes),
-            whole(&unused.read, 16),
-            whole(&unused.read, 16),
-            whole(&slot_buffer, slot_bytes),
-            whole(&red, RED_BYTES),
+            prefix(&uniform, 64),
+            prefix(preds, preds_bytes),
+            prefix(y, y_bytes),
+            prefix(&unused.read, 16),
+            prefix(&unused.read, 16),
+            prefix(&slot_buffer, slot_bytes),
+            prefix(&red, RED_BYTES),
             grad_binding,
         ],
     )?;

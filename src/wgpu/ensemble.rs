@@ -34,8 +34,8 @@ use crate::spec::ensemble::{
     STATUS_WORDS,
 };
 use crate::wgpu::{
-    dtype_code, index, padded_size, require, wgpu_buffer, BindingKind, EnsembleWatch, PipelineKey,
-    ShaderSource, WgpuBackend,
+    dtype_code, index, padded_size, require, wgpu_buffer, whole, BindingKind, EnsembleWatch,
+    PipelineKey, ShaderSource, WgpuBackend,
 };
 
 /// Group 0 of `ensemble.wgsl`: params (uniform), x, the parameters, the labels and (k, t),
@@ -381,9 +381,6 @@ fn run(backend: &WgpuBackend, spec: &EnsembleSpec, inputs: &Inputs<'_>) -> Resul
     )?;
     let params_buffer = layers.buffer(backend, "ensemble parameters")?;
     let data_buffer = data.buffer(backend, "ensemble labels and scan")?;
-    fn whole(buffer: &wgpu::Buffer) -> (&wgpu::Buffer, u64, u64) {
-        (buffer, 0, buffer.size())
-    }
     let group = backend.bind_group(
         ShaderSource::Ensemble,
         &[

@@ -333,6 +333,16 @@ pub(crate) fn padded_size(bytes: u64) -> u64 {
     bytes.div_ceil(4).max(1) * 4
 }
 
+/// The first `bytes` of `buffer` (rounded up to 4) as a binding: (buffer, offset, size).
+pub(crate) fn prefix(buffer: &wgpu::Buffer, bytes: u64) -> (&wgpu::Buffer, u64, u64) {
+    (buffer, 0, padded_size(bytes))
+}
+
+/// All of `buffer` as a binding: (buffer, offset, size).
+pub(crate) fn whole(buffer: &wgpu::Buffer) -> (&wgpu::Buffer, u64, u64) {
+    (buffer, 0, buffer.size())
+}
+
 impl WgpuBackend {
     fn new(
         device: wgpu::Device,

@@ -17,6 +17,8 @@
 //! radius), `xent_directional_reduce` (one workgroup: rho_a and the normalised step), then
 //! copies from the scratch buffers into the outputs.
 
+use std::sync::Arc;
+
 use bytemuck::{Pod, Zeroable};
 
 use crate::device::{Storage, Tensor};
@@ -27,7 +29,7 @@ use crate::spec::xent::{
     Targets, XentCall, XentKernels, XentOutput, XentSpec,
 };
 use crate::wgpu::{
-    dtype_code, index, padded_size, require, wgpu_buffer, window, BindingKind, PipelineKey,
+    dtype_code, index, prefix, require, wgpu_buffer, whole, window, BindingKind, PipelineKey,
     ShaderSource, TargetWatch, WgpuBackend, WORKGROUP_SIZE,
 };
 
@@ -406,20 +408,25 @@ fn row_layout(v: u64) -> (u64, u64) {
     (row_threads, u64::from(WORKGROUP_SIZE) / row_threads)
 }
 
-/// Runs xent on buffers of `backend`'s device with no copy of the inputs (for
-/// frameworks linking the kernel; see [`WgpuBackend::from_device`]). `spec` describes
-/// the buffers and is trusted as validated, except for the class targets, which are not
-/// checked on the host: one outside [0, V) that is not `ignore_index` gives a NaN row and
-/// is reported in `out.status`. Work is queued, not waited for.
-pub fn xent_raw(
-    backend: &WgpuBackend,
+/// The buffers of one raw call, checked against its spec: `targets` holds the class
+/// labels, or the soft targets when `soft`.
+struct Bound<'a> {
+    logits: &'a wgpu::Buffer,
+    targets: &'a wgpu::Buffer,
+    soft: bool,
+    weights: Option<&'a wgpu::Buffer>,
+    grad: Option<&'a wgpu::Buffer>,
+}
+
+/// Checks every buffer of a raw call against `spec` (sizes in u64, against overflow),
+/// before any arithmetic in u32.
+fn check_buffers<'a>(
     spec: &XentSpec,
-    logits: &wgpu::Buffer,
-    targets: XentTargets<'_>,
-    weights: Option<&wgpu::Buffer>,
-    out: &XentBuffers<'_>,
-) -> Result<()> {
-    backend.check_kernel_limits(ShaderSource::Xent)?;
+    logits: &'a wgpu::Buffer,
+    targets: XentTargets<'a>,
+    weights: Option<&'a wgpu::Buffer>,
+    out: &XentBuffers<'a>,
+) -> Result<Bound<'a>> {
     let storage = wgpu::BufferUsages::STORAGE;
     let copy_dst = wgpu::BufferUsages::COPY_DST;
     let b = spec.batch as u64;
@@ -430,27 +437,23 @@ pub fn xent_raw(
             "xent: B = {b}, V = {v}, row stride = {stride} (need B, V >= 1 and V <= stride)"
         )));
     }
-    let logits_size = spec.dtype.size() as u64;
-    let soft_dtype = soft_dtype(spec);
-    let soft_size = soft_dtype.size() as u64;
-    let grad_size = spec.grad_dtype.size() as u64;
-
-    // Sizes are checked before any arithmetic in u32, against overflow in u64 too.
     let elements = b
         .checked_mul(stride)
         .ok_or_else(|| Error::Shape(format!("xent: [{b}, {stride}] overflows u64")))?;
+    let logits_size = spec.dtype.size() as u64;
     require(
         logits,
         "logits",
         elements.saturating_mul(logits_size),
         storage,
     )?;
-    let (is_soft, targets_buffer) = match (targets, spec.targets) {
+    let (soft, targets) = match (targets, spec.targets) {
         (XentTargets::Classes(y), TargetKind::Classes) => {
             require(y, "class targets", b * 8, storage)?;
             (false, y)
         }
         (XentTargets::Soft(q), TargetKind::Soft(_)) => {
+            let soft_size = soft_dtype(spec).size() as u64;
             require(
                 q,
                 "soft targets",
@@ -495,96 +498,110 @@ pub fn xent_raw(
         ));
     }
     if let Some(g) = out.grad {
+        let grad_size = spec.grad_dtype.size() as u64;
         require(g, "grad", (b * v).saturating_mul(grad_size), storage)?;
     }
+    Ok(Bound {
+        logits,
+        targets,
+        soft,
+        weights,
+        grad: out.grad,
+    })
+}
 
-    // Whole-buffer bindings: the per-row scratch, labels and weights.
-    let rows_bytes = ROW_WORDS * 4 * b;
-    backend.check_binding(
-        FORWARD,
-        "the per-row scratch (60 bytes per row)",
-        rows_bytes,
-    )?;
-    backend.check_binding(FORWARD, "the class targets", 8 * b)?;
-    backend.check_binding(FORWARD, "the class weights", 4 * v)?;
-
-    // Chunks of rows whose logits, soft targets and gradient each fit one binding.
+/// Rows per chunk: as many as keep a chunk's logits, soft targets and gradient each in
+/// one binding.
+fn chunk_rows(backend: &WgpuBackend, spec: &XentSpec, soft: bool) -> Result<u64> {
+    let b = spec.batch as u64;
+    let v = spec.classes as u64;
+    let grad_size = spec.grad_dtype.size() as u64;
     let limit = backend.binding_limit();
-    let align = backend.storage_alignment();
-    let mut row_bytes = stride * logits_size;
-    if is_soft {
-        row_bytes = row_bytes.max(v * soft_size);
+    let mut row_bytes = spec.row_stride as u64 * spec.dtype.size() as u64;
+    if soft {
+        row_bytes = row_bytes.max(v * soft_dtype(spec).size() as u64);
     }
     if spec.options.grad {
         row_bytes = row_bytes.max(v * grad_size);
     }
-    let slack = align + 4;
+    let slack = backend.storage_alignment() + 4;
     if row_bytes + slack > limit {
         return Err(Error::Launch {
             kernel: FORWARD.into(),
             reason: format!("one row takes {row_bytes} bytes; a binding holds at most {limit}"),
         });
     }
-    let mut chunk_rows = ((limit - slack) / row_bytes).min(b);
+    let mut rows = ((limit - slack) / row_bytes).min(b);
     // A 16-bit gradient packs two elements per word: chunks must start on an even
     // element, so with odd V they hold an even number of rows.
-    if spec.options.grad && grad_size == 2 && v % 2 == 1 && chunk_rows < b {
-        chunk_rows -= chunk_rows % 2;
+    if shares_grad_words(spec) && rows < b {
+        rows -= rows % 2;
     }
-    if chunk_rows == 0 {
+    if rows == 0 {
         return Err(Error::Launch {
             kernel: GRAD.into(),
             reason: format!("two rows of {row_bytes} bytes do not fit one binding of {limit}"),
         });
     }
+    Ok(rows)
+}
 
-    let forward = backend.pipeline(&forward_key(spec.dtype, soft_dtype, spec.grad_dtype)?)?;
-    let reduce = backend.pipeline(&reduce_key())?;
-    let scale = if spec.options.grad {
-        Some(backend.pipeline(&scale_key())?)
-    } else {
-        None
-    };
-    // Only a 16-bit gradient with odd V has words shared by two rows.
-    let grad = if spec.options.grad && grad_size == 2 && v % 2 == 1 {
-        Some(backend.pipeline(&grad_key(spec.dtype, soft_dtype, spec.grad_dtype)?)?)
-    } else {
-        None
-    };
+/// Whether two rows share words of the gradient: only a 16-bit one with odd V.
+fn shares_grad_words(spec: &XentSpec) -> bool {
+    spec.options.grad && spec.grad_dtype.size() == 2 && spec.classes % 2 == 1
+}
 
-    let Scratch {
-        rows,
-        red,
-        unused,
-        unused_grad,
-    } = Scratch::new(backend, "xent", rows_bytes, RED_BYTES)?;
-    let (row_threads, rows_per_workgroup) = row_layout(v);
-    let row_threads = index(row_threads, "row threads")?;
+/// The pipelines of one call: `scale` runs with a gradient, `grad` where rows share words.
+struct Pipelines {
+    forward: Arc<wgpu::ComputePipeline>,
+    reduce: Arc<wgpu::ComputePipeline>,
+    scale: Option<Arc<wgpu::ComputePipeline>>,
+    grad: Option<Arc<wgpu::ComputePipeline>>,
+}
 
+impl Pipelines {
+    fn new(backend: &WgpuBackend, spec: &XentSpec) -> Result<Pipelines> {
+        let soft = soft_dtype(spec);
+        Ok(Pipelines {
+            forward: backend.pipeline(&forward_key(spec.dtype, soft, spec.grad_dtype)?)?,
+            reduce: backend.pipeline(&reduce_key())?,
+            scale: if spec.options.grad {
+                Some(backend.pipeline(&scale_key())?)
+            } else {
+                None
+            },
+            grad: if shares_grad_words(spec) {
+                Some(backend.pipeline(&grad_key(spec.dtype, soft, spec.grad_dtype)?)?)
+            } else {
+                None
+            },
+        })
+    }
+}
+
+/// The shader's flags for `spec`.
+fn flags(spec: &XentSpec, soft: bool) -> u32 {
     let o = &spec.options;
     let r = &o.radius;
-    let mut flags = 0;
-    if is_soft {
-        flags |= F_SOFT;
-    }
-    if spec.weighted {
-        flags |= F_WEIGHTED;
-    }
-    if r.gap == Gap::Top2 {
-        flags |= F_GAP_TOP2;
-    }
-    if r.reduce == RhoReduce::Max {
-        flags |= F_RHO_MAX;
-    }
-    if o.reduction == Reduction::Mean {
-        flags |= F_RED_MEAN;
-    }
-    if o.grad {
-        flags |= F_GRAD;
-    }
-    if r.inf_if_small {
-        flags |= F_INF_IF_SMALL;
-    }
+    [
+        (soft, F_SOFT),
+        (spec.weighted, F_WEIGHTED),
+        (r.gap == Gap::Top2, F_GAP_TOP2),
+        (r.reduce == RhoReduce::Max, F_RHO_MAX),
+        (o.reduction == Reduction::Mean, F_RED_MEAN),
+        (o.grad, F_GRAD),
+        (r.inf_if_small, F_INF_IF_SMALL),
+    ]
+    .into_iter()
+    .filter(|&(set, _)| set)
+    .fold(0, |flags, (_, flag)| flags | flag)
+}
+
+/// The uniform's fields that every chunk shares (the chunk's own are left 0).
+fn base_params(spec: &XentSpec, soft: bool, row_threads: u32) -> Result<Params> {
+    let o = &spec.options;
+    let r = &o.radius;
+    let mut flags = flags(spec, soft);
     // A cap of +inf (or beyond f32) caps nothing; a floor of +inf makes every rho +inf.
     let cap = r.cap.map_or(f32::INFINITY, |c| c as f32);
     if cap.is_finite() {
@@ -603,10 +620,10 @@ pub fn xent_raw(
     let inv_t = (1.0 / o.temperature) as f32;
     let exp_floor = (-128.0 * o.temperature).max(-f64::from(f32::MAX)) as f32;
     let ignore = o.ignore_index as u64;
-    let base = Params {
-        batch: index(b, "B")?,
-        classes: index(v, "V")?,
-        stride: index(stride, "row stride")?,
+    Ok(Params {
+        batch: index(spec.batch as u64, "B")?,
+        classes: index(spec.classes as u64, "V")?,
+        stride: index(spec.row_stride as u64, "row stride")?,
         row0: 0,
         rows: 0,
         logits_base: 0,
@@ -618,7 +635,7 @@ pub fn xent_raw(
         ignore_hi: (ignore >> 32) as u32,
         inv_t,
         on_target: (1.0 - o.label_smoothing) as f32,
-        eps_over_v: (o.label_smoothing / v as f64) as f32,
+        eps_over_v: (o.label_smoothing / spec.classes as f64) as f32,
         z_loss: o.z_loss as f32,
         rho_eps: r.eps as f32,
         cap: if cap.is_finite() { cap } else { 0.0 },
@@ -628,155 +645,228 @@ pub fn xent_raw(
         row_threads,
         vec_count: 0,
         exp_floor,
-    };
+    })
+}
 
-    struct Chunk {
-        bind_group: wgpu::BindGroup,
-        rows: u64,
-    }
+/// One chunk of rows: its bind group, and the grids of xent_forward and xent_grad.
+struct Chunk {
+    bind_group: wgpu::BindGroup,
+    forward_grid: (u32, u32),
+    grad_grid: (u32, u32),
+}
+
+/// Rows [row0, row1) as a chunk: its uniform, every binding at the chunk's offsets, and
+/// its grids (xent_forward: `rows_per_workgroup` rows a workgroup; xent_grad: a row an
+/// invocation).
+fn chunk(
+    backend: &WgpuBackend,
+    spec: &XentSpec,
+    bound: &Bound<'_>,
+    scratch: &Scratch,
+    (base, rows_per_workgroup): (&Params, u64),
+    (row0, row1): (u64, u64),
+) -> Result<Chunk> {
+    let (b, v) = (spec.batch as u64, spec.classes as u64);
+    let stride = spec.row_stride as u64;
+    let logits_size = spec.dtype.size() as u64;
+    let soft_size = soft_dtype(spec).size() as u64;
+    let grad_size = spec.grad_dtype.size() as u64;
+    let align = backend.storage_alignment();
+    let logits_window = window(
+        row0 * stride * logits_size,
+        row1 * stride * logits_size,
+        align,
+    );
+    let soft_window = window(row0 * v * soft_size, row1 * v * soft_size, align);
+    let grad_window = window(row0 * v * grad_size, row1 * v * grad_size, align);
+    let grad_words = if spec.options.grad {
+        ((row1 - row0) * v * grad_size).div_ceil(4)
+    } else {
+        0
+    };
+    // The logits window again as whole 16-byte units (offsets are 16-byte aligned).
+    let vec_bytes = logits_window.size / 16 * 16;
+    let params = Params {
+        vec_count: index(vec_bytes / 16, "16-byte units")?,
+        row0: index(row0, "first row")?,
+        rows: index(row1 - row0, "rows")?,
+        logits_base: index(logits_window.skip / logits_size, "logits offset")?,
+        soft_base: index(soft_window.skip / soft_size, "soft target offset")?,
+        grad_base: index(grad_window.skip / 4, "grad offset")?,
+        grad_words: index(grad_words, "grad words")?,
+        ..*base
+    };
+    let uniform = backend.buffer_with(
+        "xent params",
+        bytemuck::bytes_of(&params),
+        wgpu::BufferUsages::UNIFORM,
+    )?;
+    let unused = &scratch.unused;
+    let (labels_binding, soft_binding) = if bound.soft {
+        (
+            prefix(unused, 16),
+            (bound.targets, soft_window.offset, soft_window.size),
+        )
+    } else {
+        (prefix(bound.targets, 8 * b), prefix(unused, 16))
+    };
+    let weights_binding = match bound.weights {
+        Some(w) => prefix(w, 4 * v),
+        None => prefix(unused, 16),
+    };
+    let grad_binding = match bound.grad {
+        Some(g) => (g, grad_window.offset, grad_window.size),
+        None => prefix(&scratch.unused_grad, 16),
+    };
+    let logits4_binding = if vec_bytes > 0 {
+        (bound.logits, logits_window.offset, vec_bytes)
+    } else {
+        prefix(unused, 16)
+    };
+    let bind_group = backend.bind_group(
+        ShaderSource::Xent,
+        &[
+            prefix(&uniform, std::mem::size_of::<Params>() as u64),
+            (bound.logits, logits_window.offset, logits_window.size),
+            labels_binding,
+            soft_binding,
+            weights_binding,
+            whole(&scratch.rows),
+            whole(&scratch.red),
+            grad_binding,
+            logits4_binding,
+        ],
+    )?;
+    let rows = row1 - row0;
+    Ok(Chunk {
+        bind_group,
+        forward_grid: backend.grid(FORWARD, rows.div_ceil(rows_per_workgroup))?,
+        grad_grid: backend.grid(GRAD, rows.div_ceil(u64::from(WORKGROUP_SIZE)))?,
+    })
+}
+
+/// Runs xent on buffers of `backend`'s device with no copy of the inputs (for
+/// frameworks linking the kernel; see [`WgpuBackend::from_device`]). `spec` describes
+/// the buffers and is trusted as validated, except for the class targets, which are not
+/// checked on the host: one outside [0, V) that is not `ignore_index` gives a NaN row and
+/// is reported in `out.status`. Work is queued, not waited for.
+pub fn xent_raw(
+    backend: &WgpuBackend,
+    spec: &XentSpec,
+    logits: &wgpu::Buffer,
+    targets: XentTargets<'_>,
+    weights: Option<&wgpu::Buffer>,
+    out: &XentBuffers<'_>,
+) -> Result<()> {
+    backend.check_kernel_limits(ShaderSource::Xent)?;
+    let bound = check_buffers(spec, logits, targets, weights, out)?;
+    let (b, v) = (spec.batch as u64, spec.classes as u64);
+
+    // Whole-buffer bindings: the per-row scratch, labels and weights.
+    let rows_bytes = ROW_WORDS * 4 * b;
+    backend.check_binding(
+        FORWARD,
+        "the per-row scratch (60 bytes per row)",
+        rows_bytes,
+    )?;
+    backend.check_binding(FORWARD, "the class targets", 8 * b)?;
+    backend.check_binding(FORWARD, "the class weights", 4 * v)?;
+    let chunk_rows = chunk_rows(backend, spec, bound.soft)?;
+    let pipelines = Pipelines::new(backend, spec)?;
+    let scratch = Scratch::new(backend, "xent", rows_bytes, RED_BYTES)?;
+    let (row_threads, rows_per_workgroup) = row_layout(v);
+    let base = base_params(spec, bound.soft, index(row_threads, "row threads")?)?;
+
     let mut chunks = Vec::new();
     let mut row0 = 0;
     while row0 < b {
         let row1 = (row0 + chunk_rows).min(b);
-        let logits_window = window(
-            row0 * stride * logits_size,
-            row1 * stride * logits_size,
-            align,
-        );
-        let soft_window = window(row0 * v * soft_size, row1 * v * soft_size, align);
-        let grad_window = window(row0 * v * grad_size, row1 * v * grad_size, align);
-        let grad_words = if spec.options.grad {
-            ((row1 - row0) * v * grad_size).div_ceil(4)
-        } else {
-            0
-        };
-        // The logits window again as whole 16-byte units (offsets are 16-byte aligned).
-        let vec_bytes = logits_window.size / 16 * 16;
-        let params = Params {
-            vec_count: index(vec_bytes / 16, "16-byte units")?,
-            row0: index(row0, "first row")?,
-            rows: index(row1 - row0, "rows")?,
-            logits_base: index(logits_window.skip / logits_size, "logits offset")?,
-            soft_base: index(soft_window.skip / soft_size, "soft target offset")?,
-            grad_base: index(grad_window.skip / 4, "grad offset")?,
-            grad_words: index(grad_words, "grad words")?,
-            ..base
-        };
-        let uniform = backend.buffer_with(
-            "xent params",
-            bytemuck::bytes_of(&params),
-            wgpu::BufferUsages::UNIFORM,
-        )?;
-        fn whole(buffer: &wgpu::Buffer, bytes: u64) -> (&wgpu::Buffer, u64, u64) {
-            (buffer, 0, padded_size(bytes))
-        }
-        let (labels_binding, soft_binding) = if is_soft {
-            (
-                whole(&unused, 16),
-                (targets_buffer, soft_window.offset, soft_window.size),
-            )
-        } else {
-            (whole(targets_buffer, 8 * b), whole(&unused, 16))
-        };
-        let weights_binding = match weights {
-            Some(w) => whole(w, 4 * v),
-            None => whole(&unused, 16),
-        };
-        let grad_binding = match out.grad {
-            Some(g) => (g, grad_window.offset, grad_window.size),
-            None => whole(&unused_grad, 16),
-        };
-        let logits4_binding = if vec_bytes > 0 {
-            (logits, logits_window.offset, vec_bytes)
-        } else {
-            whole(&unused, 16)
-        };
-        let bind_group = backend.bind_group(
-            ShaderSource::Xent,
-            &[
-                whole(&uniform, std::mem::size_of::<Params>() as u64),
-                (logits, logits_window.offset, logits_window.size),
-                labels_binding,
-                soft_binding,
-                weights_binding,
-                whole(&rows, rows_bytes),
-                whole(&red, RED_BYTES),
-                grad_binding,
-                logits4_binding,
-            ],
-        )?;
-        chunks.push(Chunk {
-            bind_group,
-            rows: row1 - row0,
-        });
+        let layout = (&base, rows_per_workgroup);
+        chunks.push(chunk(
+            backend,
+            spec,
+            &bound,
+            &scratch,
+            layout,
+            (row0, row1),
+        )?);
         row0 = row1;
     }
-
-    let mut launches = Vec::with_capacity(chunks.len());
-    for chunk in &chunks {
-        let forward_grid = backend.grid(FORWARD, chunk.rows.div_ceil(rows_per_workgroup))?;
-        // xent_grad: one invocation per row of the chunk.
-        let grad_grid = backend.grid(GRAD, chunk.rows.div_ceil(u64::from(WORKGROUP_SIZE)))?;
-
-        launches.push((forward_grid, grad_grid));
-    }
-
     backend.scoped("xent", || {
-        let device = backend.device();
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("xent"),
-        });
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("xent"),
-                timestamp_writes: None,
-            });
-            if let Some(scale) = &scale {
-                // Reads only the whole-buffer bindings, which every chunk's group holds.
-                pass.set_pipeline(scale);
-                pass.set_bind_group(0, &chunks[0].bind_group, &[]);
-                pass.dispatch_workgroups(1, 1, 1);
-            }
-            pass.set_pipeline(&forward);
-            for (chunk, ((x, y), _)) in chunks.iter().zip(&launches) {
-                pass.set_bind_group(0, &chunk.bind_group, &[]);
-                pass.dispatch_workgroups(*x, *y, 1);
-            }
-            // Reads only the whole-buffer bindings, which every chunk's group holds.
-            pass.set_pipeline(&reduce);
-            pass.set_bind_group(0, &chunks[0].bind_group, &[]);
-            pass.dispatch_workgroups(1, 1, 1);
-            if let Some(grad) = &grad {
-                pass.set_pipeline(grad);
-                for (chunk, (_, (x, y))) in chunks.iter().zip(&launches) {
-                    pass.set_bind_group(0, &chunk.bind_group, &[]);
-                    pass.dispatch_workgroups(*x, *y, 1);
-                }
-            }
-        }
-        let field = |f: u64| f * 4 * b;
-        for (dst, f) in [
-            (out.loss_per_row, ROW_LOSS),
-            (out.lse, ROW_LSE),
-            (out.entropy, ROW_ENTROPY),
-            (out.max, ROW_MAX),
-            (out.min, ROW_MIN),
-            (out.top2_gap, ROW_GAP),
-            (out.delta, ROW_DELTA),
-        ] {
-            encoder.copy_buffer_to_buffer(&rows, field(f), dst, 0, 4 * b);
-        }
-        encoder.copy_buffer_to_buffer(&rows, field(ROW_ARGMAX), out.argmax, 0, 8 * b);
-        encoder.copy_buffer_to_buffer(&red, RED_LOSS_OFFSET, out.loss, 0, 4);
-        encoder.copy_buffer_to_buffer(&red, RED_STATUS_OFFSET, out.status, 0, 4);
-        if per_sample {
-            encoder.copy_buffer_to_buffer(&rows, field(ROW_RHO), out.rho, 0, 4 * b);
-        } else {
-            encoder.copy_buffer_to_buffer(&red, RED_RHO_OFFSET, out.rho, 0, 4);
-        }
+        let mut encoder =
+            backend
+                .device()
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("xent"),
+                });
+        encode_passes(&mut encoder, &pipelines, &chunks);
+        encode_copies(&mut encoder, spec, &scratch, out);
         backend.queue().submit([encoder.finish()]);
         Ok(())
     })
+}
+
+/// The compute pass: scale, forward per chunk, reduce, then grad per chunk.
+fn encode_passes(encoder: &mut wgpu::CommandEncoder, pipelines: &Pipelines, chunks: &[Chunk]) {
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("xent"),
+        timestamp_writes: None,
+    });
+    if let Some(scale) = &pipelines.scale {
+        // Reads only the whole-buffer bindings, which every chunk's group holds.
+        pass.set_pipeline(scale);
+        pass.set_bind_group(0, &chunks[0].bind_group, &[]);
+        pass.dispatch_workgroups(1, 1, 1);
+    }
+    pass.set_pipeline(&pipelines.forward);
+    for chunk in chunks {
+        let (x, y) = chunk.forward_grid;
+        pass.set_bind_group(0, &chunk.bind_group, &[]);
+        pass.dispatch_workgroups(x, y, 1);
+    }
+    // Reads only the whole-buffer bindings, which every chunk's group holds.
+    pass.set_pipeline(&pipelines.reduce);
+    pass.set_bind_group(0, &chunks[0].bind_group, &[]);
+    pass.dispatch_workgroups(1, 1, 1);
+    if let Some(grad) = &pipelines.grad {
+        pass.set_pipeline(grad);
+        for chunk in chunks {
+            let (x, y) = chunk.grad_grid;
+            pass.set_bind_group(0, &chunk.bind_group, &[]);
+            pass.dispatch_workgroups(x, y, 1);
+        }
+    }
+}
+
+/// Copies the per-row fields of the scratch and the reduced values into the outputs.
+fn encode_copies(
+    encoder: &mut wgpu::CommandEncoder,
+    spec: &XentSpec,
+    scratch: &Scratch,
+    out: &XentBuffers<'_>,
+) {
+    let b = spec.batch as u64;
+    let (rows, red) = (&scratch.rows, &scratch.red);
+    let field = |f: u64| f * 4 * b;
+    for (dst, f) in [
+        (out.loss_per_row, ROW_LOSS),
+        (out.lse, ROW_LSE),
+        (out.entropy, ROW_ENTROPY),
+        (out.max, ROW_MAX),
+        (out.min, ROW_MIN),
+        (out.top2_gap, ROW_GAP),
+        (out.delta, ROW_DELTA),
+    ] {
+        encoder.copy_buffer_to_buffer(rows, field(f), dst, 0, 4 * b);
+    }
+    encoder.copy_buffer_to_buffer(rows, field(ROW_ARGMAX), out.argmax, 0, 8 * b);
+    encoder.copy_buffer_to_buffer(red, RED_LOSS_OFFSET, out.loss, 0, 4);
+    encoder.copy_buffer_to_buffer(red, RED_STATUS_OFFSET, out.status, 0, 4);
+    if spec.options.radius.reduce == RhoReduce::PerSample {
+        encoder.copy_buffer_to_buffer(rows, field(ROW_RHO), out.rho, 0, 4 * b);
+    } else {
+        encoder.copy_buffer_to_buffer(red, RED_RHO_OFFSET, out.rho, 0, 4);
+    }
 }
 
 // Fields of the directional scratch `rows` buffer (field f of row i is word f * B + i;
@@ -979,9 +1069,6 @@ pub fn directional_raw(
         exp_floor: 0.0,
     };
 
-    fn whole(buffer: &wgpu::Buffer, bytes: u64) -> (&wgpu::Buffer, u64, u64) {
-        (buffer, 0, padded_size(bytes))
-    }
     let mut chunks = Vec::new();
     let mut row0 = 0;
     while row0 < b {
@@ -1007,24 +1094,24 @@ pub fn directional_raw(
         let z_binding = if v == 2 {
             (logits, z_window.offset, z_window.size)
         } else {
-            whole(&unused, 16)
+            prefix(&unused, 16)
         };
         let a4_binding = if vec_bytes > 0 {
             (derivatives, a_window.offset, vec_bytes)
         } else {
-            whole(&unused, 16)
+            prefix(&unused, 16)
         };
         let bind_group = backend.bind_group(
             ShaderSource::Xent,
             &[
-                whole(&uniform, std::mem::size_of::<Params>() as u64),
+                prefix(&uniform, std::mem::size_of::<Params>() as u64),
                 (derivatives, a_window.offset, a_window.size),
-                whole(&unused, 16),
+                prefix(&unused, 16),
                 z_binding,
-                whole(&unused, 16),
-                whole(&rows, rows_bytes),
-                whole(&red, DIR_RED_BYTES),
-                whole(&unused_grad, 16),
+                prefix(&unused, 16),
+                prefix(&rows, rows_bytes),
+                prefix(&red, DIR_RED_BYTES),
+                prefix(&unused_grad, 16),
                 a4_binding,
             ],
         )?;
