@@ -391,18 +391,9 @@ fn reduction_code(reduction: Reduction) -> i32 {
     }
 }
 
-/// Runs xent on `stream` over the caller's device memory, writing `out`; no
-/// copy, no allocation, no synchronisation (the results are ready when the
-/// stream reaches this point). `spec` is trusted for semantics (build it with
-/// `ops::xent::validate` or equivalently), but every buffer's size and
-/// alignment is checked against it, so a wrong spec gives an error, never an
-/// out-of-bounds access.
-pub fn xent_raw(
-    stream: &Arc<CudaStream>,
-    spec: &XentSpec,
-    inputs: &XentInputs<'_>,
-    out: &mut XentBuffers,
-) -> Result<()> {
+/// Checks the shape and dtypes of `spec` against what the kernels take; the
+/// logits' span in elements ((B - 1) * stride + V).
+fn check_spec(spec: &XentSpec) -> Result<usize> {
     let (b, v) = (spec.batch, spec.classes);
     if b == 0 || v == 0 || v > spec.row_stride {
         return Err(Error::Shape(format!(
@@ -417,34 +408,53 @@ pub fn xent_raw(
             "the CUDA xent kernels take up to 2^31 - 1 classes, got V = {v}"
         )));
     }
-    let elem = spec.dtype.size();
-    let (fwd_name, cluster_name) = fwd_kernels(spec.dtype)?;
+    fwd_kernels(spec.dtype)?;
     if spec.grad_dtype != spec.dtype && spec.grad_dtype != DType::F32 {
         return Err(Error::DType(format!(
             "grad dtype must be {} or f32, got {}",
             spec.dtype, spec.grad_dtype
         )));
     }
-    let row_span = (b - 1)
+    if let TargetKind::Soft(q_dtype) = spec.targets {
+        if q_dtype != spec.dtype && q_dtype != DType::F32 {
+            return Err(Error::DType(format!(
+                "soft targets must be {} or f32, got {q_dtype}",
+                spec.dtype
+            )));
+        }
+    }
+    (b - 1)
         .checked_mul(spec.row_stride)
         .and_then(|n| n.checked_add(v))
-        .ok_or_else(|| Error::Shape("logits span overflows usize".into()))?;
-    let per_row = bytes(b, 4, "per-row outputs")?;
+        .ok_or_else(|| Error::Shape("logits span overflows usize".into()))
+}
 
-    let kernels = kernels(stream.context())?;
-    let fwd = kernels.function(KernelSource::Xent, fwd_name)?;
-    let reduce = kernels.function(KernelSource::Xent, "xent_reduce")?;
+/// B * V, the elements of a dense soft-target or grad matrix.
+fn dense_elements(spec: &XentSpec) -> Result<usize> {
+    spec.batch
+        .checked_mul(spec.classes)
+        .ok_or_else(|| Error::Shape("B * V overflows usize".into()))
+}
 
-    let mut p = Pointers {
-        stream,
-        guards: Vec::new(),
-    };
-    let logits = p.read(
-        &inputs.logits,
-        bytes(row_span, elem, "logits")?,
-        elem,
-        "logits",
-    )?;
+/// Device addresses of the inputs, each checked to cover what the kernels
+/// read (0 for an absent one).
+struct InputPtrs {
+    logits: u64,
+    labels: u64,
+    soft: u64,
+    soft_f32: bool,
+    weights: u64,
+}
+
+fn read_inputs<'a>(
+    p: &mut Pointers<'a>,
+    spec: &XentSpec,
+    inputs: &'a XentInputs<'_>,
+) -> Result<InputPtrs> {
+    let (b, v) = (spec.batch, spec.classes);
+    let elem = spec.dtype.size();
+    let span = check_spec(spec)?;
+    let logits = p.read(&inputs.logits, bytes(span, elem, "logits")?, elem, "logits")?;
     let (labels, soft, soft_f32) = match (&inputs.targets, spec.targets) {
         (XentTargets::Classes(y), TargetKind::Classes) => (
             p.read(y, bytes(b, 8, "targets")?, 8, "class targets")?,
@@ -452,22 +462,9 @@ pub fn xent_raw(
             false,
         ),
         (XentTargets::Soft(q), TargetKind::Soft(q_dtype)) => {
-            if q_dtype != spec.dtype && q_dtype != DType::F32 {
-                return Err(Error::DType(format!(
-                    "soft targets must be {} or f32, got {q_dtype}",
-                    spec.dtype
-                )));
-            }
-            let elements = b
-                .checked_mul(v)
-                .ok_or_else(|| Error::Shape("B * V overflows usize".into()))?;
             let size = q_dtype.size();
-            let ptr = p.read(
-                q,
-                bytes(elements, size, "soft targets")?,
-                size,
-                "soft targets",
-            )?;
+            let need = bytes(dense_elements(spec)?, size, "soft targets")?;
+            let ptr = p.read(q, need, size, "soft targets")?;
             (0, ptr, q_dtype == DType::F32)
         }
         _ => {
@@ -485,7 +482,43 @@ pub fn xent_raw(
             ))
         }
     };
+    Ok(InputPtrs {
+        logits,
+        labels,
+        soft,
+        soft_f32,
+        weights,
+    })
+}
 
+/// Device addresses of the outputs and scratch, each checked to hold what
+/// the kernels write (grad 0 without `options.grad`).
+struct OutputPtrs {
+    loss: u64,
+    loss_row: u64,
+    lse: u64,
+    entropy: u64,
+    argmax: u64,
+    max: u64,
+    min: u64,
+    top2_gap: u64,
+    delta: u64,
+    rho: u64,
+    row_weight: u64,
+    scale: u64,
+    status: u64,
+    grad: u64,
+}
+
+/// Zeroes the status word on `stream` (`p`'s), then takes every output's address.
+fn write_outputs<'a>(
+    stream: &Arc<CudaStream>,
+    p: &mut Pointers<'a>,
+    spec: &XentSpec,
+    out: &'a mut XentBuffers,
+) -> Result<OutputPtrs> {
+    let b = spec.batch;
+    let per_row = bytes(b, 4, "per-row outputs")?;
     let XentBuffers {
         loss,
         loss_per_row,
@@ -507,153 +540,188 @@ pub fn xent_raw(
     stream
         .memset_zeros(status)
         .map_err(driver_error("cuMemsetD8Async (xent status)"))?;
-    let rho_count = rho_len(spec);
-    let loss_ptr = p.write(loss, 4, 4, "loss")?;
-    let loss_row_ptr = p.write(loss_per_row, per_row, 4, "loss_per_row")?;
-    let lse_ptr = p.write(lse, per_row, 4, "lse")?;
-    let entropy_ptr = p.write(entropy, per_row, 4, "entropy")?;
-    let argmax_ptr = p.write(argmax, bytes(b, 8, "argmax")?, 8, "argmax")?;
-    let max_ptr = p.write(max, per_row, 4, "max")?;
-    let min_ptr = p.write(min, per_row, 4, "min")?;
-    let top2_ptr = p.write(top2_gap, per_row, 4, "top2_gap")?;
-    let delta_ptr = p.write(delta, per_row, 4, "delta")?;
-    let rho_ptr = p.write(rho, bytes(rho_count, 4, "rho")?, 4, "rho")?;
-    let row_weight_ptr = p.write(row_weight, per_row, 4, "row weight scratch")?;
-    let scale_ptr = p.write(scale, 8, 8, "scale scratch")?;
-    let status_ptr = p.write(status, 8, 8, "status word")?;
+    let grad = match (spec.options.grad, grad.as_mut()) {
+        (false, _) => 0,
+        (true, Some(grad)) => {
+            let size = spec.grad_dtype.size();
+            let need = bytes(dense_elements(spec)?, size, "grad")?;
+            p.write(grad, need, size, "grad")?
+        }
+        (true, None) => {
+            return Err(Error::Shape(
+                "options.grad is set but the buffers hold no grad".into(),
+            ))
+        }
+    };
+    Ok(OutputPtrs {
+        loss: p.write(loss, 4, 4, "loss")?,
+        loss_row: p.write(loss_per_row, per_row, 4, "loss_per_row")?,
+        lse: p.write(lse, per_row, 4, "lse")?,
+        entropy: p.write(entropy, per_row, 4, "entropy")?,
+        argmax: p.write(argmax, bytes(b, 8, "argmax")?, 8, "argmax")?,
+        max: p.write(max, per_row, 4, "max")?,
+        min: p.write(min, per_row, 4, "min")?,
+        top2_gap: p.write(top2_gap, per_row, 4, "top2_gap")?,
+        delta: p.write(delta, per_row, 4, "delta")?,
+        rho: p.write(rho, bytes(rho_len(spec), 4, "rho")?, 4, "rho")?,
+        row_weight: p.write(row_weight, per_row, 4, "row weight scratch")?,
+        scale: p.write(scale, 8, 8, "scale scratch")?,
+        status: p.write(status, 8, 8, "status word")?,
+        grad,
+    })
+}
 
+/// Launches `xent_scale`: the grad's reduction scale, from the targets alone.
+fn launch_scale(
+    stream: &Arc<CudaStream>,
+    kernels: &Kernels,
+    spec: &XentSpec,
+    inputs: &InputPtrs,
+    outputs: &OutputPtrs,
+) -> Result<()> {
+    let o = &spec.options;
+    let scale_fn = kernels.function(KernelSource::Xent, "xent_scale")?;
+    let scale_args = XentScaleArgs {
+        labels: inputs.labels,
+        weights: inputs.weights,
+        scale: outputs.scale,
+        batch: as_i64(spec.batch, "B")?,
+        classes: as_i64(spec.classes, "V")?,
+        ignore_index: o.ignore_index,
+        reduction: reduction_code(o.reduction),
+        pad: 0,
+    };
+    let cfg = kernels.single_block_config("xent_scale", &scale_fn)?;
+    // SAFETY: the argument block matches xent_scale's parameter. It reads
+    // B labels (checked by read_inputs; null for soft targets) and, for
+    // labels in [0, V) only (out-of-range labels are never used as an
+    // index), the V class weights (checked; null when unweighted), and
+    // writes the one f64 of scale (checked by write_outputs). One block,
+    // checked against the limits.
+    unsafe {
+        stream
+            .launch_builder(&scale_fn)
+            .arg(&scale_args)
+            .launch(cfg)
+    }
+    .map_err(driver_error("xent_scale"))?;
+    Ok(())
+}
+
+/// The row kernels' argument block for `spec` over checked addresses.
+fn fwd_args(spec: &XentSpec, inputs: &InputPtrs, outputs: &OutputPtrs) -> Result<XentFwdArgs> {
     let o = &spec.options;
     let r = &o.radius;
     let per_sample = r.reduce == RhoReduce::PerSample;
-    let batch = as_i64(b, "B")?;
-    let classes = as_i64(v, "V")?;
-    let row_stride = as_i64(spec.row_stride, "row stride")?;
-    // Rounded once here in f64, so the kernels see the f32 nearest to the
-    // reference's (1 - eps), eps / V and log2(e) / T.
-    let one_minus_eps = (1.0 - o.label_smoothing) as f32;
-    let eps_per_class = (o.label_smoothing / v as f64) as f32;
-    // Exponent arguments are (z - m) * lt: validation keeps lt a normal f32, so no
-    // 0 * inf appears.
-    let lt = (std::f64::consts::LOG2_E / o.temperature) as f32;
-
-    let grad_ptr = if o.grad {
-        let Some(grad) = grad.as_mut() else {
-            return Err(Error::Shape(
-                "options.grad is set but the buffers hold no grad".into(),
-            ));
-        };
-        let elements = b
-            .checked_mul(v)
-            .ok_or_else(|| Error::Shape("B * V overflows usize".into()))?;
-        let grad_size = spec.grad_dtype.size();
-        let grad_ptr = p.write(grad, bytes(elements, grad_size, "grad")?, grad_size, "grad")?;
-
-        let scale_fn = kernels.function(KernelSource::Xent, "xent_scale")?;
-        let scale_args = XentScaleArgs {
-            labels,
-            weights,
-            scale: scale_ptr,
-            batch,
-            classes,
-            ignore_index: o.ignore_index,
-            reduction: reduction_code(o.reduction),
-            pad: 0,
-        };
-        let cfg = kernels.single_block_config("xent_scale", &scale_fn)?;
-        // SAFETY: the argument block matches xent_scale's parameter. It reads
-        // B labels (checked above; null for soft targets) and, for labels in
-        // [0, V) only (out-of-range labels are never used as an index), the V class weights (checked; null when unweighted),
-        // and writes the one f64 of scale (checked). One block, checked
-        // against the limits.
-        unsafe {
-            stream
-                .launch_builder(&scale_fn)
-                .arg(&scale_args)
-                .launch(cfg)
-        }
-        .map_err(driver_error("xent_scale"))?;
-        grad_ptr
-    } else {
-        0
-    };
-
-    let fwd_args = XentFwdArgs {
-        logits,
-        labels,
-        soft,
-        weights,
-        loss_row: loss_row_ptr,
-        lse: lse_ptr,
-        entropy: entropy_ptr,
-        max: max_ptr,
-        min: min_ptr,
-        top2_gap: top2_ptr,
-        delta: delta_ptr,
-        argmax: argmax_ptr,
-        row_weight: row_weight_ptr,
-        rho: if per_sample { rho_ptr } else { 0 },
-        scale: if o.grad { scale_ptr } else { 0 },
-        grad: grad_ptr,
-        status: status_ptr,
-        batch,
-        classes,
-        row_stride,
+    Ok(XentFwdArgs {
+        logits: inputs.logits,
+        labels: inputs.labels,
+        soft: inputs.soft,
+        weights: inputs.weights,
+        loss_row: outputs.loss_row,
+        lse: outputs.lse,
+        entropy: outputs.entropy,
+        max: outputs.max,
+        min: outputs.min,
+        top2_gap: outputs.top2_gap,
+        delta: outputs.delta,
+        argmax: outputs.argmax,
+        row_weight: outputs.row_weight,
+        rho: if per_sample { outputs.rho } else { 0 },
+        scale: if o.grad { outputs.scale } else { 0 },
+        grad: outputs.grad,
+        status: outputs.status,
+        batch: as_i64(spec.batch, "B")?,
+        classes: as_i64(spec.classes, "V")?,
+        row_stride: as_i64(spec.row_stride, "row stride")?,
         ignore_index: o.ignore_index,
         rho_eps: r.eps,
         rho_cap: r.cap.unwrap_or(0.0),
         rho_floor: r.floor.unwrap_or(0.0),
         temperature_f64: o.temperature,
         temperature: o.temperature as f32,
-        lt,
-        one_minus_eps,
-        eps_per_class,
+        // Exponent arguments are (z - m) * lt: validation keeps lt a normal
+        // f32, so no 0 * inf appears. lt, 1 - eps and eps / V are rounded once
+        // here in f64, so the kernels see the f32 nearest to the reference's.
+        lt: (std::f64::consts::LOG2_E / o.temperature) as f32,
+        one_minus_eps: (1.0 - o.label_smoothing) as f32,
+        eps_per_class: (o.label_smoothing / spec.classes as f64) as f32,
         z_loss: o.z_loss as f32,
-        soft_f32: i32::from(soft_f32),
+        soft_f32: i32::from(inputs.soft_f32),
         gap_top2: i32::from(r.gap == Gap::Top2),
         rho_per_sample: i32::from(per_sample),
         rho_inf_if_small: i32::from(r.inf_if_small),
         has_cap: i32::from(r.cap.is_some()),
         has_floor: i32::from(r.floor.is_some()),
         grad_f32: i32::from(o.grad && spec.grad_dtype == DType::F32),
-    };
-    let cluster = match cluster_shape(&kernels, spec) {
+    })
+}
+
+/// Launches the row kernel: the cluster one where `cluster_shape` gives a
+/// shape and the device can run it, else the block one.
+fn launch_rows(
+    stream: &Arc<CudaStream>,
+    kernels: &Kernels,
+    spec: &XentSpec,
+    args: &XentFwdArgs,
+) -> Result<()> {
+    let (fwd_name, cluster_name) = fwd_kernels(spec.dtype)?;
+    let cluster = match cluster_shape(kernels, spec) {
         Some(shape) => {
             let f = kernels.function(KernelSource::Xent, cluster_name)?;
             kernels
-                .cluster_config(cluster_name, &f, stream, b, shape)?
+                .cluster_config(cluster_name, &f, stream, spec.batch, shape)?
                 .map(|cfg| (f, cfg))
         }
         None => None,
     };
     // Both launches: the argument block matches the row kernels'
-    // parameter (see the DeviceRepr impl). Every pointer was checked above to
-    // be aligned and to cover what the kernel touches for this spec: logits
+    // parameter (see the DeviceRepr impl), and fwd_args filled it from
+    // read_inputs and write_outputs, which checked every pointer to be
+    // aligned and to cover what the kernel touches for this spec: logits
     // (B-1)*stride + V elements, targets B labels or B*V soft values, weights
     // V, every per-row output B elements, rho B (per-sample; else null and
     // unused), scale one f64 and grad B*V elements of grad_dtype written
     // densely with row stride V (both null without options.grad), status one
     // u64 (atomicMax). Labels are bounds-checked in the kernel before
     // indexing. The block kernel's grid and block were checked against the
-    // device and function limits by row_config; the cluster kernel's by
+    // device and function limits by row_config (through fwd_config); the cluster kernel's by
     // cluster_config, which also opted the function into the dynamic shared
     // memory cluster_shape sized for V (the kernel's slice never exceeds it).
     if let Some((f, cfg)) = cluster {
         // SAFETY: see above.
-        unsafe { cfg.launch(stream, &f, &fwd_args) }.map_err(driver_error(cluster_name))?;
+        unsafe { cfg.launch(stream, &f, args) }.map_err(driver_error(cluster_name))
     } else {
-        let cfg = fwd_config(&kernels, fwd_name, &fwd, spec)?;
+        let fwd = kernels.function(KernelSource::Xent, fwd_name)?;
+        let cfg = fwd_config(kernels, fwd_name, &fwd, spec)?;
         // SAFETY: see above.
-        unsafe { stream.launch_builder(&fwd).arg(&fwd_args).launch(cfg) }
-            .map_err(driver_error(fwd_name))?;
+        unsafe { stream.launch_builder(&fwd).arg(args).launch(cfg) }
+            .map_err(driver_error(fwd_name))
+            .map(drop)
     }
+}
 
+/// Launches `xent_reduce`: the reduced loss and, unless per-sample, rho.
+fn launch_reduce(
+    stream: &Arc<CudaStream>,
+    kernels: &Kernels,
+    spec: &XentSpec,
+    outputs: &OutputPtrs,
+) -> Result<()> {
+    let o = &spec.options;
+    let r = &o.radius;
+    let reduce = kernels.function(KernelSource::Xent, "xent_reduce")?;
     let reduce_args = XentReduceArgs {
-        loss_row: loss_row_ptr,
-        row_weight: row_weight_ptr,
-        delta: delta_ptr,
-        loss: loss_ptr,
-        rho: if per_sample { 0 } else { rho_ptr },
-        batch,
+        loss_row: outputs.loss_row,
+        row_weight: outputs.row_weight,
+        delta: outputs.delta,
+        loss: outputs.loss,
+        rho: if r.reduce == RhoReduce::PerSample {
+            0
+        } else {
+            outputs.rho
+        },
+        batch: as_i64(spec.batch, "B")?,
         rho_eps: r.eps,
         rho_cap: r.cap.unwrap_or(0.0),
         rho_floor: r.floor.unwrap_or(0.0),
@@ -666,11 +734,39 @@ pub fn xent_raw(
     };
     let cfg = kernels.single_block_config("xent_reduce", &reduce)?;
     // SAFETY: the argument block matches xent_reduce's parameter. It reads B
-    // elements of the per-row buffers (checked to hold B f32) and writes one
-    // f32 loss and one f32 rho (when not per-sample; else null), both checked
-    // above. One block, checked against the limits.
+    // elements of the per-row buffers (checked by write_outputs to hold B
+    // f32) and writes one f32 loss and one f32 rho (when not per-sample; else
+    // null), both checked there. One block, checked against the limits.
     unsafe { stream.launch_builder(&reduce).arg(&reduce_args).launch(cfg) }
         .map_err(driver_error("xent_reduce"))?;
+    Ok(())
+}
+
+/// Runs xent on `stream` over the caller's device memory, writing `out`; no
+/// copy, no allocation, no synchronisation (the results are ready when the
+/// stream reaches this point). `spec` is trusted for semantics (build it with
+/// `ops::xent::validate` or equivalently), but every buffer's size and
+/// alignment is checked against it, so a wrong spec gives an error, never an
+/// out-of-bounds access.
+pub fn xent_raw(
+    stream: &Arc<CudaStream>,
+    spec: &XentSpec,
+    inputs: &XentInputs<'_>,
+    out: &mut XentBuffers,
+) -> Result<()> {
+    let kernels = kernels(stream.context())?;
+    let mut p = Pointers {
+        stream,
+        guards: Vec::new(),
+    };
+    let input_ptrs = read_inputs(&mut p, spec, inputs)?;
+    let output_ptrs = write_outputs(stream, &mut p, spec, out)?;
+    if spec.options.grad {
+        launch_scale(stream, &kernels, spec, &input_ptrs, &output_ptrs)?;
+    }
+    let args = fwd_args(spec, &input_ptrs, &output_ptrs)?;
+    launch_rows(stream, &kernels, spec, &args)?;
+    launch_reduce(stream, &kernels, spec, &output_ptrs)?;
     drop(p);
     Ok(())
 }
