@@ -55,12 +55,10 @@ impl std::fmt::Display for Op {
 }
 
 impl Backend {
-    /// Whether this backend has a kernel for `op`. The CPU runs every op.
+    /// Whether this backend has a kernel for `op`. The CPU and CUDA run every op.
     pub fn supports(self, op: Op) -> bool {
         match self {
-            Backend::Cpu => true,
-            // CUDA's ensemble kernels have not yet passed the data-error tests on a GPU.
-            Backend::Cuda => !matches!(op, Op::EnsembleForward | Op::EnsembleLandscape),
+            Backend::Cpu | Backend::Cuda => true,
             Backend::Wgpu => matches!(
                 op,
                 Op::Xent
