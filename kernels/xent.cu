@@ -1283,7 +1283,10 @@ __device__ __forceinline__ void xent_cluster_kernel(const XentFwdArgs& a) {
                              (int)lk_cluster_rank(), (int)lk_cluster_size());
         }
     }
-    __syncthreads();
+    // A cluster barrier, not a block one: the first row's partials are pushed
+    // into every peer's shared memory, which is only safe once every CTA of
+    // the cluster has started (racecheck flagged the block barrier).
+    lk_cluster_sync();
     XentClusterRows<T, TG> rows{a, slots, xent_slab, 0u};
     xent_rows<T, TG>(a, rows);
     // No CTA leaves while a peer may still read its slots.

@@ -349,20 +349,30 @@ const CLUSTER_SLICE_BYTES: usize = 24 << 10;
 /// Rows shorter than this stay with the block kernel: a block's own loads
 /// (16 KiB in flight per 1024 threads) already cover them.
 const CLUSTER_MIN_ROW_BYTES: usize = 32 << 10;
+/// The cluster kernel runs only when B * this is at most the multiprocessor
+/// count: the block kernel then keeps under a quarter of them busy, while
+/// the cluster kernel spreads each row over up to 16. With more rows the
+/// block kernel is faster (BENCHMARKS.md: on the H200 the cluster kernel
+/// took 3.33 ms against 1.68 at bf16 8192x128256 and 0.038 against 0.034 at
+/// 64x131072, but 0.022 against 0.053 at 8x262144).
+const CLUSTER_MAX_BATCH_SHARE: usize = 4;
 /// The largest cluster (kXentClusterMax; beyond the portable 8, sm_90 allows 16).
 const CLUSTER_MAX_SIZE: usize = 16;
 /// The most shared memory the two slice buffers of a CTA may take.
 const CLUSTER_MAX_SHARED: usize = 200 << 10;
 
 /// The cluster kernel's shape for `spec`, or None where the block kernel
-/// runs (no clusters on the device, rows under 32 KiB, or rows whose 16
-/// slices would not fit in shared memory). It depends on V and the dtype
-/// alone, so a row's reductions, hence its bits, do not change with B or
-/// with the grad.
+/// runs (no clusters on the device, rows under 32 KiB, more rows than
+/// CLUSTER_MAX_BATCH_SHARE allows, or rows whose 16 slices would not fit in
+/// shared memory). It depends on V, the dtype and B, never on the grad, so
+/// the forward outputs do not change when the grad is asked for; a row's
+/// bits may change with B across that threshold.
 fn cluster_shape(kernels: &Kernels, spec: &XentSpec) -> Option<ClusterShape> {
     let elem = spec.dtype.size();
     let row_bytes = spec.classes.checked_mul(elem)?;
-    if !kernels.has_clusters() || row_bytes < CLUSTER_MIN_ROW_BYTES {
+    let many_rows =
+        spec.batch.saturating_mul(CLUSTER_MAX_BATCH_SHARE) > kernels.multiprocessors() as usize;
+    if !kernels.has_clusters() || row_bytes < CLUSTER_MIN_ROW_BYTES || many_rows {
         return None;
     }
     let size = row_bytes

@@ -178,8 +178,8 @@ fn xent_handles_the_extreme_shapes() {
         tall.options.grad = true;
         tall.options.radius.reduce = RhoReduce::PerSample;
         assert_matches_reference(&tall, &device);
-        // Long rows, more of them than a GPU holds at once (CUDA's cluster
-        // kernel walks several rows per cluster), with an odd row stride so
+        // Long rows, more of them than a GPU holds at once (CUDA's block
+        // kernel walks several rows per block), with an odd row stride so
         // the rows' unaligned heads differ from row to row.
         let mut many = XentCase::new(1100, 16_411, DType::F16, 94);
         many.row_stride = 16_413;
