@@ -116,8 +116,9 @@ def main():
     if binary is None:
         sys.exit("no losskern CLI: cargo build --release first, or set LOSSKERN_BIN")
     rng = np.random.default_rng(0)
-    threads = os.cpu_count()
-    print(f"CPU: {threads} cores, numpy {np.__version__}" + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else ", no torch"))
+    # The cores this process may run on (taskset narrows them), as rayon and torch see them.
+    threads = len(os.sched_getaffinity(0))
+    print(f"CPU: {threads} of {os.cpu_count()} cores, numpy {np.__version__}" + (f", torch {torch.__version__} ({torch.get_num_threads()} threads)" if torch else ", no torch"))
     print(f"{'op':>8} {'shape':>18} {'variant':<24} {'ms':>10} {'GB/s':>7} {'%copy':>7} {'losskern speed-up':>9}")
 
     b, v = (1024, 32000) if quick else (4096, 32000)
