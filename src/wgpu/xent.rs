@@ -983,6 +983,60 @@ pub fn directional_raw(
     out: &DirectionalBuffers<'_>,
 ) -> Result<()> {
     backend.check_kernel_limits(ShaderSource::Xent)?;
+    check_directional_buffers(spec, logits, derivatives, out)?;
+    let b = spec.batch as u64;
+    let v = spec.classes as u64;
+    let elem = spec.dtype.size() as u64;
+    let rows_pipeline = backend.pipeline(&directional_key(spec.dtype)?)?;
+    let reduce = backend.pipeline(&directional_reduce_key())?;
+    let rows_bytes = DIR_ROW_WORDS * 4 * b;
+    backend.check_binding(
+        DIRECTIONAL,
+        "the per-row scratch (12 bytes per row)",
+        rows_bytes,
+    )?;
+    let chunk_rows = directional_chunk_rows(backend, v * elem)?.min(b);
+    let scratch = Scratch::new(backend, "xent directional", rows_bytes, DIR_RED_BYTES)?;
+    let (row_threads, rows_per_workgroup) = row_layout(v);
+    let base = directional_params(spec, row_threads)?;
+    let inputs = DirectionalInputs {
+        logits,
+        derivatives,
+        scratch: &scratch,
+        rows_bytes,
+        elem,
+        rows_per_workgroup,
+    };
+    let mut chunks = Vec::new();
+    let mut row0 = 0;
+    while row0 < b {
+        let row1 = (row0 + chunk_rows).min(b);
+        chunks.push(directional_chunk(
+            backend, spec, &inputs, &base, row0, row1,
+        )?);
+        row0 = row1;
+    }
+    backend.scoped("xent::directional", || {
+        encode_directional(
+            backend,
+            spec,
+            &rows_pipeline,
+            &reduce,
+            &chunks,
+            &scratch,
+            out,
+        );
+        Ok(())
+    })
+}
+
+/// Checks B, V and that every buffer is large enough and usable as the kernels use it.
+fn check_directional_buffers(
+    spec: &DirectionalSpec,
+    logits: &wgpu::Buffer,
+    derivatives: &wgpu::Buffer,
+    out: &DirectionalBuffers<'_>,
+) -> Result<()> {
     let storage = wgpu::BufferUsages::STORAGE;
     let copy_dst = wgpu::BufferUsages::COPY_DST;
     let b = spec.batch as u64;
@@ -992,60 +1046,46 @@ pub fn directional_raw(
             "xent::directional: B = {b}, V = {v} (need B, V >= 1)"
         )));
     }
-    let elem = spec.dtype.size() as u64;
-    let rows_pipeline = backend.pipeline(&directional_key(spec.dtype)?)?;
-    let reduce = backend.pipeline(&directional_reduce_key())?;
     let elements = b
         .checked_mul(v)
         .ok_or_else(|| Error::Shape(format!("xent::directional: [{b}, {v}] overflows u64")))?;
-    let input_bytes = elements.saturating_mul(elem);
+    let input_bytes = elements.saturating_mul(spec.dtype.size() as u64);
     require(logits, "logits", input_bytes, storage)?;
     require(derivatives, "derivatives", input_bytes, storage)?;
     require(out.delta_a, "delta_a", 4 * b, copy_dst)?;
     require(out.rho_a, "rho_a", 4, copy_dst)?;
     require(out.normalized_step, "normalized_step", 4, copy_dst)?;
     match (out.binary_radius, v == 2) {
-        (Some(r), true) => require(r, "binary_radius", 4 * b, copy_dst)?,
-        (None, false) => {}
-        _ => {
-            return Err(Error::Shape(format!(
-                "xent::directional: the binary radius buffer must be given exactly when \
-                 V = 2, got V = {v}"
-            )))
-        }
+        (Some(r), true) => require(r, "binary_radius", 4 * b, copy_dst),
+        (None, false) => Ok(()),
+        _ => Err(Error::Shape(format!(
+            "xent::directional: the binary radius buffer must be given exactly when \
+             V = 2, got V = {v}"
+        ))),
     }
+}
 
-    let rows_bytes = DIR_ROW_WORDS * 4 * b;
-    backend.check_binding(
-        DIRECTIONAL,
-        "the per-row scratch (12 bytes per row)",
-        rows_bytes,
-    )?;
-    // Chunks of rows whose derivatives (and logits) each fit one binding.
+/// Rows per chunk: the rows whose derivatives (and logits) fit one binding.
+fn directional_chunk_rows(backend: &WgpuBackend, row_bytes: u64) -> Result<u64> {
     let limit = backend.binding_limit();
-    let align = backend.storage_alignment();
-    let row_bytes = v * elem;
-    let slack = align + 4;
+    let slack = backend.storage_alignment() + 4;
     if row_bytes + slack > limit {
         return Err(Error::Launch {
             kernel: DIRECTIONAL.into(),
             reason: format!("one row takes {row_bytes} bytes; a binding holds at most {limit}"),
         });
     }
-    let chunk_rows = ((limit - slack) / row_bytes).min(b);
+    Ok((limit - slack) / row_bytes)
+}
 
-    let Scratch {
-        rows,
-        red,
-        unused,
-        unused_grad,
-    } = Scratch::new(backend, "xent directional", rows_bytes, DIR_RED_BYTES)?;
-    let (row_threads, rows_per_workgroup) = row_layout(v);
+/// The uniform block every chunk starts from: the step's factor travels in the fields
+/// the directional entry reads for it (cap, grad_base, flags).
+fn directional_params(spec: &DirectionalSpec, row_threads: u64) -> Result<Params> {
     let (step_mantissa, step_exponent, flags) = step_factor(spec.step);
-    let base = Params {
-        batch: index(b, "B")?,
-        classes: index(v, "V")?,
-        stride: index(v, "V")?,
+    Ok(Params {
+        batch: index(spec.batch as u64, "B")?,
+        classes: index(spec.classes as u64, "V")?,
+        stride: index(spec.classes as u64, "V")?,
         row0: 0,
         rows: 0,
         logits_base: 0,
@@ -1067,89 +1107,122 @@ pub fn directional_raw(
         row_threads: index(row_threads, "row threads")?,
         vec_count: 0,
         exp_floor: 0.0,
-    };
-
-    let mut chunks = Vec::new();
-    let mut row0 = 0;
-    while row0 < b {
-        let row1 = (row0 + chunk_rows).min(b);
-        let a_window = window(row0 * v * elem, row1 * v * elem, align);
-        let z_window = window(row0 * v * elem, row1 * v * elem, align);
-        // The derivatives window again as whole 16-byte units (offsets are 16-byte aligned).
-        let vec_bytes = a_window.size / 16 * 16;
-        let params = Params {
-            vec_count: index(vec_bytes / 16, "16-byte units")?,
-            row0: index(row0, "first row")?,
-            rows: index(row1 - row0, "rows")?,
-            logits_base: index(a_window.skip / elem, "derivatives offset")?,
-            soft_base: index(z_window.skip / elem, "logits offset")?,
-            ..base
-        };
-        let uniform = backend.buffer_with(
-            "xent directional params",
-            bytemuck::bytes_of(&params),
-            wgpu::BufferUsages::UNIFORM,
-        )?;
-        // The logits are read only for the binary radius.
-        let z_binding = if v == 2 {
-            (logits, z_window.offset, z_window.size)
-        } else {
-            prefix(&unused, 16)
-        };
-        let a4_binding = if vec_bytes > 0 {
-            (derivatives, a_window.offset, vec_bytes)
-        } else {
-            prefix(&unused, 16)
-        };
-        let bind_group = backend.bind_group(
-            ShaderSource::Xent,
-            &[
-                prefix(&uniform, std::mem::size_of::<Params>() as u64),
-                (derivatives, a_window.offset, a_window.size),
-                prefix(&unused, 16),
-                z_binding,
-                prefix(&unused, 16),
-                prefix(&rows, rows_bytes),
-                prefix(&red, DIR_RED_BYTES),
-                prefix(&unused_grad, 16),
-                a4_binding,
-            ],
-        )?;
-        let grid = backend.grid(DIRECTIONAL, (row1 - row0).div_ceil(rows_per_workgroup))?;
-        chunks.push((bind_group, grid));
-        row0 = row1;
-    }
-
-    backend.scoped("xent::directional", || {
-        let device = backend.device();
-        let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-            label: Some("xent::directional"),
-        });
-        {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("xent::directional"),
-                timestamp_writes: None,
-            });
-            pass.set_pipeline(&rows_pipeline);
-            for (bind_group, (x, y)) in &chunks {
-                pass.set_bind_group(0, bind_group, &[]);
-                pass.dispatch_workgroups(*x, *y, 1);
-            }
-            // Reads only the whole-buffer bindings, which every chunk's group holds.
-            pass.set_pipeline(&reduce);
-            pass.set_bind_group(0, &chunks[0].0, &[]);
-            pass.dispatch_workgroups(1, 1, 1);
-        }
-        let field = |f: u64| f * 4 * b;
-        encoder.copy_buffer_to_buffer(&rows, field(DIR_DELTA), out.delta_a, 0, 4 * b);
-        if let Some(radius) = out.binary_radius {
-            encoder.copy_buffer_to_buffer(&rows, field(DIR_RADIUS), radius, 0, 4 * b);
-        }
-        encoder.copy_buffer_to_buffer(&red, DIR_RED_RHO_OFFSET, out.rho_a, 0, 4);
-        encoder.copy_buffer_to_buffer(&red, DIR_RED_STEP_OFFSET, out.normalized_step, 0, 4);
-        backend.queue().submit([encoder.finish()]);
-        Ok(())
     })
+}
+
+/// What every chunk of a directional call binds.
+struct DirectionalInputs<'a> {
+    logits: &'a wgpu::Buffer,
+    derivatives: &'a wgpu::Buffer,
+    scratch: &'a Scratch,
+    rows_bytes: u64,
+    elem: u64,
+    rows_per_workgroup: u64,
+}
+
+/// The bind group and grid of rows row0 .. row1.
+fn directional_chunk(
+    backend: &WgpuBackend,
+    spec: &DirectionalSpec,
+    inputs: &DirectionalInputs<'_>,
+    base: &Params,
+    row0: u64,
+    row1: u64,
+) -> Result<(wgpu::BindGroup, (u32, u32))> {
+    let (v, elem) = (spec.classes as u64, inputs.elem);
+    let align = backend.storage_alignment();
+    let Scratch {
+        rows,
+        red,
+        unused,
+        unused_grad,
+    } = inputs.scratch;
+    let span = window(row0 * v * elem, row1 * v * elem, align);
+    // The derivatives window again as whole 16-byte units (offsets are 16-byte aligned).
+    let vec_bytes = span.size / 16 * 16;
+    let params = Params {
+        vec_count: index(vec_bytes / 16, "16-byte units")?,
+        row0: index(row0, "first row")?,
+        rows: index(row1 - row0, "rows")?,
+        logits_base: index(span.skip / elem, "derivatives offset")?,
+        soft_base: index(span.skip / elem, "logits offset")?,
+        ..*base
+    };
+    let uniform = backend.buffer_with(
+        "xent directional params",
+        bytemuck::bytes_of(&params),
+        wgpu::BufferUsages::UNIFORM,
+    )?;
+    // The logits are read only for the binary radius.
+    let z_binding = if v == 2 {
+        (inputs.logits, span.offset, span.size)
+    } else {
+        prefix(unused, 16)
+    };
+    let a4_binding = if vec_bytes > 0 {
+        (inputs.derivatives, span.offset, vec_bytes)
+    } else {
+        prefix(unused, 16)
+    };
+    let bind_group = backend.bind_group(
+        ShaderSource::Xent,
+        &[
+            prefix(&uniform, std::mem::size_of::<Params>() as u64),
+            (inputs.derivatives, span.offset, span.size),
+            prefix(unused, 16),
+            z_binding,
+            prefix(unused, 16),
+            prefix(rows, inputs.rows_bytes),
+            prefix(red, DIR_RED_BYTES),
+            prefix(unused_grad, 16),
+            a4_binding,
+        ],
+    )?;
+    let grid = backend.grid(
+        DIRECTIONAL,
+        (row1 - row0).div_ceil(inputs.rows_per_workgroup),
+    )?;
+    Ok((bind_group, grid))
+}
+
+/// The row passes of every chunk, the reduce pass, the copies out; one submission.
+fn encode_directional(
+    backend: &WgpuBackend,
+    spec: &DirectionalSpec,
+    rows_pipeline: &wgpu::ComputePipeline,
+    reduce: &wgpu::ComputePipeline,
+    chunks: &[(wgpu::BindGroup, (u32, u32))],
+    scratch: &Scratch,
+    out: &DirectionalBuffers<'_>,
+) {
+    let b = spec.batch as u64;
+    let device = backend.device();
+    let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+        label: Some("xent::directional"),
+    });
+    {
+        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some("xent::directional"),
+            timestamp_writes: None,
+        });
+        pass.set_pipeline(rows_pipeline);
+        for (bind_group, (x, y)) in chunks {
+            pass.set_bind_group(0, bind_group, &[]);
+            pass.dispatch_workgroups(*x, *y, 1);
+        }
+        // Reads only the whole-buffer bindings, which every chunk's group holds.
+        pass.set_pipeline(reduce);
+        pass.set_bind_group(0, &chunks[0].0, &[]);
+        pass.dispatch_workgroups(1, 1, 1);
+    }
+    let field = |f: u64| f * 4 * b;
+    encoder.copy_buffer_to_buffer(&scratch.rows, field(DIR_DELTA), out.delta_a, 0, 4 * b);
+    if let Some(radius) = out.binary_radius {
+        encoder.copy_buffer_to_buffer(&scratch.rows, field(DIR_RADIUS), radius, 0, 4 * b);
+    }
+    encoder.copy_buffer_to_buffer(&scratch.red, DIR_RED_RHO_OFFSET, out.rho_a, 0, 4);
+    encoder.copy_buffer_to_buffer(&scratch.red, DIR_RED_STEP_OFFSET, out.normalized_step, 0, 4);
+    backend.queue().submit([encoder.finish()]);
 }
 
 impl XentKernels for WgpuBackend {
