@@ -2,12 +2,18 @@
 //! distances are taken from differences in f32, powered distances are summed in f32
 //! over tiles of [`PAIR_TILE`] columns and the tile sums in f64, in a fixed order. The
 //! second set of every pair sum is held transposed (one row per dimension), so the inner
-//! loops run over [`LANES`] columns at once. Within-set sums take the pairs i < j once
-//! and double them (the diagonal is 0).
+//! loops run over [`LANES`] columns at once, for [`ROW_GROUP`] points of the first set
+//! (or blocks of columns, or dimensions of the gradient) at a time, each its own chain of
+//! adds; tiles start at multiples of [`PAIR_TILE`], so a point's bits do not depend on its
+//! group. Within-set sums take the pairs i < j once and double them (the diagonal is 0).
+//! The pair sums and the distance's gradient run through `run_best` (AVX-512 where the CPU
+//! has it).
 
 use rayon::prelude::*;
 
-use crate::cpu::{lane_sum, map_chunks, scalar, CpuBackend, Floats, CHUNK_ELEMENTS, LANES};
+use crate::cpu::{
+    lane_sum, map_chunks, run_best, scalar, CpuBackend, Floats, Work, CHUNK_ELEMENTS, LANES,
+};
 use crate::device::Tensor;
 use crate::dtype::DType;
 use crate::error::Result;
@@ -21,6 +27,10 @@ use crate::spec::energy::{
 const PAIR_TILE: usize = 4 * LANES;
 /// Rows of the first set per task of a pair sum.
 const ROW_TILE: usize = 64;
+/// Rows of the first set a pair sum takes against each block of columns at once: that
+/// many independent chains of adds per lane (one row alone was a single dependent chain
+/// per block, bound by the add's latency).
+const ROW_GROUP: usize = 8;
 
 /// How ||u||^beta is formed from s = ||u||^2.
 #[derive(Clone, Copy)]
@@ -50,6 +60,26 @@ impl Power {
             Power::Sqrt => s.sqrt(),
             Power::Square => s,
             Power::Other(beta) => f64::from(s).powf(0.5 * beta) as f32,
+        }
+    }
+
+    /// `of` over a lane array, the power chosen once for all the lanes.
+    #[inline(always)]
+    fn of_lanes(self, s: &[f32; LANES]) -> [f32; LANES] {
+        match self {
+            Power::Sqrt => s.map(f32::sqrt),
+            Power::Square => *s,
+            Power::Other(_) => s.map(|v| self.of(v)),
+        }
+    }
+
+    /// `slope` over a lane array, the power chosen once for all the lanes.
+    #[inline(always)]
+    fn slope_lanes(self, s: &[f32; LANES]) -> [f32; LANES] {
+        match self {
+            Power::Sqrt => s.map(|v| if v == 0.0 { 0.0 } else { 1.0 / v.sqrt() }),
+            Power::Square => s.map(|v| if v == 0.0 { 0.0 } else { 2.0 }),
+            Power::Other(_) => s.map(|v| self.slope(v)),
         }
     }
 
@@ -106,15 +136,21 @@ impl Columns {
         }
     }
 
-    /// s_l = ||a - column (block + l)||^2 for the LANES columns from `block`.
+    /// s_r,l = ||a_r - column (block + l)||^2 for the LANES columns from `block` and the
+    /// R points a_r = a[r d .. (r + 1) d]: each sum over the dimensions in order, so a
+    /// point's bits do not depend on R.
     #[inline(always)]
-    fn squares(&self, a: &[f32], block: usize) -> [f32; LANES] {
-        let mut s = [0.0f32; LANES];
-        for (k, &ak) in a.iter().enumerate() {
+    fn squares<const R: usize>(&self, a: &[f32], block: usize) -> [[f32; LANES]; R] {
+        let d = a.len() / R;
+        let mut s = [[0.0f32; LANES]; R];
+        for k in 0..d {
             let column = &self.values[k * self.padded + block..k * self.padded + block + LANES];
-            for l in 0..LANES {
-                let diff = ak - column[l];
-                s[l] += diff * diff;
+            for (r, sr) in s.iter_mut().enumerate() {
+                let ak = a[r * d + k];
+                for l in 0..LANES {
+                    let diff = ak - column[l];
+                    sr[l] += diff * diff;
+                }
             }
         }
         s
@@ -123,46 +159,112 @@ impl Columns {
     /// out_q = sum_j w_j h(||a - b_j||^2) (a_q - b_jq) over the columns in order, h the
     /// power's slope (padding weighs 0): f32 per lane, the lanes summed in a fixed order.
     /// `slopes` is scratch of at least `padded`.
+    #[inline(always)]
     fn slope_sums(&self, a: &[f32], power: Power, slopes: &mut [f32], out: &mut [f32]) {
-        for block in (0..self.padded).step_by(LANES) {
-            let s = self.squares(a, block);
-            for l in 0..LANES {
-                slopes[block + l] = self.weights[block + l] * power.slope(s[l]);
-            }
+        let mut block = 0;
+        while block + ROW_GROUP * LANES <= self.padded {
+            self.block_slopes::<ROW_GROUP>(a, block, power, slopes);
+            block += ROW_GROUP * LANES;
         }
-        let m = self.padded;
-        for (q, o) in out.iter_mut().enumerate() {
-            let column = &self.values[q * m..(q + 1) * m];
-            let mut acc = [0.0f32; LANES];
-            for (cb, hb) in column.chunks_exact(LANES).zip(slopes.chunks_exact(LANES)) {
-                for l in 0..LANES {
-                    acc[l] += hb[l] * (a[q] - cb[l]);
-                }
-            }
-            *o = lane_sum(&acc);
+        for block in (block..self.padded).step_by(LANES) {
+            self.block_slopes::<1>(a, block, power, slopes);
+        }
+        let mut q = 0;
+        while q + ROW_GROUP <= out.len() {
+            let sums = self.column_sums::<ROW_GROUP>(a, q, slopes);
+            out[q..q + ROW_GROUP].copy_from_slice(&sums);
+            q += ROW_GROUP;
+        }
+        for (q, o) in out.iter_mut().enumerate().skip(q) {
+            [*o] = self.column_sums::<1>(a, q, slopes);
         }
     }
 
-    /// sum over columns j >= `from` of w_j ||a - b_j||^beta: f32 per tile, f64 across.
-    fn weighted_sum(&self, a: &[f32], from: usize, power: Power) -> f64 {
-        let mut total = 0.0f64;
-        let first_block = from / LANES * LANES;
-        for tile in (first_block..self.padded).step_by(PAIR_TILE) {
-            let mut acc = [0.0f32; LANES];
-            for block in (tile..(tile + PAIR_TILE).min(self.padded)).step_by(LANES) {
-                let s = self.squares(a, block);
+    /// slopes_j = w_j h(||a - b_j||^2) for the C blocks of LANES columns from `block`,
+    /// each block's sums its own chain (its bits do not depend on C).
+    #[inline(always)]
+    fn block_slopes<const C: usize>(
+        &self,
+        a: &[f32],
+        block: usize,
+        power: Power,
+        slopes: &mut [f32],
+    ) {
+        let mut s = [[0.0f32; LANES]; C];
+        for (k, &ak) in a.iter().enumerate() {
+            let at = k * self.padded + block;
+            for (c, sc) in s.iter_mut().enumerate() {
+                let column = &self.values[at + c * LANES..at + (c + 1) * LANES];
                 for l in 0..LANES {
-                    // Columns before `from` in the first block, and the padding, are
-                    // masked, not weighted by 0: an infinite distance to a padding column
-                    // (a point with an infinite coordinate) must not turn the sum to NaN,
-                    // as the GPU kernels mask too.
-                    let column = block + l;
-                    if column >= from && column < self.len {
-                        acc[l] += self.weights[column] * power.of(s[l]);
+                    let diff = ak - column[l];
+                    sc[l] += diff * diff;
+                }
+            }
+        }
+        for (c, sc) in s.iter().enumerate() {
+            let from = block + c * LANES;
+            let h = power.slope_lanes(sc);
+            let weights = &self.weights[from..from + LANES];
+            for ((slope, &w), &hl) in slopes[from..from + LANES].iter_mut().zip(weights).zip(&h) {
+                *slope = w * hl;
+            }
+        }
+    }
+
+    /// out_q = sum_j slopes_j (a_q - b_jq) for the Q dimensions from q0, over the columns
+    /// in order (f32 per lane, the lanes summed in a fixed order), each its own chain.
+    #[inline(always)]
+    fn column_sums<const Q: usize>(&self, a: &[f32], q0: usize, slopes: &[f32]) -> [f32; Q] {
+        let m = self.padded;
+        let mut acc = [[0.0f32; LANES]; Q];
+        for block in (0..m).step_by(LANES) {
+            let hb = &slopes[block..block + LANES];
+            for (dq, accq) in acc.iter_mut().enumerate() {
+                let q = q0 + dq;
+                let cb = &self.values[q * m + block..q * m + block + LANES];
+                for l in 0..LANES {
+                    accq[l] += hb[l] * (a[q] - cb[l]);
+                }
+            }
+        }
+        acc.map(|lanes| lane_sum(&lanes))
+    }
+
+    /// sum over columns j >= `from` of w_j ||a - b_j||^beta: f32 per tile, f64 across.
+    #[inline(always)]
+    fn weighted_sum(&self, a: &[f32], from: usize, power: Power) -> f64 {
+        let [total] = self.weighted_sums::<1>(a, [from], power);
+        total
+    }
+
+    /// weighted_sum for the R points a_r = a[r d .. (r + 1) d], point r from column
+    /// from[r]. Tiles start at multiples of PAIR_TILE, whatever `from`, so a point's tile
+    /// sums, hence its bits, do not depend on R or on the points beside it.
+    #[inline(always)]
+    fn weighted_sums<const R: usize>(&self, a: &[f32], from: [usize; R], power: Power) -> [f64; R] {
+        let mut total = [0.0f64; R];
+        let first = from.iter().copied().min().unwrap_or(0) / PAIR_TILE * PAIR_TILE;
+        for tile in (first..self.padded).step_by(PAIR_TILE) {
+            let mut acc = [[0.0f32; LANES]; R];
+            for block in (tile..(tile + PAIR_TILE).min(self.padded)).step_by(LANES) {
+                let s = self.squares::<R>(a, block);
+                let weights = &self.weights[block..block + LANES];
+                for ((accr, sr), &fr) in acc.iter_mut().zip(&s).zip(&from) {
+                    let powered = power.of_lanes(sr);
+                    for l in 0..LANES {
+                        // Columns before `from`, and the padding, add an exact 0, not a
+                        // 0 weight times their term: an infinite distance to a padding
+                        // column (a point with an infinite coordinate) must not turn the
+                        // sum to NaN, as the GPU kernels mask too.
+                        let column = block + l;
+                        let kept = column >= fr && column < self.len;
+                        accr[l] += if kept { weights[l] * powered[l] } else { 0.0 };
                     }
                 }
             }
-            total += f64::from(lane_sum(&acc));
+            for (t, accr) in total.iter_mut().zip(&acc) {
+                *t += f64::from(lane_sum(accr));
+            }
         }
         total
     }
@@ -179,21 +281,62 @@ fn pair_sum(
     same: bool,
     power: Power,
 ) -> f64 {
-    let tiles = map_chunks(rows, ROW_TILE, |task| {
-        let mut row = vec![0.0f32; d];
-        let mut total = 0.0f64;
-        for i in task {
-            let from = if same { i + 1 } else { 0 };
-            if from >= b.len {
-                continue;
-            }
-            let p = a.read(i * d, &mut row);
-            let wi = wa.map_or(1.0, |w| f64::from(w[i]));
-            total += wi * b.weighted_sum(p, from, power);
-        }
-        total
+    let tiles = map_chunks(rows, ROW_TILE, |rows| {
+        run_best(PairRows {
+            a,
+            wa,
+            b,
+            d,
+            rows,
+            same,
+            power,
+        })
     });
     tiles.iter().sum()
+}
+
+/// One task of [`pair_sum`]: its rows' weighted sums, added in row order.
+struct PairRows<'a> {
+    a: Floats<'a>,
+    wa: Option<&'a [f32]>,
+    b: &'a Columns,
+    d: usize,
+    rows: std::ops::Range<usize>,
+    same: bool,
+    power: Power,
+}
+
+impl PairRows<'_> {
+    /// The weighted sums of the R rows from row i, times their weights.
+    #[inline(always)]
+    fn group<const R: usize>(&self, i: usize, buf: &mut [f32]) -> [f64; R] {
+        let from: [usize; R] = std::array::from_fn(|r| if self.same { i + r + 1 } else { 0 });
+        let p = self.a.read(i * self.d, &mut buf[..R * self.d]);
+        let sums = self.b.weighted_sums::<R>(p, from, self.power);
+        std::array::from_fn(|r| self.wa.map_or(1.0, |w| f64::from(w[i + r])) * sums[r])
+    }
+}
+
+impl Work for PairRows<'_> {
+    type Output = f64;
+
+    #[inline(always)]
+    fn run(self) -> f64 {
+        let mut buf = vec![0.0f32; ROW_GROUP * self.d];
+        let mut total = 0.0f64;
+        let mut i = self.rows.start;
+        while i + ROW_GROUP <= self.rows.end {
+            for term in self.group::<ROW_GROUP>(i, &mut buf) {
+                total += term;
+            }
+            i += ROW_GROUP;
+        }
+        for i in i..self.rows.end {
+            let [term] = self.group::<1>(i, &mut buf);
+            total += term;
+        }
+        total
+    }
 }
 
 /// The weights, after the value check every backend makes (finite, >= 0, not all 0).
@@ -240,26 +383,55 @@ fn distance_gradient(
     power: Power,
 ) -> Result<Tensor> {
     let mut grad = Tensor::host_output(&[rows, d], DType::F32)?;
-    let slots = cross.padded.max(within.padded);
     grad.host_slice_mut::<f32>()?
         .par_chunks_mut(ROW_TILE * d)
         .enumerate()
         .for_each(|(task, out)| {
-            let (mut row, mut cross_sums) = (vec![0.0f32; d], vec![0.0f32; d]);
-            let mut slopes = vec![0.0f32; slots];
-            for (k, g) in out.chunks_mut(d).enumerate() {
-                let i = task * ROW_TILE + k;
-                let a = points.read(i * d, &mut row);
-                let wi = weights.map_or(1.0, |w| f64::from(w[i]));
-                cross.slope_sums(a, power, &mut slopes, &mut cross_sums);
-                within.slope_sums(a, power, &mut slopes, g);
-                for (gq, &cq) in g.iter_mut().zip(&cross_sums) {
-                    let sum = cross_coef * f64::from(cq) + within_coef * f64::from(*gq);
-                    *gq = (wi * sum) as f32;
-                }
-            }
+            run_best(GradientRows {
+                points,
+                weights,
+                first: task * ROW_TILE,
+                d,
+                terms: [(cross, cross_coef), (within, within_coef)],
+                power,
+                out,
+            })
         });
     Ok(grad)
+}
+
+/// One task of [`distance_gradient`]: the gradient rows from row `first`, into `out`.
+struct GradientRows<'a> {
+    points: Floats<'a>,
+    weights: Option<&'a [f32]>,
+    first: usize,
+    d: usize,
+    terms: [(&'a Columns, f64); 2],
+    power: Power,
+    out: &'a mut [f32],
+}
+
+impl Work for GradientRows<'_> {
+    type Output = ();
+
+    #[inline(always)]
+    fn run(self) {
+        let d = self.d;
+        let [(cross, cross_coef), (within, within_coef)] = self.terms;
+        let (mut row, mut cross_sums) = (vec![0.0f32; d], vec![0.0f32; d]);
+        let mut slopes = vec![0.0f32; cross.padded.max(within.padded)];
+        for (k, g) in self.out.chunks_mut(d).enumerate() {
+            let i = self.first + k;
+            let a = self.points.read(i * d, &mut row);
+            let wi = self.weights.map_or(1.0, |w| f64::from(w[i]));
+            cross.slope_sums(a, self.power, &mut slopes, &mut cross_sums);
+            within.slope_sums(a, self.power, &mut slopes, g);
+            for (gq, &cq) in g.iter_mut().zip(&cross_sums) {
+                let sum = cross_coef * f64::from(cq) + within_coef * f64::from(*gq);
+                *gq = (wi * sum) as f32;
+            }
+        }
+    }
 }
 
 /// The within-set term from the sum over pairs i < j.
@@ -441,8 +613,49 @@ impl EnergyKernels for CpuBackend {
 mod tests {
     use losskern_reference::energy as reference;
 
+    use super::{Columns, Power, ROW_GROUP};
+    use crate::check::Rng;
+    use crate::cpu::{Floats, LANES};
     use crate::device::{Device, Tensor};
     use crate::ops::energy::{energy_distance, EnergyDistance, Statistic};
+
+    /// A point's sums and slopes have the same bits alone and in a group (the tiles start
+    /// at fixed columns, and each point or block is its own chain), for each power.
+    #[test]
+    fn grouped_points_give_the_bits_of_single_points() {
+        let (n, d) = (ROW_GROUP * LANES + 5, ROW_GROUP + 3);
+        let values: Vec<f32> = Rng::new(5)
+            .normals(n * d, 2.0)
+            .into_iter()
+            .map(|v| v as f32)
+            .collect();
+        let columns = Columns::new(Floats::F32(&values), 0, n, d, None);
+        let group = &values[..ROW_GROUP * d];
+        for power in [Power::Sqrt, Power::Square, Power::Other(1.5)] {
+            let from: [usize; ROW_GROUP] = std::array::from_fn(|r| 2 * r + LANES - 3);
+            let grouped = columns.weighted_sums::<ROW_GROUP>(group, from, power);
+            for (r, sum) in grouped.iter().enumerate() {
+                let alone = columns.weighted_sum(&group[r * d..(r + 1) * d], from[r], power);
+                assert_eq!(sum.to_bits(), alone.to_bits(), "point {r}");
+            }
+            let a = &values[d..2 * d];
+            let (mut wide, mut narrow) = (vec![0.0; columns.padded], vec![0.0; columns.padded]);
+            columns.block_slopes::<ROW_GROUP>(a, 0, power, &mut wide);
+            for c in 0..ROW_GROUP {
+                columns.block_slopes::<1>(a, c * LANES, power, &mut narrow);
+            }
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&wide[..ROW_GROUP * LANES]),
+                bits(&narrow[..ROW_GROUP * LANES])
+            );
+            let grouped: [f32; ROW_GROUP] = columns.column_sums::<ROW_GROUP>(a, 0, &wide);
+            for (q, sum) in grouped.iter().enumerate() {
+                let [alone] = columns.column_sums::<1>(a, q, &wide);
+                assert_eq!(sum.to_bits(), alone.to_bits(), "dimension {q}");
+            }
+        }
+    }
 
     /// A point with an infinite coordinate: its distances are infinite, and the terms
     /// the reference makes infinite stay infinite (padding columns must not make NaN).
