@@ -3,7 +3,7 @@
 importable), in one run on one machine, next to a memcpy of the same bytes.
 
 For each shape: numpy's straightforward formula (whole-array temporaries, as one writes it
-first), torch's CPU op where torch is installed, and the losskern CLI's own timing of the
+first; the ensemble as batched einsums), torch's CPU op where torch is installed, and the losskern CLI's own timing of the
 same shape on the CPU (`losskern bench --device cpu --json`, the Tensor call). Bytes as the
 CLI counts them (xent: logits read once, grad written once; bnstats: x read once, or read
 twice and y written with the normalisation; energy: the inputs read once, the grad written
@@ -104,10 +104,35 @@ def distance_numpy(x, y):
     return 2 * mean_dist(x, y) - mean_dist(x, x) - mean_dist(y, y)
 
 
+def ensemble_numpy(x, labels, layers):
+    """E MLPs on one batch (ReLU between layers), each model's mean cross-entropy."""
+    h = np.broadcast_to(x, (layers[0][0].shape[0], *x.shape))
+    for k, (w, b) in enumerate(layers):
+        h = np.einsum("ebi,eoi->ebo", h, w) + b[:, None, :]
+        if k + 1 < len(layers):
+            h = np.maximum(h, 0.0)
+    m = h.max(axis=2, keepdims=True)
+    lse = m[..., 0] + np.log(np.exp(h - m).sum(axis=2))
+    return (lse - np.take_along_axis(h, labels[None, :, None], axis=2)[..., 0]).mean(axis=1)
+
+
+def ensemble_torch(x, labels, layers):
+    """The same with torch's batched matrix products (what torch.vmap of a model gives)."""
+    with torch.no_grad():
+        h = x.expand(layers[0][0].shape[0], *x.shape)
+        for k, (w, b) in enumerate(layers):
+            h = torch.baddbmm(b[:, None, :], h, w.transpose(1, 2))
+            if k + 1 < len(layers):
+                h = torch.relu(h)
+        loss = torch.nn.functional.cross_entropy(h.transpose(1, 2), labels.expand(h.shape[0], -1), reduction="none")
+        return loss.mean(dim=1)
+
+
 def row(name, shape, variant, ms, nbytes, copy, losskern):
     gbps = nbytes / (ms * 1e-3) / 1e9
     speedup = ms / losskern if losskern == losskern else float("nan")
-    print(f"{name:>8} {shape:>18} {variant:<24} {ms:10.1f} {gbps:7.2f} {100 * gbps / copy:6.1f}% {speedup:8.2f}x")
+    share = f"{100 * gbps / copy:6.1f}%" if copy else "      -"
+    print(f"{name:>8} {shape:>18} {variant:<24} {ms:10.1f} {gbps:7.2f} {share} {speedup:8.2f}x")
 
 
 def main():
@@ -173,6 +198,25 @@ def main():
         fn = lambda: 2 * torch.cdist(xt, yt).mean() - torch.cdist(xt, xt).mean() - torch.cdist(yt, yt).mean()
         row("energy", f"N=M={nx} d{d}", "torch cdist distance", median_ms(fn), nbytes, copy, lk)
     row("energy", f"N=M={nx} d{d}", "losskern distance", lk, nbytes, copy, lk)
+
+    # ensemble: GFLOP/s in the GB/s column (2 E B sum d_l d_l+1 FLOPs, as the CLI counts),
+    # no copy share (it is compute-bound).
+    e, b, widths = (27, 600, (784, 128, 128, 10)) if quick else (81, 600, (784, 128, 128, 10))
+    xe = rng.standard_normal((b, widths[0]), dtype=np.float32)
+    labels = rng.integers(0, widths[-1], b)
+    layers = [
+        (rng.standard_normal((e, o, i), dtype=np.float32) / np.sqrt(i), 0.1 * rng.standard_normal((e, o), dtype=np.float32))
+        for i, o in zip(widths[:-1], widths[1:])
+    ]
+    flops = 2 * e * b * sum(i * o for i, o in zip(widths[:-1], widths[1:]))
+    shape = "x".join(str(v) for v in (e, b, *widths))
+    lk = losskern_ms(binary, ["--op", "ensemble", "--shape", shape])
+    row("ensemble", f"E{e} B{b}", "numpy einsum forward", median_ms(lambda: ensemble_numpy(xe, labels, layers), reps=3), flops, None, lk)
+    if torch:
+        xt, yt = torch.from_numpy(xe), torch.from_numpy(labels)
+        lt = [(torch.from_numpy(w), torch.from_numpy(bb)) for w, bb in layers]
+        row("ensemble", f"E{e} B{b}", "torch baddbmm forward", median_ms(lambda: ensemble_torch(xt, yt, lt)), flops, None, lk)
+    row("ensemble", f"E{e} B{b}", "losskern Exact forward", lk, flops, None, lk)
 
 
 if __name__ == "__main__":
