@@ -6,8 +6,8 @@
 //! (or blocks of columns, or dimensions of the gradient) at a time, each its own chain of
 //! adds; tiles start at multiples of [`PAIR_TILE`], so a point's bits do not depend on its
 //! group. Within-set sums take the pairs i < j once and double them (the diagonal is 0).
-//! The pair sums and the distance's gradient run through `run_best` (AVX-512 where the CPU
-//! has it).
+//! The pair sums, the score and the distance's gradient run through `run_best` (AVX-512
+//! where the CPU has it).
 
 use rayon::prelude::*;
 
@@ -454,11 +454,13 @@ struct Sample<'a> {
 }
 
 impl Sample<'_> {
+    #[inline(always)]
     fn row(&self, j: usize) -> &[f32] {
         &self.rows[j * self.d..(j + 1) * self.d]
     }
 
     /// ||p_j - y||^2.
+    #[inline(always)]
     fn target_square(&self, j: usize) -> f32 {
         let mut s = 0.0f32;
         for (&p, &y) in self.row(j).iter().zip(self.y) {
@@ -469,6 +471,7 @@ impl Sample<'_> {
 
     /// The gradient of prediction j: c1 h(s1) (p_j - y) + c2 sum_k h(s_jk) (p_j - p_k),
     /// the pair sum in k order over each dimension.
+    #[inline(always)]
     fn grad_row(&self, j: usize, c1: f32, c2: f32, slopes: &mut [f32], out: &mut [f32]) {
         let p = self.row(j);
         let h1 = c1 * self.power.slope(self.target_square(j));
@@ -477,6 +480,63 @@ impl Sample<'_> {
         for (q, g) in out.iter_mut().enumerate() {
             *g = h1 * (p[q] - self.y[q]) + c2 * *g;
         }
+    }
+}
+
+/// One chunk of the energy score's samples: its sums of ||p_ij - y_i||^beta and of
+/// ||p_ij - p_ik||^beta, each in sample and prediction order, and its gradient rows.
+struct ScoreSamples<'a> {
+    preds: Floats<'a>,
+    y: Floats<'a>,
+    samples: std::ops::Range<usize>,
+    m: usize,
+    d: usize,
+    power: Power,
+    /// The gradient's coefficients of term1 and term2.
+    coefs: (f32, f32),
+    grad: Option<&'a mut [f32]>,
+}
+
+impl Work for ScoreSamples<'_> {
+    type Output = (f64, f64);
+
+    #[inline(always)]
+    fn run(mut self) -> (f64, f64) {
+        let (m, d, power) = (self.m, self.d, self.power);
+        let (mut sum1, mut sum2) = (0.0f64, 0.0f64);
+        let (mut rows, mut target) = (vec![0.0f32; m * d], vec![0.0f32; d]);
+        let mut slopes = vec![0.0f32; m.div_ceil(LANES) * LANES];
+        let first = self.samples.start;
+        for i in self.samples {
+            let columns = Columns::new(self.preds, i * m, m, d, None);
+            let sample = Sample {
+                preds: &columns,
+                rows: self.preds.read(i * m * d, &mut rows),
+                y: self.y.read(i * d, &mut target),
+                d,
+                power,
+            };
+            let mut j = 0;
+            while j + ROW_GROUP <= m {
+                let group = &sample.rows[j * d..(j + ROW_GROUP) * d];
+                for sum in columns.weighted_sums::<ROW_GROUP>(group, [0; ROW_GROUP], power) {
+                    sum2 += sum;
+                }
+                j += ROW_GROUP;
+            }
+            for j in j..m {
+                sum2 += columns.weighted_sum(sample.row(j), 0, power);
+            }
+            for j in 0..m {
+                sum1 += f64::from(power.of(sample.target_square(j)));
+                if let Some(g) = self.grad.as_deref_mut() {
+                    let at = ((i - first) * m + j) * d;
+                    let (c1, c2) = self.coefs;
+                    sample.grad_row(j, c1, c2, &mut slopes, &mut g[at..at + d]);
+                }
+            }
+        }
+        (sum1, sum2)
     }
 }
 
@@ -491,7 +551,7 @@ impl EnergyKernels for CpuBackend {
             .grad
             .then(|| Tensor::host_output(&[n, m, d], DType::F32))
             .transpose()?;
-        let mut grad_chunks: Vec<Option<&mut [f32]>> = match grad.as_mut() {
+        let grad_chunks: Vec<Option<&mut [f32]>> = match grad.as_mut() {
             Some(g) => g
                 .host_slice_mut::<f32>()?
                 .chunks_mut(samples * m * d)
@@ -508,31 +568,19 @@ impl EnergyKernels for CpuBackend {
             (-(m as f64) / (m - 1) as f64 / (n * m * m) as f64) as f32
         };
         let sums: Vec<(f64, f64)> = grad_chunks
-            .par_iter_mut()
+            .into_par_iter()
             .enumerate()
             .map(|(chunk, grad)| {
-                let (mut sum1, mut sum2) = (0.0f64, 0.0f64);
-                let (mut rows, mut target) = (vec![0.0f32; m * d], vec![0.0f32; d]);
-                let mut slopes = vec![0.0f32; m.div_ceil(LANES) * LANES];
-                for i in chunk * samples..((chunk + 1) * samples).min(n) {
-                    let columns = Columns::new(preds, i * m, m, d, None);
-                    let sample = Sample {
-                        preds: &columns,
-                        rows: preds.read(i * m * d, &mut rows),
-                        y: y.read(i * d, &mut target),
-                        d,
-                        power,
-                    };
-                    for j in 0..m {
-                        sum1 += f64::from(power.of(sample.target_square(j)));
-                        sum2 += columns.weighted_sum(sample.row(j), 0, power);
-                        if let Some(g) = grad.as_deref_mut() {
-                            let at = ((i - chunk * samples) * m + j) * d;
-                            sample.grad_row(j, c1, c2, &mut slopes, &mut g[at..at + d]);
-                        }
-                    }
-                }
-                (sum1, sum2)
+                run_best(ScoreSamples {
+                    preds,
+                    y,
+                    samples: chunk * samples..((chunk + 1) * samples).min(n),
+                    m,
+                    d,
+                    power,
+                    coefs: (c1, c2),
+                    grad,
+                })
             })
             .collect();
         let (mut sum1, mut sum2) = (0.0, 0.0);
