@@ -1,12 +1,15 @@
 //! The ensemble family on the CPU: f32 layers over fixed chunks of rows of one model at a
 //! time (rayon over (model, chunk) pairs), each row's cross-entropy in f64 and the chunks'
 //! sums merged in chunk order, so the result does not depend on the thread count.
-//! Both precision modes run the f32 path (the CPU has no tensor cores).
+//! Both precision modes run the f32 path (the CPU has no tensor cores). A dot product is
+//! LANES partial sums in a fixed order, then its tail; [`ROW_GROUP`] rows share each
+//! weight row's loads, each its own chain, so a row's bits do not depend on its group.
+//! Chunks run through `run_best` (AVX-512 where the CPU has it).
 
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::cpu::CpuBackend;
+use crate::cpu::{lane_sum, run_best, CpuBackend, Work, LANES};
 use crate::device::{Device, Tensor};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -17,6 +20,8 @@ use crate::spec::ensemble::{
 
 /// Rows of one model that one task runs through every layer.
 const CHUNK_ROWS: usize = 64;
+/// Rows whose dot products with one weight row are taken together.
+const ROW_GROUP: usize = 4;
 
 /// One layer's parameters (f32, widened exactly from the inputs' dtype).
 struct Params {
@@ -65,27 +70,65 @@ fn round_to(dtype: DType, value: f32) -> f32 {
     }
 }
 
-fn dot(w: &[f32], h: &[f32]) -> f32 {
-    w.iter().zip(h).fold(0.0, |acc, (w, h)| acc + w * h)
+/// w . h_r for the R rows h_r = h[r d .. (r + 1) d], d = w.len(): LANES partial sums over
+/// the whole lane blocks, added in a fixed order, then the tail in order.
+#[inline(always)]
+fn dots<const R: usize>(w: &[f32], h: &[f32]) -> [f32; R] {
+    let d = w.len();
+    let whole = d / LANES * LANES;
+    let mut acc = [[0.0f32; LANES]; R];
+    for (c, wc) in w[..whole].chunks_exact(LANES).enumerate() {
+        for (r, ar) in acc.iter_mut().enumerate() {
+            let hc = &h[r * d + c * LANES..r * d + (c + 1) * LANES];
+            for l in 0..LANES {
+                ar[l] += wc[l] * hc[l];
+            }
+        }
+    }
+    std::array::from_fn(|r| {
+        let tail = &h[r * d + whole..(r + 1) * d];
+        w[whole..]
+            .iter()
+            .zip(tail)
+            .fold(lane_sum(&acc[r]), |sum, (a, b)| sum + a * b)
+    })
+}
+
+/// `put(r, w . h_r)` for every row r of h [rows, w.len()], in groups of ROW_GROUP rows.
+#[inline(always)]
+fn each_dot(w: &[f32], h: &[f32], mut put: impl FnMut(usize, f32)) {
+    let d = w.len();
+    let rows = h.len() / d.max(1);
+    let mut r = 0;
+    while r + ROW_GROUP <= rows {
+        let sums = dots::<ROW_GROUP>(w, &h[r * d..(r + ROW_GROUP) * d]);
+        for (k, sum) in sums.into_iter().enumerate() {
+            put(r + k, sum);
+        }
+        r += ROW_GROUP;
+    }
+    for r in r..rows {
+        let [sum] = dots::<1>(w, &h[r * d..(r + 1) * d]);
+        put(r, sum);
+    }
 }
 
 impl Models {
     /// Layer l of model e applied to `rows` rows of `h` [rows, d_in] into `out` [rows, d_out].
+    #[inline(always)]
     fn apply(&self, e: usize, l: usize, h: &[f32], d_in: usize, out: &mut [f32]) {
         let rows = h.len() / d_in;
         let d_out = out.len() / rows;
         let mut row_weights = vec![0.0f32; d_in];
         for j in 0..d_out {
-            let cell = |r: usize| (&h[r * d_in..(r + 1) * d_in], r * d_out + j);
             match self {
                 Models::Stacked(params) => {
                     let p = &params[l];
                     let at = (e * d_out + j) * d_in;
-                    let w = &p.weights[at..at + d_in];
-                    for r in 0..rows {
-                        let (x, o) = cell(r);
-                        out[o] = p.biases[e * d_out + j] + dot(w, x);
-                    }
+                    let bias = p.biases[e * d_out + j];
+                    each_dot(&p.weights[at..at + d_in], h, |r, sum| {
+                        out[r * d_out + j] = bias + sum;
+                    });
                 }
                 Models::Scan {
                     center,
@@ -109,16 +152,12 @@ impl Models {
                                 *w = perturbed(w0, d);
                             }
                             let b = perturbed(b0, db);
-                            for r in 0..rows {
-                                let (x, o) = cell(r);
-                                out[o] = b + dot(&row_weights, x);
-                            }
+                            each_dot(&row_weights, h, |r, sum| out[r * d_out + j] = b + sum);
                         }
                         Perturbation::Split => {
-                            for r in 0..rows {
-                                let (x, o) = cell(r);
-                                out[o] = (b0 + dot(w0, x)) + t * (db + dot(dw, x));
-                            }
+                            // (b0 + w0 . x) + t (db + dw . x), the centre's part first.
+                            each_dot(w0, h, |r, sum| out[r * d_out + j] = b0 + sum);
+                            each_dot(dw, h, |r, sum| out[r * d_out + j] += t * (db + sum));
                         }
                     }
                 }
@@ -158,7 +197,24 @@ struct Problem<'a> {
     labels: Vec<i64>,
 }
 
+/// One (model, chunk of rows) task of [`Problem::run`].
+struct ChunkTask<'p, 'a> {
+    problem: &'p Problem<'a>,
+    model: usize,
+    chunk: usize,
+}
+
+impl Work for ChunkTask<'_, '_> {
+    type Output = ChunkResult;
+
+    #[inline(always)]
+    fn run(self) -> ChunkResult {
+        self.problem.chunk(self.model, self.chunk)
+    }
+}
+
 impl Problem<'_> {
+    #[inline(always)]
     fn chunk(&self, e: usize, chunk: usize) -> ChunkResult {
         let (widths, batch) = (&self.spec.widths, self.spec.batch);
         let d0 = widths[0];
@@ -197,7 +253,13 @@ impl Problem<'_> {
         let chunks = batch.div_ceil(CHUNK_ROWS);
         let results: Vec<ChunkResult> = (0..models * chunks)
             .into_par_iter()
-            .map(|task| self.chunk(task / chunks, task % chunks))
+            .map(|task| {
+                run_best(ChunkTask {
+                    problem: self,
+                    model: task / chunks,
+                    chunk: task % chunks,
+                })
+            })
             .collect();
         let mut loss = Vec::with_capacity(models);
         let mut accuracy = Vec::with_capacity(models);

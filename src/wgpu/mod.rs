@@ -338,6 +338,15 @@ pub(crate) fn prefix(buffer: &wgpu::Buffer, bytes: u64) -> (&wgpu::Buffer, u64, 
     (buffer, 0, padded_size(bytes))
 }
 
+/// `binding`, or the first 16 bytes of `unused` where the kernel reads nothing there (a
+/// bind group fills every slot).
+pub(crate) fn or_unused<'a>(
+    binding: Option<(&'a wgpu::Buffer, u64, u64)>,
+    unused: &'a wgpu::Buffer,
+) -> (&'a wgpu::Buffer, u64, u64) {
+    binding.unwrap_or_else(|| prefix(unused, 16))
+}
+
 /// All of `buffer` as a binding: (buffer, offset, size).
 pub(crate) fn whole(buffer: &wgpu::Buffer) -> (&wgpu::Buffer, u64, u64) {
     (buffer, 0, buffer.size())

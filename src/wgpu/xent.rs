@@ -29,8 +29,8 @@ use crate::spec::xent::{
     Targets, XentCall, XentKernels, XentOutput, XentSpec,
 };
 use crate::wgpu::{
-    dtype_code, index, prefix, require, wgpu_buffer, whole, window, BindingKind, PipelineKey,
-    ShaderSource, TargetWatch, WgpuBackend, WORKGROUP_SIZE,
+    dtype_code, index, or_unused, prefix, require, wgpu_buffer, whole, window, BindingKind,
+    PipelineKey, ShaderSource, TargetWatch, WgpuBackend, WORKGROUP_SIZE,
 };
 
 /// Group 0 of `xent.wgsl`: params, logits, labels, soft targets, weights, rows, red, grad,
@@ -710,19 +710,17 @@ fn chunk(
     } else {
         (prefix(bound.targets, 8 * b), prefix(unused, 16))
     };
-    let weights_binding = match bound.weights {
-        Some(w) => prefix(w, 4 * v),
-        None => prefix(unused, 16),
-    };
-    let grad_binding = match bound.grad {
-        Some(g) => (g, grad_window.offset, grad_window.size),
-        None => prefix(&scratch.unused_grad, 16),
-    };
-    let logits4_binding = if vec_bytes > 0 {
-        (bound.logits, logits_window.offset, vec_bytes)
-    } else {
-        prefix(unused, 16)
-    };
+    let weights_binding = or_unused(bound.weights.map(|w| prefix(w, 4 * v)), unused);
+    let grad_binding = or_unused(
+        bound
+            .grad
+            .map(|g| (g, grad_window.offset, grad_window.size)),
+        &scratch.unused_grad,
+    );
+    let logits4_binding = or_unused(
+        (vec_bytes > 0).then_some((bound.logits, logits_window.offset, vec_bytes)),
+        unused,
+    );
     let bind_group = backend.bind_group(
         ShaderSource::Xent,
         &[
@@ -1154,16 +1152,14 @@ fn directional_chunk(
         wgpu::BufferUsages::UNIFORM,
     )?;
     // The logits are read only for the binary radius.
-    let z_binding = if v == 2 {
-        (inputs.logits, span.offset, span.size)
-    } else {
-        prefix(unused, 16)
-    };
-    let a4_binding = if vec_bytes > 0 {
-        (inputs.derivatives, span.offset, vec_bytes)
-    } else {
-        prefix(unused, 16)
-    };
+    let z_binding = or_unused(
+        (v == 2).then_some((inputs.logits, span.offset, span.size)),
+        unused,
+    );
+    let a4_binding = or_unused(
+        (vec_bytes > 0).then_some((inputs.derivatives, span.offset, vec_bytes)),
+        unused,
+    );
     let bind_group = backend.bind_group(
         ShaderSource::Xent,
         &[
