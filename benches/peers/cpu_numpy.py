@@ -3,7 +3,7 @@
 importable), in one run on one machine, next to a memcpy of the same bytes.
 
 For each shape: numpy's straightforward formula (whole-array temporaries, as one writes it
-first; the ensemble as batched einsums), torch's CPU op where torch is installed, and the losskern CLI's own timing of the
+first; the ensemble as batched matmuls), torch's CPU op where torch is installed, and the losskern CLI's own timing of the
 same shape on the CPU (`losskern bench --device cpu --json`, the Tensor call). Bytes as the
 CLI counts them (xent: logits read once, grad written once; bnstats: x read once, or read
 twice and y written with the normalisation; energy: the inputs read once, the grad written
@@ -105,10 +105,11 @@ def distance_numpy(x, y):
 
 
 def ensemble_numpy(x, labels, layers):
-    """E MLPs on one batch (ReLU between layers), each model's mean cross-entropy."""
+    """E MLPs on one batch (ReLU between layers), each model's mean cross-entropy, with
+    numpy's batched matmul (BLAS per model)."""
     h = np.broadcast_to(x, (layers[0][0].shape[0], *x.shape))
     for k, (w, b) in enumerate(layers):
-        h = np.einsum("ebi,eoi->ebo", h, w) + b[:, None, :]
+        h = h @ w.transpose(0, 2, 1) + b[:, None, :]
         if k + 1 < len(layers):
             h = np.maximum(h, 0.0)
     m = h.max(axis=2, keepdims=True)
@@ -211,7 +212,7 @@ def main():
     flops = 2 * e * b * sum(i * o for i, o in zip(widths[:-1], widths[1:]))
     shape = "x".join(str(v) for v in (e, b, *widths))
     lk = losskern_ms(binary, ["--op", "ensemble", "--shape", shape])
-    row("ensemble", f"E{e} B{b}", "numpy einsum forward", median_ms(lambda: ensemble_numpy(xe, labels, layers), reps=3), flops, None, lk)
+    row("ensemble", f"E{e} B{b}", "numpy matmul forward", median_ms(lambda: ensemble_numpy(xe, labels, layers), reps=3), flops, None, lk)
     if torch:
         xt, yt = torch.from_numpy(xe), torch.from_numpy(labels)
         lt = [(torch.from_numpy(w), torch.from_numpy(bb)) for w, bb in layers]
