@@ -1,15 +1,16 @@
 //! The ensemble family on the CPU: f32 layers over fixed chunks of rows of one model at a
 //! time (rayon over (model, chunk) pairs), each row's cross-entropy in f64 and the chunks'
 //! sums merged in chunk order, so the result does not depend on the thread count.
-//! Both precision modes run the f32 path (the CPU has no tensor cores). A dot product is
-//! LANES partial sums in a fixed order, then its tail; [`ROW_GROUP`] rows share each
-//! weight row's loads, each its own chain, so a row's bits do not depend on its group.
-//! Chunks run through `run_best` (AVX-512 where the CPU has it).
+//! Both precision modes run the f32 path (the CPU has no tensor cores). Each dot product
+//! is summed in input order; a layer's weights are transposed once per chunk so that
+//! LANES output units of [`ROW_GROUP`] rows are computed together, each its own chain, so
+//! a row's bits do not depend on its group. Chunks run through `run_best` (AVX-512 where
+//! the CPU has it).
 
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::cpu::{lane_sum, run_best, CpuBackend, Work, LANES};
+use crate::cpu::{run_best, CpuBackend, Work, LANES};
 use crate::device::{Device, Tensor};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -70,95 +71,138 @@ fn round_to(dtype: DType, value: f32) -> f32 {
     }
 }
 
-/// w . h_r for the R rows h_r = h[r d .. (r + 1) d], d = w.len(): LANES partial sums over
-/// the whole lane blocks, added in a fixed order, then the tail in order.
-#[inline(always)]
-fn dots<const R: usize>(w: &[f32], h: &[f32]) -> [f32; R] {
-    let d = w.len();
-    let whole = d / LANES * LANES;
-    let mut acc = [[0.0f32; LANES]; R];
-    for (c, wc) in w[..whole].chunks_exact(LANES).enumerate() {
-        for (r, ar) in acc.iter_mut().enumerate() {
-            let hc = &h[r * d + c * LANES..r * d + (c + 1) * LANES];
-            for l in 0..LANES {
-                ar[l] += wc[l] * hc[l];
-            }
-        }
-    }
-    std::array::from_fn(|r| {
-        let tail = &h[r * d + whole..(r + 1) * d];
-        w[whole..]
-            .iter()
-            .zip(tail)
-            .fold(lane_sum(&acc[r]), |sum, (a, b)| sum + a * b)
-    })
+/// One layer's weights transposed to [d_in, padded] (0 past d_out, padded a multiple of
+/// LANES) with its biases, so that LANES output units are one lane array.
+struct Transposed {
+    weights: Vec<f32>,
+    biases: Vec<f32>,
+    padded: usize,
 }
 
-/// `put(r, w . h_r)` for every row r of h [rows, w.len()], in groups of ROW_GROUP rows.
-#[inline(always)]
-fn each_dot(w: &[f32], h: &[f32], mut put: impl FnMut(usize, f32)) {
-    let d = w.len();
-    let rows = h.len() / d.max(1);
-    let mut r = 0;
-    while r + ROW_GROUP <= rows {
-        let sums = dots::<ROW_GROUP>(w, &h[r * d..(r + ROW_GROUP) * d]);
-        for (k, sum) in sums.into_iter().enumerate() {
-            put(r + k, sum);
+impl Transposed {
+    /// From w(j, k) and b(j) for output units j < d_out and inputs k < d_in.
+    fn new(
+        d_in: usize,
+        d_out: usize,
+        w: impl Fn(usize, usize) -> f32,
+        b: impl Fn(usize) -> f32,
+    ) -> Transposed {
+        let padded = d_out.div_ceil(LANES) * LANES;
+        let mut weights = vec![0.0f32; d_in * padded];
+        for j in 0..d_out {
+            for k in 0..d_in {
+                weights[k * padded + j] = w(j, k);
+            }
         }
-        r += ROW_GROUP;
+        Transposed {
+            weights,
+            biases: (0..d_out).map(b).collect(),
+            padded,
+        }
     }
-    for r in r..rows {
-        let [sum] = dots::<1>(w, &h[r * d..(r + 1) * d]);
-        put(r, sum);
+
+    /// sum_k h_r,k w(j, k) for the R rows h_r = h[r d_in ..] and the LANES units from j0,
+    /// each sum in k order from 0 (a plain dot product), each (row, unit) its own lane.
+    #[inline(always)]
+    fn tile<const R: usize>(&self, h: &[f32], d_in: usize, j0: usize) -> [[f32; LANES]; R] {
+        let mut acc = [[0.0f32; LANES]; R];
+        for k in 0..d_in {
+            let wk = &self.weights[k * self.padded + j0..k * self.padded + j0 + LANES];
+            for (r, ar) in acc.iter_mut().enumerate() {
+                let x = h[r * d_in + k];
+                for l in 0..LANES {
+                    ar[l] += x * wk[l];
+                }
+            }
+        }
+        acc
+    }
+
+    /// `put(r, j, sum_k h_r,k w(j, k))` for every row r of h [rows, d_in] and unit j < d_out,
+    /// ROW_GROUP rows at a time.
+    #[inline(always)]
+    fn each_sum(&self, h: &[f32], d_in: usize, mut put: impl FnMut(usize, usize, f32)) {
+        let rows = h.len() / d_in.max(1);
+        let d_out = self.biases.len();
+        for j0 in (0..d_out).step_by(LANES) {
+            let units = LANES.min(d_out - j0);
+            let mut r0 = 0;
+            while r0 + ROW_GROUP <= rows {
+                let acc = self.tile::<ROW_GROUP>(&h[r0 * d_in..], d_in, j0);
+                for (r, ar) in acc.iter().enumerate() {
+                    for (l, &sum) in ar[..units].iter().enumerate() {
+                        put(r0 + r, j0 + l, sum);
+                    }
+                }
+                r0 += ROW_GROUP;
+            }
+            for r in r0..rows {
+                let [ar] = self.tile::<1>(&h[r * d_in..], d_in, j0);
+                for (l, &sum) in ar[..units].iter().enumerate() {
+                    put(r, j0 + l, sum);
+                }
+            }
+        }
     }
 }
 
 impl Models {
-    /// Layer l of model e applied to `rows` rows of `h` [rows, d_in] into `out` [rows, d_out].
+    /// Layer l of model e applied to `rows` rows of `h` [rows, d_in] into `out` [rows, d_out]:
+    /// out = b + w . x per unit, Split's (b0 + w0 . x) + t (db + dw . x), each dot product
+    /// summed in input order.
     #[inline(always)]
     fn apply(&self, e: usize, l: usize, h: &[f32], d_in: usize, out: &mut [f32]) {
         let rows = h.len() / d_in;
         let d_out = out.len() / rows;
-        let mut row_weights = vec![0.0f32; d_in];
-        for j in 0..d_out {
-            match self {
-                Models::Stacked(params) => {
-                    let p = &params[l];
-                    let at = (e * d_out + j) * d_in;
-                    let bias = p.biases[e * d_out + j];
-                    each_dot(&p.weights[at..at + d_in], h, |r, sum| {
-                        out[r * d_out + j] = bias + sum;
-                    });
-                }
-                Models::Scan {
-                    center,
-                    directions,
-                    direction_of,
-                    distance,
-                    perturbation,
-                    dtype,
-                } => {
-                    let (c, d) = (&center[l], &directions[l]);
-                    let (k, t) = (direction_of[e], distance[e]);
-                    let w0 = &c.weights[j * d_in..(j + 1) * d_in];
-                    let dw = &d.weights[(k * d_out + j) * d_in..(k * d_out + j + 1) * d_in];
-                    let (b0, db) = (c.biases[j], d.biases[k * d_out + j]);
-                    match perturbation {
-                        Perturbation::Rounded => {
-                            // The notebook's fl(w0 + fl(t d)), formed once per output unit.
-                            let perturbed =
-                                |w0: f32, d: f32| round_to(*dtype, w0 + round_to(*dtype, t * d));
-                            for (w, (&w0, &d)) in row_weights.iter_mut().zip(w0.iter().zip(dw)) {
-                                *w = perturbed(w0, d);
-                            }
-                            let b = perturbed(b0, db);
-                            each_dot(&row_weights, h, |r, sum| out[r * d_out + j] = b + sum);
-                        }
-                        Perturbation::Split => {
-                            // (b0 + w0 . x) + t (db + dw . x), the centre's part first.
-                            each_dot(w0, h, |r, sum| out[r * d_out + j] = b0 + sum);
-                            each_dot(dw, h, |r, sum| out[r * d_out + j] += t * (db + sum));
-                        }
+        match self {
+            Models::Stacked(params) => {
+                let p = &params[l];
+                let layer = Transposed::new(
+                    d_in,
+                    d_out,
+                    |j, k| p.weights[(e * d_out + j) * d_in + k],
+                    |j| p.biases[e * d_out + j],
+                );
+                let b = &layer.biases;
+                layer.each_sum(h, d_in, |r, j, sum| out[r * d_out + j] = b[j] + sum);
+            }
+            Models::Scan {
+                center,
+                directions,
+                direction_of,
+                distance,
+                perturbation,
+                dtype,
+            } => {
+                let (c, d) = (&center[l], &directions[l]);
+                let (k, t) = (direction_of[e], distance[e]);
+                let w0 = |j: usize, i: usize| c.weights[j * d_in + i];
+                let dw = |j: usize, i: usize| d.weights[(k * d_out + j) * d_in + i];
+                let (b0, db) = (|j: usize| c.biases[j], |j: usize| d.biases[k * d_out + j]);
+                match perturbation {
+                    Perturbation::Rounded => {
+                        // The notebook's fl(w0 + fl(t d)), formed once per parameter.
+                        let perturbed =
+                            |w0: f32, d: f32| round_to(*dtype, w0 + round_to(*dtype, t * d));
+                        let layer = Transposed::new(
+                            d_in,
+                            d_out,
+                            |j, i| perturbed(w0(j, i), dw(j, i)),
+                            |j| perturbed(b0(j), db(j)),
+                        );
+                        let b = &layer.biases;
+                        layer.each_sum(h, d_in, |r, j, sum| out[r * d_out + j] = b[j] + sum);
+                    }
+                    Perturbation::Split => {
+                        // (b0 + w0 . x) + t (db + dw . x), the centre's part first.
+                        let centre = Transposed::new(d_in, d_out, w0, b0);
+                        let b = &centre.biases;
+                        centre.each_sum(h, d_in, |r, j, sum| out[r * d_out + j] = b[j] + sum);
+                        let direction = Transposed::new(d_in, d_out, dw, db);
+                        let b = &direction.biases;
+                        direction.each_sum(h, d_in, |r, j, sum| {
+                            out[r * d_out + j] += t * (b[j] + sum);
+                        });
                     }
                 }
             }
