@@ -21,7 +21,7 @@ use crate::spec::ensemble::{
 
 /// Rows of one model that one task runs through every layer.
 const CHUNK_ROWS: usize = 64;
-/// Rows whose dot products with one weight row are taken together.
+/// Rows computed together against each block of LANES output units.
 const ROW_GROUP: usize = 4;
 
 /// One layer's parameters (f32, widened exactly from the inputs' dtype).
