@@ -503,6 +503,7 @@ impl Work for ScoreSamples<'_> {
     #[inline(always)]
     fn run(mut self) -> (f64, f64) {
         let (m, d, power) = (self.m, self.d, self.power);
+        let (c1, c2) = self.coefs;
         let (mut sum1, mut sum2) = (0.0f64, 0.0f64);
         let (mut rows, mut target) = (vec![0.0f32; m * d], vec![0.0f32; d]);
         let mut slopes = vec![0.0f32; m.div_ceil(LANES) * LANES];
@@ -531,7 +532,6 @@ impl Work for ScoreSamples<'_> {
                 sum1 += f64::from(power.of(sample.target_square(j)));
                 if let Some(g) = self.grad.as_deref_mut() {
                     let at = ((i - first) * m + j) * d;
-                    let (c1, c2) = self.coefs;
                     sample.grad_row(j, c1, c2, &mut slopes, &mut g[at..at + d]);
                 }
             }

@@ -15,6 +15,10 @@
 //!    loss is NaN, and the first such row is recorded in the status word of
 //!    [`XentBuffers`] (zeroed on the stream first), read back by
 //!    [`XentBuffers::first_bad_target_row`].
+//!    Where B rows would keep under a quarter of the multiprocessors busy and
+//!    rows are 32 KiB or more (sm_90), `xent_cluster_{dtype}` runs instead: a
+//!    thread-block cluster per row, each CTA holding its slice in shared
+//!    memory, so the row is read from HBM once (see `cluster_shape`).
 //! 3. `xent_reduce`: one block of 1024 threads; sums in f64 in a fixed order:
 //!    the reduced loss and the reduced rho.
 //!
