@@ -180,21 +180,23 @@ __device__ __forceinline__ void lk_st_cs_v4(void* p, lk_u32x4 v) {
                  : "memory");
 }
 
-// ---------------------------------------------------------------------------
-// Thread-block clusters, bulk copies and their barriers (sm_90 and later; the
-// kernels that use them are launched only on such devices, see
-// Kernels::has_clusters in src/cuda/launch.rs). A shared address below is a
-// 32-bit .shared::cta address (lk_smem); for the local CTA it is also its
-// .shared::cluster address.
-
-#if __CUDA_ARCH__ >= 900
-#define LK_HAS_CLUSTERS 1
-
+// The 32-bit .shared::cta address of a generic pointer into shared memory (as
+// cp.async, mbarrier and the bulk copies take it).
 __device__ __forceinline__ unsigned int lk_smem(const void* p) {
     unsigned long long a;
     asm("cvta.to.shared.u64 %0, %1;" : "=l"(a) : "l"(p));
     return (unsigned int)a;
 }
+
+// ---------------------------------------------------------------------------
+// Thread-block clusters, bulk copies and their barriers (sm_90 and later; the
+// kernels that use them are launched only on such devices, see
+// Kernels::has_clusters in src/cuda/launch.rs). A shared address below is a
+// 32-bit .shared::cta address (lk_smem, above); for the local CTA it is also its
+// .shared::cluster address.
+
+#if __CUDA_ARCH__ >= 900
+#define LK_HAS_CLUSTERS 1
 
 __device__ __forceinline__ unsigned int lk_cluster_rank() {
     unsigned int r;

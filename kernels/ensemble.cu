@@ -20,18 +20,20 @@
 //                                128, else in the block's global scratch (which
 //                                stays in L2). Each layer is a tiled GEMM over
 //                                128 units at a time: the input rows and the
-//                                weights are staged 8 inputs deep through
-//                                double-buffered shared memory (16-byte loads
-//                                where the rows allow), and each thread keeps an
-//                                8 rows x 4 units register tile; each output is
-//                                one fmaf chain in input order. Then the tile's
-//                                rows' cross-entropies (f32), summed in f64 in
-//                                row order with the count of right argmaxes into
-//                                the (model, tile) slot.
+//                                weights go through a ring of EN_STAGES
+//                                shared-memory stages of 128 bytes a row
+//                                (cp.async on sm_80+ where the rows are 16-byte
+//                                aligned, else through registers), and each
+//                                thread keeps an 8 rows x 4 units tile; each
+//                                output is one fmaf chain in input order. Then
+//                                the tile's rows' cross-entropies (f32), summed
+//                                in f64 in row order with the count of right
+//                                argmaxes into the (model, tile) slot.
 //   ensemble_mlp_tc_{f32,f16,bf16}  TensorCore (sm_80+): the same blocks and
 //                                staging, but each warp computes a 32 x 32 tile
 //                                with mma.sync (m16n8k8 tf32 for f32, every
-//                                operand rounded with cvt.rna.tf32.f32;
+//                                operand rounded with cvt.rna.tf32.f32 as it is
+//                                read from the stage;
 //                                m16n8k16 bf16/f16 for 16-bit inputs, the hidden
 //                                activations rounded to the input dtype) with
 //                                f32 accumulation.
@@ -61,7 +63,11 @@
 
 #define EN_ROWS 64
 #define EN_COLS 128
-#define EN_K 8
+// Each stage: EN_STAGE_BYTES of every staged row (32 f32 or 64 16-bit inputs,
+// or 32 when an f32 operand meets a 16-bit one), EN_STRIDE words apart.
+#define EN_STAGE_BYTES 128
+#define EN_STRIDE (EN_STAGE_BYTES / 4 + 4)
+#define EN_STAGES 2
 #define EN_THREADS 256
 #define EN_WARPS (EN_THREADS / 32)
 #define EN_HIDDEN 128
@@ -74,17 +80,25 @@
 #define EN_ROUNDED 1
 #define EN_SPLIT 2
 
-// What a staged 32-bit word holds: an f32 input (Exact), an f32 rounded to tf32
-// (TensorCore on f32) or two neighbouring 16-bit inputs, the lower in the low
-// half (TensorCore on f16 / bf16, as mma's .f16x2 / .bf16x2 operands pack them).
+// The multiply: f32 fmaf (Exact), tf32 MMA on f32 inputs (each operand rounded
+// with cvt.rna.tf32.f32 as it is read), or 16-bit MMA on words of two
+// neighbouring inputs, the lower in the low half (mma's .f16x2 / .bf16x2).
 #define EN_ARITH_FMA 0
 #define EN_ARITH_TF32 1
 #define EN_ARITH_PAIR 2
 
 static_assert(EN_WARPS == 8 && EN_ROWS == 64 && EN_COLS == 128,
               "8 warps of 32 x 32 outputs tile 64 rows x 128 units");
-static_assert(EN_THREADS == 2 * EN_COLS && EN_THREADS == 4 * EN_ROWS,
-              "staging: two threads per weight row, the first 128 two per input row");
+// The shared memory of a block: the activations, the stage ring, the rows' losses.
+#define EN_SHARED_BYTES \
+    (4 * (EN_ROWS * EN_HIDDEN + EN_STAGES * (EN_ROWS + EN_COLS) * EN_STRIDE) + 12 * EN_ROWS)
+
+// cp.async (sm_80+); below it every stage is copied through registers.
+#if __CUDA_ARCH__ >= 800
+#define EN_CP_ASYNC 1
+#else
+#define EN_CP_ASYNC 0
+#endif
 
 // Must match EnsembleArgs in src/cuda/ensemble.rs field for field.
 struct EnsembleArgs {
@@ -134,17 +148,20 @@ LK_FIELD_AT(EnsembleArgs, shared_input, 444);
 static_assert(sizeof(EnsembleArgs) == 448, "EnsembleArgs is 448 bytes as in Rust");
 
 
-// The staged words are k-major ([input][row] and [input][unit]) so that a thread
-// reads 8 rows or 4 units of one input with 16-byte loads; the rows are padded by
-// 8 words so that the MMA fragments' reads (lane / 4 along the rows, lane % 4
-// along the inputs) fall on 32 different banks.
+// A stage holds, per input row and per weight row (unit), EN_STAGE_BYTES of
+// consecutive inputs in the row's own order (as in global memory, so cp.async
+// copies them unchanged and the MMA operands read whole words), each staged row
+// padded by 4 words so that the MMA fragments' reads (lane / 4 along the rows,
+// lane % 4 along the words) and the Exact tile's 16-byte reads fall on
+// different banks. In dynamic shared memory: EN_SHARED_BYTES, as in Rust.
 struct alignas(16) EnShared {
-    float act[EN_ROWS * EN_HIDDEN];                   // the tile's activations
-    unsigned int x[2][EN_K][EN_ROWS + 8];             // staged input words, 2 stages
-    unsigned int w[2][EN_K][EN_COLS + 8];             // staged weight words
+    float act[EN_ROWS * EN_HIDDEN];                        // the tile's activations
+    unsigned int x[EN_STAGES][EN_ROWS][EN_STRIDE];         // staged input rows
+    unsigned int w[EN_STAGES][EN_COLS][EN_STRIDE];         // staged weight rows
     double row_loss[EN_ROWS];
     float row_hit[EN_ROWS];
 };
+static_assert(sizeof(EnShared) == EN_SHARED_BYTES, "EN_SHARED_BYTES is sizeof(EnShared)");
 
 // One layer of one model: [out, in] weights and [out] biases (the centre's in a
 // scan), the direction's in a scan, and the model's distance.
@@ -201,160 +218,189 @@ __device__ __forceinline__ float en_half_to_f32(unsigned int bits) {
     return lk_to_f32(h);
 }
 
-// p[0..4) of a row as f32, zero from `left` on (the elements the row still has
-// from p; none are read past it): one 16-byte (f32) or 8-byte (16-bit) load when
-// `vec` says p is aligned for it.
-__device__ __forceinline__ void en_load4(const float* p, lk_i64 left, bool vec, float v[4]) {
-    if (vec && left >= 4) {
-        const float4 q = *reinterpret_cast<const float4*>(p);
-        v[0] = q.x;
-        v[1] = q.y;
-        v[2] = q.z;
-        v[3] = q.w;
-        return;
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = i < left ? p[i] : 0.0f;
-}
-
-template <typename T>
-__device__ __forceinline__ void en_load4(const T* p, lk_i64 left, bool vec, float v[4]) {
-    if (vec && left >= 4) {
-        const uint2 q = *reinterpret_cast<const uint2*>(p);
-        v[0] = en_half_to_f32<T>(q.x & 0xffffu);
-        v[1] = en_half_to_f32<T>(q.x >> 16);
-        v[2] = en_half_to_f32<T>(q.y & 0xffffu);
-        v[3] = en_half_to_f32<T>(q.y >> 16);
-        return;
-    }
-#pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] = i < left ? lk_to_f32(p[i]) : 0.0f;
-}
-
-// Inputs per staged word.
-template <int Arith>
-__device__ __forceinline__ constexpr int en_per_word() {
-    return Arith == EN_ARITH_PAIR ? 2 : 1;
-}
-
-// The 4 words of 4 * en_per_word elements at p (see EN_ARITH_*).
-template <typename T, int Arith, typename TSrc>
-__device__ __forceinline__ void en_load_run(const TSrc* p, lk_i64 left, bool vec,
-                                            float* v) {
-#pragma unroll
-    for (int h = 0; h < en_per_word<Arith>(); ++h) en_load4(p + 4 * h, left - 4 * h, vec, v + 4 * h);
-}
-
-template <typename T, int Arith>
-__device__ __forceinline__ unsigned int en_word(const float* v) {
-    if constexpr (Arith == EN_ARITH_PAIR) {
-        return (unsigned int)lk_from_f32<T>(v[0]).bits |
-               ((unsigned int)lk_from_f32<T>(v[1]).bits << 16);
-    } else if constexpr (Arith == EN_ARITH_TF32) {
-        unsigned int r;
-        asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v[0]));
-        return r;
-    } else {
-        return __float_as_uint(v[0]);
-    }
-}
-
-// The A operand of a layer: `rows` rows of d_in inputs, row-major (X's rows, or
-// the activations in shared memory or scratch).
-template <typename TIn>
-struct EnRowsIn {
-    const TIn* p;
-    lk_i64 d_in;
-    int rows;
-    bool vec;
-};
-
-// The B operand: units j0.. of w [d_out, d_in]; with d (a Rounded scan's
-// direction) each weight is formed as fl(w + fl(t d)) as it is staged.
-template <typename T>
-struct EnWeightsIn {
-    const T* w;
-    const T* d;
-    float t;
-    lk_i64 d_in;
-    lk_i64 d_out;
-    lk_i64 j0;
-    bool vec;
-};
-
-// One stage in registers: this thread's 4 words of the input rows (threads
-// 0..127: row tid / 2, words 4 (tid % 2)..) and of the weights (unit tid / 2).
-struct EnFetch {
-    unsigned int x[4];
-    unsigned int w[4];
-};
-
+// The element type a layer's input rows are staged in: the input's own (the
+// Exact kernels widen at the multiply), or for the TensorCore kernels the
+// parameters' dtype (the hidden activations rounded to it as they are staged).
 template <typename T, typename TIn, int Arith>
-__device__ __forceinline__ void en_fetch(const EnRowsIn<TIn>& in, const EnWeightsIn<T>& wt,
-                                         lk_i64 k0, EnFetch& f) {
-    constexpr int per = en_per_word<Arith>();
-    const int tid = threadIdx.x;
-    const lk_i64 k = k0 + (tid & 1) * 4 * per;
-    float v[4 * per];
-    if (tid < 2 * EN_ROWS) {
-        const int r = tid >> 1;
-        const lk_i64 left = r < in.rows ? in.d_in - k : 0;
-        en_load_run<T, Arith>(in.p + (lk_i64)r * in.d_in + k, left, in.vec, v);
+struct EnStaged {
+    typedef TIn type;
+};
+template <typename T, typename TIn>
+struct EnStaged<T, TIn, EN_ARITH_TF32> {
+    typedef T type;
+};
+template <typename T, typename TIn>
+struct EnStaged<T, TIn, EN_ARITH_PAIR> {
+    typedef T type;
+};
+
+template <typename A, typename B>
+struct EnSame {
+    static constexpr bool value = false;
+};
+template <typename A>
+struct EnSame<A, A> {
+    static constexpr bool value = true;
+};
+
+// Inputs per stage: what fills a staged row of the wider of the two operands.
+template <typename TA, typename TW>
+__device__ __forceinline__ constexpr int en_stage_depth() {
+    return EN_STAGE_BYTES / (sizeof(TA) > sizeof(TW) ? (int)sizeof(TA) : (int)sizeof(TW));
+}
+
+__device__ __forceinline__ bool en_is_global(const void* p) {
+    unsigned int r;
+    asm("{\n .reg .pred g;\n isspacep.global g, %1;\n selp.u32 %0, 1, 0, g;\n}"
+        : "=r"(r)
+        : "l"(p));
+    return r != 0;
+}
+
+// 16 bytes from global memory into shared memory without passing through
+// registers, the bytes past `bytes` zero-filled (none of them are read).
+__device__ __forceinline__ void en_copy_async(unsigned int* to, const void* from, int bytes) {
+#if EN_CP_ASYNC
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(lk_smem(to)), "l"(from),
+                 "r"(bytes)
+                 : "memory");
+#endif
+}
+
+__device__ __forceinline__ void en_copy_commit() {
+#if EN_CP_ASYNC
+    asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+// Waits until at most `Pending` of this thread's committed copy groups are in flight.
+template <int Pending>
+__device__ __forceinline__ void en_copy_wait() {
+#if EN_CP_ASYNC
+    asm volatile("cp.async.wait_group %0;" ::"n"(Pending) : "memory");
+#endif
+}
+
+// The 16 bytes of `left` (at most 16 / sizeof(TS)) elements at `from` as TS,
+// zero past them; with `dir` (a Rounded scan's direction) each element formed
+// as fl(w + fl(t d)) first.
+template <typename TS, typename TSrc>
+__device__ __forceinline__ void en_copy_sync(unsigned int* to, const TSrc* from, lk_i64 left,
+                                             const TSrc* dir, float t) {
+    constexpr int per = 16 / sizeof(TS);
+    float v[per];
 #pragma unroll
-        for (int q = 0; q < 4; ++q) f.x[q] = en_word<T, Arith>(v + per * q);
+    for (int i = 0; i < per; ++i) {
+        v[i] = i < left ? lk_to_f32(from[i]) : 0.0f;
+        if (dir != nullptr && i < left) v[i] = en_perturbed<TS>(v[i], t, lk_to_f32(dir[i]));
     }
-    const lk_i64 j = wt.j0 + (tid >> 1);
-    const lk_i64 left = j < wt.d_out ? wt.d_in - k : 0;
-    const lk_i64 at = j * wt.d_in + k;
-    en_load_run<T, Arith>(wt.w + at, left, wt.vec, v);
-    if (wt.d != nullptr) {
-        float d[4 * per];
-        en_load_run<T, Arith>(wt.d + at, left, wt.vec, d);
+    uint4 q;
+    unsigned int* word = &q.x;
 #pragma unroll
-        for (int i = 0; i < 4 * per; ++i) {
-            if (i < left) v[i] = en_perturbed<T>(v[i], wt.t, d[i]);
+    for (int i = 0; i < 4; ++i) {
+        if constexpr (per == 4) {
+            word[i] = __float_as_uint(v[i]);
+        } else {
+            word[i] = (unsigned int)lk_from_f32<TS>(v[2 * i]).bits |
+                      ((unsigned int)lk_from_f32<TS>(v[2 * i + 1]).bits << 16);
         }
     }
-#pragma unroll
-    for (int q = 0; q < 4; ++q) f.w[q] = en_word<T, Arith>(v + per * q);
+    *reinterpret_cast<uint4*>(to) = q;
 }
 
-__device__ __forceinline__ void en_store(const EnFetch& f, int s, EnShared& sh) {
-    const int tid = threadIdx.x;
-    const int word = (tid & 1) * 4;
-    if (tid < 2 * EN_ROWS) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) sh.x[s][word + q][tid >> 1] = f.x[q];
+// Operand rows for one stage: `n` staged rows (EN_STRIDE words each) from the
+// rows of d_in inputs at `src`, of which the first `valid` exist, inputs k0 ..
+// k0 + Depth as TS, zero past the rows' ends. `async` (a global source already
+// in TS, 16-byte aligned rows, no direction): cp.async; else through registers.
+struct EnOperand {
+    const void* src;
+    const void* dir;
+    float t;
+    lk_i64 d_in;
+    int valid;
+    bool async;
+};
+
+template <typename TS, typename TSrc, int Depth>
+__device__ __forceinline__ void en_stage(unsigned int (*dst)[EN_STRIDE], int n, const EnOperand& o,
+                                         lk_i64 k0) {
+    constexpr int per = 16 / sizeof(TS);
+    constexpr int chunks = Depth / per;
+    const TSrc* src = (const TSrc*)o.src;
+    const TSrc* dir = (const TSrc*)o.dir;
+    for (int q = threadIdx.x; q < n * chunks; q += EN_THREADS) {
+        const int r = q / chunks;
+        const lk_i64 k = k0 + (q % chunks) * per;
+        lk_i64 left = r < o.valid ? o.d_in - k : 0;
+        left = left < 0 ? 0 : (left > per ? per : left);
+        const lk_i64 at = (lk_i64)r * o.d_in + k;
+        unsigned int* to = &dst[r][(q % chunks) * 4];
+        if (o.async) {
+            en_copy_async(to, left > 0 ? (const void*)(src + at) : o.src, (int)(left * sizeof(TS)));
+        } else {
+            en_copy_sync<TS>(to, src + at, left, dir == nullptr ? nullptr : dir + at, o.t);
+        }
     }
-#pragma unroll
-    for (int q = 0; q < 4; ++q) sh.w[s][word + q][tid >> 1] = f.w[q];
 }
 
 // Warp w computes rows 32 (w / 4).. and units 32 (w % 4).. of the block's tile.
 __device__ __forceinline__ int en_warp_row() { return (threadIdx.x >> 7) * 32; }
 __device__ __forceinline__ int en_warp_col() { return ((threadIdx.x >> 5) & 3) * 32; }
 
-// Exact: the thread's lanes are 4 x 8 over the warp's tile, 8 rows x 4 units
-// each; accumulator 4 i + j is row r0 + i, unit c0 + j.
-__device__ __forceinline__ int en_fma_row0() { return en_warp_row() + ((threadIdx.x & 31) >> 3) * 8; }
-__device__ __forceinline__ int en_fma_col0() { return en_warp_col() + (threadIdx.x & 7) * 4; }
+// Exact: each thread holds rows r0 + 4 i (i < 8) and units c0 + 8 j (j < 4) of
+// its warp's tile, accumulator 4 i + j; the strides put one 16-byte read of the
+// warp on 4 (rows) or 8 (units) different staged rows, all on different banks.
+__device__ __forceinline__ int en_fma_row0() { return en_warp_row() + ((threadIdx.x & 31) >> 3); }
+__device__ __forceinline__ int en_fma_col0() { return en_warp_col() + (threadIdx.x & 7); }
 
-// One stage of 8 inputs: per input, 8 rows and 4 units by 16-byte loads, then
-// 32 fmaf, so each accumulator's chain takes the inputs in order.
+// Inputs k .. k + 8 (k a multiple of 8) of a staged row, as f32.
+template <typename TS>
+__device__ __forceinline__ void en_load8(const unsigned int* row, int k, float v[8]) {
+    if constexpr (sizeof(TS) == 4) {
+        const float4 lo = *reinterpret_cast<const float4*>(row + k);
+        const float4 hi = *reinterpret_cast<const float4*>(row + k + 4);
+        v[0] = lo.x;
+        v[1] = lo.y;
+        v[2] = lo.z;
+        v[3] = lo.w;
+        v[4] = hi.x;
+        v[5] = hi.y;
+        v[6] = hi.z;
+        v[7] = hi.w;
+    } else {
+        const uint4 q = *reinterpret_cast<const uint4*>(row + k / 2);
+        const unsigned int word[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            v[2 * i] = en_half_to_f32<TS>(word[i] & 0xffffu);
+            v[2 * i + 1] = en_half_to_f32<TS>(word[i] >> 16);
+        }
+    }
+}
+
+// One stage of Depth inputs, 8 at a time: a row's 8 inputs against the 4 units'
+// (kept in registers across the rows), so each accumulator's fmaf chain takes
+// the inputs in order.
+template <typename TA, typename TW, int Depth>
 __device__ __forceinline__ void en_fma_stage(const EnShared& sh, int s, float acc[EN_TILE]) {
     const int r0 = en_fma_row0();
     const int c0 = en_fma_col0();
 #pragma unroll
-    for (int kk = 0; kk < EN_K; ++kk) {
-        const float4 h_lo = *reinterpret_cast<const float4*>(&sh.x[s][kk][r0]);
-        const float4 h_hi = *reinterpret_cast<const float4*>(&sh.x[s][kk][r0 + 4]);
-        const float4 w4 = *reinterpret_cast<const float4*>(&sh.w[s][kk][c0]);
-        const float h[8] = {h_lo.x, h_lo.y, h_lo.z, h_lo.w, h_hi.x, h_hi.y, h_hi.z, h_hi.w};
-        const float w[4] = {w4.x, w4.y, w4.z, w4.w};
+    for (int k = 0; k < Depth; k += 8) {
+        float w[4][8];
+#pragma unroll
+        for (int j = 0; j < 4; ++j) en_load8<TW>(sh.w[s][c0 + 8 * j], k, w[j]);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
+            float h[8];
+            en_load8<TA>(sh.x[s][r0 + 4 * i], k, h);
 #pragma unroll
-            for (int j = 0; j < 4; ++j) acc[4 * i + j] = fmaf(w[j], h[i], acc[4 * i + j]);
+            for (int kk = 0; kk < 8; ++kk) {
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    acc[4 * i + j] = fmaf(w[j][kk], h[kk], acc[4 * i + j]);
+                }
+            }
         }
     }
 }
@@ -407,31 +453,47 @@ __device__ __forceinline__ void en_mma_out_at(int q, int& r, int& c) {
     c = en_warp_col() + (tile & 3) * 8 + (lane & 3) * 2 + (q & 1);
 }
 
+// A staged word as an MMA operand: an f32 rounded to tf32, or two 16-bit inputs.
+template <int Arith>
+__device__ __forceinline__ unsigned int en_operand(unsigned int word) {
+    if constexpr (Arith == EN_ARITH_TF32) {
+        unsigned int r;
+        asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(__uint_as_float(word)));
+        return r;
+    } else {
+        return word;
+    }
+}
+
+// One stage (32 words of every staged row) in 4 MMA steps of 8 words.
 template <typename T, int Arith>
 __device__ __forceinline__ void en_mma_stage(const EnShared& sh, int s, float acc[EN_TILE]) {
     const int lane = threadIdx.x & 31;
     const int g = lane >> 2;
     const int c = lane & 3;
-    unsigned int a[2][4];
-    unsigned int b[4][2];
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
-        const int m = en_warp_row() + mi * 16 + g;
-        a[mi][0] = sh.x[s][c][m];
-        a[mi][1] = sh.x[s][c][m + 8];
-        a[mi][2] = sh.x[s][c + 4][m];
-        a[mi][3] = sh.x[s][c + 4][m + 8];
-    }
+    for (int w0 = 0; w0 < EN_STAGE_BYTES / 4; w0 += 8) {
+        unsigned int a[2][4];
+        unsigned int b[4][2];
 #pragma unroll
-    for (int ni = 0; ni < 4; ++ni) {
-        const int n = en_warp_col() + ni * 8 + g;
-        b[ni][0] = sh.w[s][c][n];
-        b[ni][1] = sh.w[s][c + 4][n];
-    }
+        for (int mi = 0; mi < 2; ++mi) {
+            const int m = en_warp_row() + mi * 16 + g;
+            a[mi][0] = en_operand<Arith>(sh.x[s][m][w0 + c]);
+            a[mi][1] = en_operand<Arith>(sh.x[s][m + 8][w0 + c]);
+            a[mi][2] = en_operand<Arith>(sh.x[s][m][w0 + c + 4]);
+            a[mi][3] = en_operand<Arith>(sh.x[s][m + 8][w0 + c + 4]);
+        }
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi) {
+        for (int ni = 0; ni < 4; ++ni) {
+            const int n = en_warp_col() + ni * 8 + g;
+            b[ni][0] = en_operand<Arith>(sh.w[s][n][w0 + c]);
+            b[ni][1] = en_operand<Arith>(sh.w[s][n][w0 + c + 4]);
+        }
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni) en_mma<T, Arith>(acc + 4 * (4 * mi + ni), a[mi], b[ni]);
+        for (int mi = 0; mi < 2; ++mi) {
+#pragma unroll
+            for (int ni = 0; ni < 4; ++ni) en_mma<T, Arith>(acc + 4 * (4 * mi + ni), a[mi], b[ni]);
+        }
     }
 }
 
@@ -439,40 +501,50 @@ __device__ __forceinline__ void en_mma_stage(const EnShared& sh, int s, float ac
 template <int Arith>
 __device__ __forceinline__ void en_out_at(int q, int& r, int& c) {
     if constexpr (Arith == EN_ARITH_FMA) {
-        r = en_fma_row0() + (q >> 2);
-        c = en_fma_col0() + (q & 3);
+        r = en_fma_row0() + 4 * (q >> 2);
+        c = en_fma_col0() + 8 * (q & 3);
     } else {
         en_mma_out_at(q, r, c);
     }
 }
 
-// acc = in W^T over units wt.j0.. (no bias): the inputs in stages of EN_K words,
-// the next stage fetched into registers while this one is multiplied. Ends with a
-// barrier, after which `in` is no longer read (so the caller may overwrite it).
+// acc = in W^T over units wt.j0.. (no bias): the inputs in stages of Depth
+// through an EN_STAGES-deep ring of shared-memory buffers, the copies for stage
+// i + EN_STAGES - 1 in flight while stage i is multiplied. Ends with a barrier,
+// after which `in` is no longer read (so the caller may overwrite it).
 template <typename T, typename TIn, int Arith>
-__device__ void en_accumulate(const EnRowsIn<TIn>& in, const EnWeightsIn<T>& wt,
-                              float acc[EN_TILE], EnShared& sh) {
-    const lk_i64 step = EN_K * en_per_word<Arith>();
+__device__ void en_accumulate(const EnOperand& in, const EnOperand& wt, float acc[EN_TILE],
+                              EnShared& sh) {
+    typedef typename EnStaged<T, TIn, Arith>::type TA;
+    constexpr int depth = en_stage_depth<TA, T>();
 #pragma unroll
     for (int q = 0; q < EN_TILE; ++q) acc[q] = 0.0f;
-    EnFetch f;
-    en_fetch<T, TIn, Arith>(in, wt, 0, f);
-    en_store(f, 0, sh);
-    __syncthreads();
-    int s = 0;
-    for (lk_i64 k0 = 0; k0 < in.d_in; k0 += step) {
-        const bool more = k0 + step < in.d_in;
-        if (more) en_fetch<T, TIn, Arith>(in, wt, k0 + step, f);
-        if constexpr (Arith == EN_ARITH_FMA) {
-            en_fma_stage(sh, s, acc);
-        } else {
-            en_mma_stage<T, Arith>(sh, s, acc);
-        }
-        // Stage s ^ 1 was last read before the previous barrier.
-        if (more) en_store(f, s ^ 1, sh);
-        __syncthreads();
-        s ^= 1;
+    const lk_i64 stages = (in.d_in + depth - 1) / depth;
+    const auto issue = [&](lk_i64 i) {
+        const int s = (int)(i % EN_STAGES);
+        en_stage<TA, TIn, depth>(sh.x[s], EN_ROWS, in, i * depth);
+        en_stage<T, T, depth>(sh.w[s], EN_COLS, wt, i * depth);
+    };
+#pragma unroll
+    for (int i = 0; i < EN_STAGES - 1; ++i) {
+        if (i < stages) issue(i);
+        en_copy_commit();
     }
+    for (lk_i64 i = 0; i < stages; ++i) {
+        en_copy_wait<EN_STAGES - 2>();
+        // Stage i has landed for every thread, and every thread is done with
+        // stage i - 1, whose buffer the next copies overwrite.
+        __syncthreads();
+        if (i + EN_STAGES - 1 < stages) issue(i + EN_STAGES - 1);
+        en_copy_commit();
+        if constexpr (Arith == EN_ARITH_FMA) {
+            en_fma_stage<TA, T, depth>(sh, (int)(i % EN_STAGES), acc);
+        } else {
+            en_mma_stage<T, Arith>(sh, (int)(i % EN_STAGES), acc);
+        }
+    }
+    en_copy_wait<0>();
+    __syncthreads();
 }
 
 // Bias, Split combination and ReLU of one column pass's accumulators into out
@@ -518,17 +590,22 @@ __device__ __forceinline__ void en_epilogue(const EnLayer<T>& p, int mode, bool 
 template <typename T, typename TIn, int Arith>
 __device__ void en_layer(const TIn* in, int rows, const EnLayer<T>& p, int mode, bool relu,
                          float* out, float* out_d, EnShared& sh) {
-    const EnRowsIn<TIn> src = {in, p.d_in, rows,
-                               p.d_in % 4 == 0 && en_aligned(in, 4 * sizeof(TIn))};
-    const bool weights_vec = p.d_in % 4 == 0 && en_aligned(p.w, 4 * sizeof(T)) &&
-                             (p.dw == nullptr || en_aligned(p.dw, 4 * sizeof(T)));
+    typedef typename EnStaged<T, TIn, Arith>::type TA;
+    const EnOperand src = {in, nullptr, 0.0f, p.d_in, rows,
+                           EN_CP_ASYNC && EnSame<TA, TIn>::value && en_is_global(in) &&
+                               en_aligned(in, 16) && p.d_in * sizeof(TIn) % 16 == 0};
+    const bool weights_async = EN_CP_ASYNC && p.d_in * sizeof(T) % 16 == 0 &&
+                               en_aligned(p.w, 16) && (p.dw == nullptr || en_aligned(p.dw, 16));
     for (lk_i64 j0 = 0; j0 < p.d_out; j0 += EN_COLS) {
         float acc[EN_TILE];
-        const EnWeightsIn<T> w = {p.w, mode == EN_ROUNDED ? p.dw : nullptr, p.t, p.d_in,
-                                  p.d_out, j0, weights_vec};
+        const int units = (int)(p.d_out - j0 < EN_COLS ? p.d_out - j0 : EN_COLS);
+        const T* dw = p.dw == nullptr ? nullptr : p.dw + j0 * p.d_in;
+        const bool rounded = mode == EN_ROUNDED;
+        const EnOperand w = {p.w + j0 * p.d_in, rounded ? dw : nullptr, p.t, p.d_in, units,
+                             weights_async && !rounded};
         if (mode == EN_SPLIT) {
             float acc_d[EN_TILE];
-            const EnWeightsIn<T> d = {p.dw, nullptr, 0.0f, p.d_in, p.d_out, j0, weights_vec};
+            const EnOperand d = {dw, nullptr, 0.0f, p.d_in, units, weights_async};
             en_accumulate<T, TIn, Arith>(src, d, acc_d, sh);
             en_accumulate<T, TIn, Arith>(src, w, acc, sh);
             en_epilogue<T, Arith>(p, mode, relu, rows, j0, acc, acc_d, out, out_d);
@@ -675,7 +752,8 @@ __device__ void en_split_direction(const EnsembleArgs& a, lk_i64 k, int rows, lk
 
 template <typename T, int Arith>
 __device__ void ensemble_mlp(const EnsembleArgs& a) {
-    __shared__ EnShared sh;
+    extern __shared__ __align__(16) unsigned char en_shared[];
+    EnShared& sh = *reinterpret_cast<EnShared*>(en_shared);
     float* scratch = a.scratch != nullptr ? a.scratch + (lk_i64)blockIdx.x * a.scratch_stride
                                           : nullptr;
     float* const act[2] = {
@@ -710,7 +788,7 @@ __device__ void ensemble_mlp(const EnsembleArgs& a) {
     }
 }
 
-// Two blocks per multiprocessor: 2 x 46 KB of shared memory and at most 128
+// Two blocks per multiprocessor: 2 x 87 KB of shared memory and at most 128
 // registers a thread.
 #define EN_BOUNDS __launch_bounds__(EN_THREADS, 2)
 

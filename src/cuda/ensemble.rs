@@ -9,7 +9,8 @@
 //!    layer: activations in shared memory when every width after the input is at most
 //!    128, else in the block's own scratch (the grid is then one resident wave, so the
 //!    scratch stays small and in L2); each layer a register-tiled GEMM over inputs and
-//!    weights staged through double-buffered shared memory: f32 FMA chains in input order
+//!    weights staged through a ring of shared-memory stages (cp.async where the rows are
+//!    16-byte aligned, [`SHARED_BYTES`] a block): f32 FMA chains in input order
 //!    (Exact), or mma.sync tf32 / bf16 / f16 with f32 accumulation (TensorCore); the
 //!    tile's cross-entropies summed in f64 in row order into its (model, tile) slot.
 //! 3. `ensemble_finalize`: a block per model; loss and accuracy in f64 from the slots.
@@ -41,6 +42,16 @@ const ROWS: usize = 64;
 const THREADS: u32 = 256;
 const HIDDEN: usize = 128;
 const MAX_LAYERS: usize = 8;
+
+/// The MLP kernels' dynamic shared memory per block, kernels/ensemble.cu's
+/// EN_SHARED_BYTES from its EN_COLS, EN_STAGES and EN_STRIDE: the activations, a ring of
+/// stages of the input and weight rows, and the rows' losses and hits.
+const SHARED_BYTES: u32 = {
+    const COLS: usize = 128;
+    const STAGES: usize = 2;
+    const STRIDE: usize = 36;
+    (4 * (ROWS * HIDDEN + STAGES * (ROWS + COLS) * STRIDE) + 12 * ROWS) as u32
+};
 
 /// The kernels' mode codes (EN_FORWARD, EN_ROUNDED, EN_SPLIT).
 fn mode(spec: &EnsembleSpec) -> i32 {
@@ -236,7 +247,7 @@ impl Plan {
             // a few blocks' worth, not one per tile.
             let kernels = kernels(stream.context())?;
             let f = kernels.function(KernelSource::Ensemble, kernel_name(stream, spec)?)?;
-            let resident = kernels.blocks_per_multiprocessor(&f, THREADS)? as usize
+            let resident = kernels.blocks_per_multiprocessor(&f, THREADS, SHARED_BYTES)? as usize
                 * kernels.multiprocessors() as usize;
             work.min(resident.max(1))
         };
@@ -501,7 +512,7 @@ pub fn ensemble_raw(
         mode: mode(spec),
         shared_input: i32::from(spec.shared_input),
     };
-    let cfg = kernels.fixed_config(name, &mlp, plan.grid, THREADS)?;
+    let cfg = kernels.fixed_config_shared(name, &mlp, plan.grid, THREADS, SHARED_BYTES)?;
     // SAFETY: the argument block matches the kernel's parameter (see the DeviceRepr impl).
     // Every input is read within the sizes checked above: X's rows, each layer's
     // [lead, out, in] and [lead, out] (the centre's with lead 1 in a scan, a direction's
@@ -509,7 +520,8 @@ pub fn ensemble_raw(
     // distances and indices. It writes the E tiles slots, E B C logits when the pointer
     // is not null, and at most `grid` blocks of `scratch_stride` floats of scratch (the
     // grid is `plan.grid` or fewer, capped by the device), all checked. The block is the
-    // 256 threads the kernel's tiles are laid out for, checked against the limits.
+    // 256 threads the kernel's tiles are laid out for, checked against the limits, with
+    // the SHARED_BYTES of dynamic shared memory its EnShared takes (a static_assert there).
     unsafe { stream.launch_builder(&mlp).arg(&args).launch(cfg) }.map_err(driver_error(name))?;
 
     let finalize_args = EnsembleFinalizeArgs {

@@ -247,11 +247,35 @@ impl Kernels {
         self.checked(name, f, (grid, 1, 1), (threads, 1, 1))
     }
 
-    /// How many blocks of `block` threads of `f` one multiprocessor holds at
-    /// once (registers, shared memory and thread limits), at least 1.
-    pub(crate) fn blocks_per_multiprocessor(&self, f: &CudaFunction, block: u32) -> Result<u32> {
+    /// [`Kernels::fixed_config`] for a kernel that takes `shared` bytes of dynamic
+    /// shared memory per block, `f` opted into that much first.
+    pub(crate) fn fixed_config_shared(
+        &self,
+        name: &str,
+        f: &CudaFunction,
+        blocks: usize,
+        threads: u32,
+        shared: u32,
+    ) -> Result<LaunchConfig> {
+        opt_in_shared(f, shared)?;
+        let mut config = self.fixed_config(name, f, blocks, threads)?;
+        config.shared_mem_bytes = shared;
+        Ok(config)
+    }
+
+    /// How many blocks of `block` threads of `f`, each with `shared` bytes of
+    /// dynamic shared memory, one multiprocessor holds at once (registers,
+    /// shared memory and thread limits), at least 1.
+    pub(crate) fn blocks_per_multiprocessor(
+        &self,
+        f: &CudaFunction,
+        block: u32,
+        shared: u32,
+    ) -> Result<u32> {
+        opt_in_shared(f, shared)?;
+        let shared = usize::try_from(shared).unwrap_or(usize::MAX);
         let blocks = f
-            .occupancy_max_active_blocks_per_multiprocessor(block, 0, None)
+            .occupancy_max_active_blocks_per_multiprocessor(block, shared, None)
             .map_err(driver_error("cuOccupancyMaxActiveBlocksPerMultiprocessor"))?;
         Ok(blocks.max(1))
     }
@@ -304,17 +328,10 @@ impl Kernels {
         work: usize,
         shape: ClusterShape,
     ) -> Result<Option<ClusterConfig>> {
-        let attribute = |what: FuncAttr, value: u32| {
-            let value = i32::try_from(value).unwrap_or(i32::MAX);
-            f.set_attribute(what, value)
-                .map_err(driver_error("cuFuncSetAttribute"))
-        };
-        attribute(
-            FuncAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-            shape.shared,
-        )?;
+        opt_in_shared(f, shape.shared)?;
         if shape.size > 8 {
-            attribute(
+            set_attribute(
+                f,
                 FuncAttr::CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED,
                 1,
             )?;
@@ -437,6 +454,22 @@ impl Kernels {
             shared_mem_bytes: 0,
         })
     }
+}
+
+fn set_attribute(f: &CudaFunction, what: FuncAttr, value: u32) -> Result<()> {
+    let value = i32::try_from(value).unwrap_or(i32::MAX);
+    f.set_attribute(what, value)
+        .map_err(driver_error("cuFuncSetAttribute"))
+}
+
+/// Opts `f` into `shared` bytes of dynamic shared memory per block (the driver
+/// refuses more than the device's opt-in maximum).
+fn opt_in_shared(f: &CudaFunction, shared: u32) -> Result<()> {
+    set_attribute(
+        f,
+        FuncAttr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+        shared,
+    )
 }
 
 /// The shape of one cluster of a cluster launch.

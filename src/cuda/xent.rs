@@ -814,7 +814,7 @@ fn fwd_config(
     }
     let block = rows.block_dim.0;
     let resident = u64::from(kernels.multiprocessors())
-        * u64::from(kernels.blocks_per_multiprocessor(f, block)?);
+        * u64::from(kernels.blocks_per_multiprocessor(f, block, 0)?);
     let row_bytes = (v as u64).saturating_mul(elem as u64).max(1);
     let fit = (kernels.l2_bytes() / 2 / row_bytes).max(u64::from(kernels.multiprocessors()));
     let grid = u32::try_from(resident.min(fit)).unwrap_or(u32::MAX);
