@@ -37,6 +37,8 @@
 //                                m16n8k16 bf16/f16 for 16-bit inputs, the hidden
 //                                activations rounded to the input dtype) with
 //                                f32 accumulation.
+//   ensemble_split_{,tc_}{dtype} the same for a Split scan: kernels of their own,
+//                                since they hold twice the accumulators.
 //   ensemble_finalize            a block per model: its slots in f64, in tile
 //                                order then the fixed tree: loss and accuracy.
 //
@@ -308,7 +310,7 @@ __device__ __forceinline__ void en_copy_sync(unsigned int* to, const TSrc* from,
     *reinterpret_cast<uint4*>(to) = q;
 }
 
-// Operand rows for one stage: `n` staged rows (EN_STRIDE words each) from the
+// Operand rows for one stage: Rows staged rows (EN_STRIDE words each) from the
 // rows of d_in inputs at `src`, of which the first `valid` exist, inputs k0 ..
 // k0 + Depth as TS, zero past the rows' ends. `async` (a global source already
 // in TS, 16-byte aligned rows, no direction): cp.async; else through registers.
@@ -321,25 +323,39 @@ struct EnOperand {
     bool async;
 };
 
-template <typename TS, typename TSrc, int Depth>
-__device__ __forceinline__ void en_stage(unsigned int (*dst)[EN_STRIDE], int n, const EnOperand& o,
+// A thread stages the same 16-byte part of every `step`-th row, so one column
+// bound serves all its chunks and their addresses are a fixed stride apart.
+template <typename TS, typename TSrc, int Depth, int Rows>
+__device__ __forceinline__ void en_stage(unsigned int (*dst)[EN_STRIDE], const EnOperand& o,
                                          lk_i64 k0) {
     constexpr int per = 16 / sizeof(TS);
     constexpr int chunks = Depth / per;
-    const TSrc* src = (const TSrc*)o.src;
-    const TSrc* dir = (const TSrc*)o.dir;
-    for (int q = threadIdx.x; q < n * chunks; q += EN_THREADS) {
-        const int r = q / chunks;
-        const lk_i64 k = k0 + (q % chunks) * per;
-        lk_i64 left = r < o.valid ? o.d_in - k : 0;
-        left = left < 0 ? 0 : (left > per ? per : left);
-        const lk_i64 at = (lk_i64)r * o.d_in + k;
-        unsigned int* to = &dst[r][(q % chunks) * 4];
-        if (o.async) {
-            en_copy_async(to, left > 0 ? (const void*)(src + at) : o.src, (int)(left * sizeof(TS)));
-        } else {
-            en_copy_sync<TS>(to, src + at, left, dir == nullptr ? nullptr : dir + at, o.t);
+    constexpr int step = EN_THREADS / chunks;
+    static_assert(EN_THREADS % chunks == 0 && Rows % step == 0, "whole chunks per thread");
+    const int r0 = threadIdx.x / chunks;
+    const int part = threadIdx.x % chunks;
+    const lk_i64 k = k0 + part * per;
+    const lk_i64 rest = o.d_in - k;
+    const int in_row = rest < 0 ? 0 : (rest > per ? per : (int)rest);
+    const lk_i64 at = (lk_i64)r0 * o.d_in + k;
+    const TSrc* src = (const TSrc*)o.src + at;
+    const lk_i64 row_step = (lk_i64)step * o.d_in;
+    if (o.async) {
+#pragma unroll
+        for (int j = 0; j < Rows / step; ++j) {
+            const int left = r0 + j * step < o.valid ? in_row : 0;
+            en_copy_async(&dst[r0 + j * step][part * 4],
+                          left > 0 ? (const void*)(src + j * row_step) : o.src,
+                          left * (int)sizeof(TS));
         }
+        return;
+    }
+    const TSrc* dir = o.dir == nullptr ? nullptr : (const TSrc*)o.dir + at;
+#pragma unroll 1
+    for (int j = 0; j < Rows / step; ++j) {
+        const int left = r0 + j * step < o.valid ? in_row : 0;
+        en_copy_sync<TS>(&dst[r0 + j * step][part * 4], src + j * row_step, left,
+                         dir == nullptr ? nullptr : dir + j * row_step, o.t);
     }
 }
 
@@ -353,32 +369,26 @@ __device__ __forceinline__ int en_warp_col() { return ((threadIdx.x >> 5) & 3) *
 __device__ __forceinline__ int en_fma_row0() { return en_warp_row() + ((threadIdx.x & 31) >> 3); }
 __device__ __forceinline__ int en_fma_col0() { return en_warp_col() + (threadIdx.x & 7); }
 
-// Inputs k .. k + 8 (k a multiple of 8) of a staged row, as f32.
+// Inputs k .. k + 4 (k a multiple of 4) of a staged row, as f32: one 16-byte
+// (f32) or 8-byte (16-bit) read.
 template <typename TS>
-__device__ __forceinline__ void en_load8(const unsigned int* row, int k, float v[8]) {
+__device__ __forceinline__ void en_load4(const unsigned int* row, int k, float v[4]) {
     if constexpr (sizeof(TS) == 4) {
-        const float4 lo = *reinterpret_cast<const float4*>(row + k);
-        const float4 hi = *reinterpret_cast<const float4*>(row + k + 4);
-        v[0] = lo.x;
-        v[1] = lo.y;
-        v[2] = lo.z;
-        v[3] = lo.w;
-        v[4] = hi.x;
-        v[5] = hi.y;
-        v[6] = hi.z;
-        v[7] = hi.w;
+        const float4 q = *reinterpret_cast<const float4*>(row + k);
+        v[0] = q.x;
+        v[1] = q.y;
+        v[2] = q.z;
+        v[3] = q.w;
     } else {
-        const uint4 q = *reinterpret_cast<const uint4*>(row + k / 2);
-        const unsigned int word[4] = {q.x, q.y, q.z, q.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            v[2 * i] = en_half_to_f32<TS>(word[i] & 0xffffu);
-            v[2 * i + 1] = en_half_to_f32<TS>(word[i] >> 16);
-        }
+        const uint2 q = *reinterpret_cast<const uint2*>(row + k / 2);
+        v[0] = en_half_to_f32<TS>(q.x & 0xffffu);
+        v[1] = en_half_to_f32<TS>(q.x >> 16);
+        v[2] = en_half_to_f32<TS>(q.y & 0xffffu);
+        v[3] = en_half_to_f32<TS>(q.y >> 16);
     }
 }
 
-// One stage of Depth inputs, 8 at a time: a row's 8 inputs against the 4 units'
+// One stage of Depth inputs, 4 at a time: a row's 4 inputs against the 4 units'
 // (kept in registers across the rows), so each accumulator's fmaf chain takes
 // the inputs in order.
 template <typename TA, typename TW, int Depth>
@@ -386,16 +396,16 @@ __device__ __forceinline__ void en_fma_stage(const EnShared& sh, int s, float ac
     const int r0 = en_fma_row0();
     const int c0 = en_fma_col0();
 #pragma unroll
-    for (int k = 0; k < Depth; k += 8) {
-        float w[4][8];
+    for (int k = 0; k < Depth; k += 4) {
+        float w[4][4];
 #pragma unroll
-        for (int j = 0; j < 4; ++j) en_load8<TW>(sh.w[s][c0 + 8 * j], k, w[j]);
+        for (int j = 0; j < 4; ++j) en_load4<TW>(sh.w[s][c0 + 8 * j], k, w[j]);
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
-            float h[8];
-            en_load8<TA>(sh.x[s][r0 + 4 * i], k, h);
+            float h[4];
+            en_load4<TA>(sh.x[s][r0 + 4 * i], k, h);
 #pragma unroll
-            for (int kk = 0; kk < 8; ++kk) {
+            for (int kk = 0; kk < 4; ++kk) {
 #pragma unroll
                 for (int j = 0; j < 4; ++j) {
                     acc[4 * i + j] = fmaf(w[j][kk], h[kk], acc[4 * i + j]);
@@ -465,29 +475,44 @@ __device__ __forceinline__ unsigned int en_operand(unsigned int word) {
     }
 }
 
-// One stage (32 words of every staged row) in 4 MMA steps of 8 words.
+// Four 8 x 4-word matrices of staged rows, one per ldmatrix.x4 result: lane l
+// gives the address of row l % 8 of matrix l / 8, and receives word (l / 4,
+// l % 4) of each matrix, the MMA fragment layout above (a 32-bit word is two
+// b16 as ldmatrix sees it, so the same serves tf32).
+__device__ __forceinline__ void en_ldmatrix4(const unsigned int* row, unsigned int r[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(lk_smem(row)));
+}
+
+// One stage (32 words of every staged row) in 4 MMA steps of 8 words. Per
+// step: A tile mi is matrices (rows +0 / +8) x (words +0 / +4) in the order
+// a0..a3; B tiles ni, ni + 1 are (units +0 / +8) x (words +0 / +4) in the
+// order b0, b1 of ni, then of ni + 1.
 template <typename T, int Arith>
 __device__ __forceinline__ void en_mma_stage(const EnShared& sh, int s, float acc[EN_TILE]) {
     const int lane = threadIdx.x & 31;
-    const int g = lane >> 2;
-    const int c = lane & 3;
+    const int quad = lane >> 3;
+    const int a_row = en_warp_row() + (lane & 7) + (quad & 1) * 8;
+    const int a_word = (quad >> 1) * 4;
+    const int b_unit = en_warp_col() + (lane & 7) + (quad >> 1) * 8;
+    const int b_word = (quad & 1) * 4;
 #pragma unroll
     for (int w0 = 0; w0 < EN_STAGE_BYTES / 4; w0 += 8) {
         unsigned int a[2][4];
         unsigned int b[4][2];
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi) {
-            const int m = en_warp_row() + mi * 16 + g;
-            a[mi][0] = en_operand<Arith>(sh.x[s][m][w0 + c]);
-            a[mi][1] = en_operand<Arith>(sh.x[s][m + 8][w0 + c]);
-            a[mi][2] = en_operand<Arith>(sh.x[s][m][w0 + c + 4]);
-            a[mi][3] = en_operand<Arith>(sh.x[s][m + 8][w0 + c + 4]);
+            en_ldmatrix4(&sh.x[s][a_row + 16 * mi][w0 + a_word], a[mi]);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) a[mi][q] = en_operand<Arith>(a[mi][q]);
         }
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni) {
-            const int n = en_warp_col() + ni * 8 + g;
-            b[ni][0] = en_operand<Arith>(sh.w[s][n][w0 + c]);
-            b[ni][1] = en_operand<Arith>(sh.w[s][n][w0 + c + 4]);
+        for (int pair = 0; pair < 2; ++pair) {
+            unsigned int r[4];
+            en_ldmatrix4(&sh.w[s][b_unit + 16 * pair][w0 + b_word], r);
+#pragma unroll
+            for (int q = 0; q < 4; ++q) b[2 * pair + q / 2][q % 2] = en_operand<Arith>(r[q]);
         }
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi) {
@@ -520,10 +545,13 @@ __device__ void en_accumulate(const EnOperand& in, const EnOperand& wt, float ac
 #pragma unroll
     for (int q = 0; q < EN_TILE; ++q) acc[q] = 0.0f;
     const lk_i64 stages = (in.d_in + depth - 1) / depth;
+    // A warp whose 32 x 32 outputs are all past the units or rows (a narrow
+    // last layer, the batch's last tile) only stages.
+    const bool busy = en_warp_col() < wt.valid && en_warp_row() < in.valid;
     const auto issue = [&](lk_i64 i) {
         const int s = (int)(i % EN_STAGES);
-        en_stage<TA, TIn, depth>(sh.x[s], EN_ROWS, in, i * depth);
-        en_stage<T, T, depth>(sh.w[s], EN_COLS, wt, i * depth);
+        en_stage<TA, TIn, depth, EN_ROWS>(sh.x[s], in, i * depth);
+        en_stage<T, T, depth, EN_COLS>(sh.w[s], wt, i * depth);
     };
 #pragma unroll
     for (int i = 0; i < EN_STAGES - 1; ++i) {
@@ -537,6 +565,7 @@ __device__ void en_accumulate(const EnOperand& in, const EnOperand& wt, float ac
         __syncthreads();
         if (i + EN_STAGES - 1 < stages) issue(i + EN_STAGES - 1);
         en_copy_commit();
+        if (!busy) continue;
         if constexpr (Arith == EN_ARITH_FMA) {
             en_fma_stage<TA, T, depth>(sh, (int)(i % EN_STAGES), acc);
         } else {
@@ -585,9 +614,9 @@ __device__ __forceinline__ void en_epilogue(const EnLayer<T>& p, int mode, bool 
 // (a scan's shared first layer) writes b0 + W0 in to out and db + D in to out_d.
 // `out` may be `in` (the on-chip activations, d_out <= EN_COLS): every read of
 // `in` ends before the first write. Ends with a barrier: `out` is complete for
-// the next layer. SPLIT has a code path of its own, so that the other modes'
-// passes keep only 32 accumulators live.
-template <typename T, typename TIn, int Arith>
+// the next layer. SPLIT (the Split kernels, with their 64 accumulators live)
+// has kernels of its own, so that the other modes keep only 32 live.
+template <typename T, typename TIn, int Arith, bool Split>
 __device__ void en_layer(const TIn* in, int rows, const EnLayer<T>& p, int mode, bool relu,
                          float* out, float* out_d, EnShared& sh) {
     typedef typename EnStaged<T, TIn, Arith>::type TA;
@@ -603,7 +632,7 @@ __device__ void en_layer(const TIn* in, int rows, const EnLayer<T>& p, int mode,
         const bool rounded = mode == EN_ROUNDED;
         const EnOperand w = {p.w + j0 * p.d_in, rounded ? dw : nullptr, p.t, p.d_in, units,
                              weights_async && !rounded};
-        if (mode == EN_SPLIT) {
+        if constexpr (Split) {
             float acc_d[EN_TILE];
             const EnOperand d = {dw, nullptr, 0.0f, p.d_in, units, weights_async};
             en_accumulate<T, TIn, Arith>(src, d, acc_d, sh);
@@ -704,7 +733,7 @@ __device__ __forceinline__ const T* en_input(const EnsembleArgs& a, lk_i64 e, lk
 // Layers from.. of model e (layer 0 reads the tile's input rows, layer l writes
 // act[l & 1]; both are the one on-chip buffer when the widths fit), then the
 // loss of the last layer's logits.
-template <typename T, int Arith>
+template <typename T, int Arith, bool Split>
 __device__ void en_run_layers(const EnsembleArgs& a, int from, lk_i64 e, lk_i64 k, float t,
                               int rows, lk_i64 row0, lk_i64 tile, float* const act[2],
                               EnShared& sh) {
@@ -712,11 +741,11 @@ __device__ void en_run_layers(const EnsembleArgs& a, int from, lk_i64 e, lk_i64 
         const EnLayer<T> p = en_params<T>(a, l, e, k, t);
         const bool relu = l + 1 < a.layers;
         if (l == 0) {
-            en_layer<T, T, Arith>(en_input<T>(a, e, row0), rows, p, a.mode, relu, act[0], nullptr,
-                                  sh);
+            en_layer<T, T, Arith, Split>(en_input<T>(a, e, row0), rows, p, a.mode, relu, act[0],
+                                         nullptr, sh);
         } else {
-            en_layer<T, float, Arith>(act[(l - 1) & 1], rows, p, a.mode, relu, act[l & 1],
-                                      nullptr, sh);
+            en_layer<T, float, Arith, Split>(act[(l - 1) & 1], rows, p, a.mode, relu,
+                                             act[l & 1], nullptr, sh);
         }
     }
     en_loss(a, act[(a.layers - 1) & 1], rows, row0, e, tile, sh);
@@ -730,8 +759,8 @@ __device__ void en_split_direction(const EnsembleArgs& a, lk_i64 k, int rows, lk
     const lk_i64 d1 = a.widths[1];
     float* base = parts;
     float* slope = parts + (lk_i64)EN_ROWS * d1;
-    en_layer<T, T, Arith>(en_input<T>(a, 0, row0), rows, en_params<T>(a, 0, 0, k, 0.0f),
-                          EN_SPLIT, false, base, slope, sh);
+    en_layer<T, T, Arith, true>(en_input<T>(a, 0, row0), rows, en_params<T>(a, 0, 0, k, 0.0f),
+                                EN_SPLIT, false, base, slope, sh);
     const bool relu = a.layers > 1;
     for (lk_i64 e = 0; e < a.models; ++e) {
         const lk_i64 ke = a.direction_of[e];
@@ -746,11 +775,13 @@ __device__ void en_split_direction(const EnsembleArgs& a, lk_i64 k, int rows, lk
             act[0][q] = en_relu(base[q] + t * slope[q], relu);
         }
         __syncthreads();
-        en_run_layers<T, Arith>(a, 1, e, k, t, rows, row0, tile, act, sh);
+        en_run_layers<T, Arith, true>(a, 1, e, k, t, rows, row0, tile, act, sh);
     }
 }
 
-template <typename T, int Arith>
+// Split: the kernels for a Split scan (a.mode == EN_SPLIT), the others for a
+// forward or a Rounded scan; the host launches the one that matches.
+template <typename T, int Arith, bool Split>
 __device__ void ensemble_mlp(const EnsembleArgs& a) {
     extern __shared__ __align__(16) unsigned char en_shared[];
     EnShared& sh = *reinterpret_cast<EnShared*>(en_shared);
@@ -761,7 +792,7 @@ __device__ void ensemble_mlp(const EnsembleArgs& a) {
         a.act_floats == 0 ? sh.act : scratch + a.act_floats,
     };
     float* parts = scratch == nullptr ? nullptr : scratch + 2 * a.act_floats;
-    const lk_i64 groups = a.mode == EN_SPLIT ? a.directions : a.models;
+    const lk_i64 groups = Split ? a.directions : a.models;
     const lk_i64 work = a.tiles * groups;
     for (lk_i64 item = blockIdx.x; item < work; item += gridDim.x) {
         // Tile-major: the groups of one tile run side by side and share its X in L2.
@@ -769,7 +800,7 @@ __device__ void ensemble_mlp(const EnsembleArgs& a) {
         const lk_i64 group = item % groups;
         const lk_i64 row0 = tile * EN_ROWS;
         const int rows = (int)(a.batch - row0 < EN_ROWS ? a.batch - row0 : EN_ROWS);
-        if (a.mode == EN_SPLIT) {
+        if constexpr (Split) {
             en_split_direction<T, Arith>(a, group, rows, row0, tile, act, parts, sh);
             continue;
         }
@@ -784,7 +815,7 @@ __device__ void ensemble_mlp(const EnsembleArgs& a) {
                 continue;
             }
         }
-        en_run_layers<T, Arith>(a, 0, group, k, t, rows, row0, tile, act, sh);
+        en_run_layers<T, Arith, false>(a, 0, group, k, t, rows, row0, tile, act, sh);
     }
 }
 
@@ -792,15 +823,17 @@ __device__ void ensemble_mlp(const EnsembleArgs& a) {
 // registers a thread.
 #define EN_BOUNDS __launch_bounds__(EN_THREADS, 2)
 
-extern "C" __global__ void EN_BOUNDS ensemble_mlp_f32(EnsembleArgs a) {
-    ensemble_mlp<float, EN_ARITH_FMA>(a);
-}
-extern "C" __global__ void EN_BOUNDS ensemble_mlp_f16(EnsembleArgs a) {
-    ensemble_mlp<lk_f16, EN_ARITH_FMA>(a);
-}
-extern "C" __global__ void EN_BOUNDS ensemble_mlp_bf16(EnsembleArgs a) {
-    ensemble_mlp<lk_bf16, EN_ARITH_FMA>(a);
-}
+#define EN_KERNELS(suffix, T, arith)                                                   \
+    extern "C" __global__ void EN_BOUNDS ensemble_mlp_##suffix(EnsembleArgs a) {        \
+        ensemble_mlp<T, arith, false>(a);                                               \
+    }                                                                                   \
+    extern "C" __global__ void EN_BOUNDS ensemble_split_##suffix(EnsembleArgs a) {      \
+        ensemble_mlp<T, arith, true>(a);                                                \
+    }
+
+EN_KERNELS(f32, float, EN_ARITH_FMA)
+EN_KERNELS(f16, lk_f16, EN_ARITH_FMA)
+EN_KERNELS(bf16, lk_bf16, EN_ARITH_FMA)
 
 // mma.sync and cvt.rna.tf32 need sm_80; the host launches these only there, and
 // below it they compile to the Exact kernels (which the TensorCore bound covers).
@@ -812,15 +845,9 @@ extern "C" __global__ void EN_BOUNDS ensemble_mlp_bf16(EnsembleArgs a) {
 #define EN_TC_PAIR EN_ARITH_FMA
 #endif
 
-extern "C" __global__ void EN_BOUNDS ensemble_mlp_tc_f32(EnsembleArgs a) {
-    ensemble_mlp<float, EN_TC_TF32>(a);
-}
-extern "C" __global__ void EN_BOUNDS ensemble_mlp_tc_f16(EnsembleArgs a) {
-    ensemble_mlp<lk_f16, EN_TC_PAIR>(a);
-}
-extern "C" __global__ void EN_BOUNDS ensemble_mlp_tc_bf16(EnsembleArgs a) {
-    ensemble_mlp<lk_bf16, EN_TC_PAIR>(a);
-}
+EN_KERNELS(tc_f32, float, EN_TC_TF32)
+EN_KERNELS(tc_f16, lk_f16, EN_TC_PAIR)
+EN_KERNELS(tc_bf16, lk_bf16, EN_TC_PAIR)
 
 // ---------------------------------------------------------------------------
 // Per-model loss and accuracy from the tiles' slots.

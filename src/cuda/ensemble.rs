@@ -3,7 +3,8 @@
 //! 1. `ensemble_check`: one block; the first label outside [0, C) and, for a scan, the
 //!    first non-finite t and k outside [0, K), into four status words that the backend
 //!    reads at the calling thread's next readback (`spec::ensemble::status_error`).
-//! 2. `ensemble_mlp_{dtype}` (Exact) or `ensemble_mlp_tc_{dtype}` (TensorCore on sm_80+):
+//! 2. `ensemble_mlp_{dtype}` (Exact) or `ensemble_mlp_tc_{dtype}` (TensorCore on sm_80+),
+//!    `ensemble_split_*` for a Split scan:
 //!    a block per (64-row batch tile, model), or per (tile, direction) for a Split scan,
 //!    the models of one tile side by side (X from memory once per tile), through every
 //!    layer: activations in shared memory when every width after the input is at most
@@ -63,21 +64,29 @@ fn mode(spec: &EnsembleSpec) -> i32 {
 }
 
 /// The MLP kernel for `spec` on `stream`'s device: the MMA kernels where TensorCore is
-/// asked and the device has mma.sync for tf32 and bf16 (sm_80+), else the Exact ones.
+/// asked and the device has mma.sync for tf32 and bf16 (sm_80+), else the Exact ones;
+/// a Split scan has kernels of its own (`ensemble_split_*`).
 fn kernel_name(stream: &CudaStream, spec: &EnsembleSpec) -> Result<&'static str> {
     let (major, _) = stream
         .context()
         .compute_capability()
         .map_err(driver_error("compute capability"))?;
     let tensor_core = spec.precision == Precision::TensorCore && major >= 8;
-    Ok(match (spec.dtype, tensor_core) {
-        (DType::F32, false) => "ensemble_mlp_f32",
-        (DType::F16, false) => "ensemble_mlp_f16",
-        (DType::BF16, false) => "ensemble_mlp_bf16",
-        (DType::F32, true) => "ensemble_mlp_tc_f32",
-        (DType::F16, true) => "ensemble_mlp_tc_f16",
-        (DType::BF16, true) => "ensemble_mlp_tc_bf16",
-        (other, _) => {
+    let split = spec.perturbation() == Some(Perturbation::Split);
+    Ok(match (spec.dtype, tensor_core, split) {
+        (DType::F32, false, false) => "ensemble_mlp_f32",
+        (DType::F16, false, false) => "ensemble_mlp_f16",
+        (DType::BF16, false, false) => "ensemble_mlp_bf16",
+        (DType::F32, true, false) => "ensemble_mlp_tc_f32",
+        (DType::F16, true, false) => "ensemble_mlp_tc_f16",
+        (DType::BF16, true, false) => "ensemble_mlp_tc_bf16",
+        (DType::F32, false, true) => "ensemble_split_f32",
+        (DType::F16, false, true) => "ensemble_split_f16",
+        (DType::BF16, false, true) => "ensemble_split_bf16",
+        (DType::F32, true, true) => "ensemble_split_tc_f32",
+        (DType::F16, true, true) => "ensemble_split_tc_f16",
+        (DType::BF16, true, true) => "ensemble_split_tc_bf16",
+        (other, _, _) => {
             return Err(Error::DType(format!(
                 "the CUDA ensemble kernels take f32, f16 or bf16, not {other}"
             )))
