@@ -283,6 +283,24 @@ __device__ __forceinline__ void en_copy_wait() {
 #endif
 }
 
+// Two f32 as a word of two 16-bit TS, lo in the low half, rounded to nearest
+// even: one cvt on sm_80+ (whose NaN is the canonical one), else lk_from_f32's.
+template <typename TS>
+__device__ __forceinline__ unsigned int en_pack2(float lo, float hi) {
+#if EN_CP_ASYNC
+    unsigned int r;
+    if constexpr (EnSame<TS, lk_bf16>::value) {
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    } else {
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+#else
+    return (unsigned int)lk_from_f32<TS>(lo).bits | ((unsigned int)lk_from_f32<TS>(hi).bits << 16);
+#endif
+}
+
 // The 16 bytes of `left` (at most 16 / sizeof(TS)) elements at `from` as TS,
 // zero past them; with `dir` (a Rounded scan's direction) each element formed
 // as fl(w + fl(t d)) first.
@@ -303,8 +321,7 @@ __device__ __forceinline__ void en_copy_sync(unsigned int* to, const TSrc* from,
         if constexpr (per == 4) {
             word[i] = __float_as_uint(v[i]);
         } else {
-            word[i] = (unsigned int)lk_from_f32<TS>(v[2 * i]).bits |
-                      ((unsigned int)lk_from_f32<TS>(v[2 * i + 1]).bits << 16);
+            word[i] = en_pack2<TS>(v[2 * i], v[2 * i + 1]);
         }
     }
     *reinterpret_cast<uint4*>(to) = q;
@@ -576,12 +593,44 @@ __device__ void en_accumulate(const EnOperand& in, const EnOperand& wt, float ac
     __syncthreads();
 }
 
+// The distinct units among a thread's accumulators: 4 (Exact: q % 4) or 8 (MMA:
+// n-tile (q / 4) % 4, column q % 2), and accumulator first_of(u) of unit u.
+template <int Arith>
+__device__ __forceinline__ constexpr int en_units() {
+    return Arith == EN_ARITH_FMA ? 4 : 8;
+}
+template <int Arith>
+__device__ __forceinline__ constexpr int en_unit_of(int q) {
+    return Arith == EN_ARITH_FMA ? (q & 3) : ((q >> 2) & 3) * 2 + (q & 1);
+}
+template <int Arith>
+__device__ __forceinline__ constexpr int en_first_of(int u) {
+    return Arith == EN_ARITH_FMA ? u : 4 * (u >> 1) + (u & 1);
+}
+
 // Bias, Split combination and ReLU of one column pass's accumulators into out
 // (and out_d: a scan's shared first layer). acc_d (the D h part) only for SPLIT.
-template <typename T, int Arith>
+// Each unit's bias (a Rounded scan's formed once) is read once per pass.
+template <typename T, int Arith, bool Split>
 __device__ __forceinline__ void en_epilogue(const EnLayer<T>& p, int mode, bool relu, int rows,
                                             lk_i64 j0, const float acc[EN_TILE],
                                             const float* acc_d, float* out, float* out_d) {
+    constexpr int units = en_units<Arith>();
+    float bias[units];
+    float bias_d[units];
+#pragma unroll
+    for (int u = 0; u < units; ++u) {
+        int r;
+        int c;
+        en_out_at<Arith>(en_first_of<Arith>(u), r, c);
+        const lk_i64 j = j0 + c;
+        bias[u] = 0.0f;
+        bias_d[u] = 0.0f;
+        if (j >= p.d_out) continue;
+        bias[u] = lk_to_f32(p.b[j]);
+        if (mode == EN_ROUNDED) bias[u] = en_perturbed<T>(bias[u], p.t, lk_to_f32(p.db[j]));
+        if (Split) bias_d[u] = lk_to_f32(p.db[j]);
+    }
 #pragma unroll
     for (int q = 0; q < EN_TILE; ++q) {
         int r;
@@ -590,20 +639,16 @@ __device__ __forceinline__ void en_epilogue(const EnLayer<T>& p, int mode, bool 
         const lk_i64 j = j0 + c;
         if (r >= rows || j >= p.d_out) continue;
         const lk_i64 at = (lk_i64)r * p.d_out + j;
-        const float b = lk_to_f32(p.b[j]);
-        float v;
-        if (mode == EN_FORWARD) {
-            v = b + acc[q];
-        } else if (mode == EN_ROUNDED) {
-            v = en_perturbed<T>(b, p.t, lk_to_f32(p.db[j])) + acc[q];
-        } else {
-            const float part_d = lk_to_f32(p.db[j]) + acc_d[q];
+        const float b = bias[en_unit_of<Arith>(q)];
+        float v = b + acc[q];
+        if constexpr (Split) {
+            const float part_d = bias_d[en_unit_of<Arith>(q)] + acc_d[q];
             if (out_d != nullptr) {
-                out[at] = b + acc[q];
+                out[at] = v;
                 out_d[at] = part_d;
                 continue;
             }
-            v = (b + acc[q]) + p.t * part_d;
+            v = v + p.t * part_d;
         }
         out[at] = en_relu(v, relu);
     }
@@ -637,22 +682,28 @@ __device__ void en_layer(const TIn* in, int rows, const EnLayer<T>& p, int mode,
             const EnOperand d = {dw, nullptr, 0.0f, p.d_in, units, weights_async};
             en_accumulate<T, TIn, Arith>(src, d, acc_d, sh);
             en_accumulate<T, TIn, Arith>(src, w, acc, sh);
-            en_epilogue<T, Arith>(p, mode, relu, rows, j0, acc, acc_d, out, out_d);
+            en_epilogue<T, Arith, true>(p, mode, relu, rows, j0, acc, acc_d, out, out_d);
         } else {
             en_accumulate<T, TIn, Arith>(src, w, acc, sh);
-            en_epilogue<T, Arith>(p, mode, relu, rows, j0, acc, nullptr, out, out_d);
+            en_epilogue<T, Arith, false>(p, mode, relu, rows, j0, acc, nullptr, out, out_d);
         }
     }
     __syncthreads();
 }
 
-// The tile's cross-entropies and right argmaxes from its logits z [rows, C] into
-// model e's slot; writes the logits when asked. A warp per row.
-__device__ void en_loss(const EnsembleArgs& a, const float* z, int rows, lk_i64 row0, lk_i64 e,
-                        lk_i64 tile, EnShared& sh) {
+// Up to this many classes a row's loss is one thread's loop (64 threads busy),
+// past it a warp's (the classes strided over the lanes).
+#define EN_THREAD_CLASSES 32
+
+// The cross-entropies and right argmaxes of the tile's rows from their logits
+// z [rows, C] into sh.row_loss / sh.row_hit, G lanes per row (1 or a warp);
+// writes the logits when asked.
+template <int G>
+__device__ void en_rows_loss(const EnsembleArgs& a, const float* z, int rows, lk_i64 row0,
+                             lk_i64 e, EnShared& sh) {
     const lk_i64 classes = a.widths[a.layers];
-    const int lane = threadIdx.x & 31;
-    for (int r = threadIdx.x >> 5; r < EN_ROWS; r += EN_WARPS) {
+    const int lane = threadIdx.x % G;
+    for (int r = threadIdx.x / G; r < EN_ROWS; r += EN_THREADS / G) {
         double loss = 0.0;
         float hit = 0.0f;
         if (r < rows) {
@@ -661,39 +712,53 @@ __device__ void en_loss(const EnsembleArgs& a, const float* z, int rows, lk_i64 
             // lower index wins a tie. NaN never wins (as in the reference after z_0).
             float m = -LK_INF_F;
             lk_i64 arg = classes;
-            for (lk_i64 c = lane; c < classes; c += 32) {
+            for (lk_i64 c = lane; c < classes; c += G) {
                 if (zr[c] > m) {
                     m = zr[c];
                     arg = c;
                 }
             }
+            if constexpr (G > 1) {
 #pragma unroll
-            for (int offset = 16; offset > 0; offset >>= 1) {
-                const float other_m = __shfl_down_sync(0xffffffffu, m, offset);
-                const lk_i64 other_arg = __shfl_down_sync(0xffffffffu, arg, offset);
-                if (other_m > m || (other_m == m && other_arg < arg)) {
-                    m = other_m;
-                    arg = other_arg;
+                for (int offset = G / 2; offset > 0; offset >>= 1) {
+                    const float other_m = __shfl_down_sync(0xffffffffu, m, offset);
+                    const lk_i64 other_arg = __shfl_down_sync(0xffffffffu, arg, offset);
+                    if (other_m > m || (other_m == m && other_arg < arg)) {
+                        m = other_m;
+                        arg = other_arg;
+                    }
                 }
+                m = __shfl_sync(0xffffffffu, m, 0);
+                arg = __shfl_sync(0xffffffffu, arg, 0);
             }
-            m = __shfl_sync(0xffffffffu, m, 0);
-            arg = __shfl_sync(0xffffffffu, arg, 0);
             float s = 0.0f;
-            for (lk_i64 c = lane; c < classes; c += 32) s += expf(zr[c] - m);
-            s = __shfl_sync(0xffffffffu, lk_warp_reduce(s, lk_sum_op()), 0);
+            for (lk_i64 c = lane; c < classes; c += G) s += expf(zr[c] - m);
+            if constexpr (G > 1) s = __shfl_sync(0xffffffffu, lk_warp_reduce(s, lk_sum_op()), 0);
             const lk_i64 y = a.labels[row0 + r];
             const bool valid = y >= 0 && y < classes;
             loss = valid ? (double)((m + logf(s)) - zr[y]) : (double)LK_NAN_F;
             hit = valid && arg == y ? 1.0f : 0.0f;
             if (a.logits != nullptr) {
                 float* out = a.logits + (e * a.batch + row0 + r) * classes;
-                for (lk_i64 c = lane; c < classes; c += 32) out[c] = zr[c];
+                for (lk_i64 c = lane; c < classes; c += G) out[c] = zr[c];
             }
         }
         if (lane == 0) {
             sh.row_loss[r] = loss;
             sh.row_hit[r] = hit;
         }
+    }
+}
+
+// The tile's rows' losses and right argmaxes, summed in row order into model
+// e's slot.
+__device__ void en_loss(const EnsembleArgs& a, const float* z, int rows, lk_i64 row0, lk_i64 e,
+                        lk_i64 tile, EnShared& sh) {
+    static_assert(EN_THREADS >= EN_ROWS, "a thread per row");
+    if (a.widths[a.layers] <= EN_THREAD_CLASSES) {
+        en_rows_loss<1>(a, z, rows, row0, e, sh);
+    } else {
+        en_rows_loss<32>(a, z, rows, row0, e, sh);
     }
     __syncthreads();
     if (threadIdx.x == 0) {

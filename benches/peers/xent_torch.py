@@ -8,8 +8,10 @@ Triton), and the losskern CLI's timing of the same shape (forward, forward+grad)
 device-to-device copy measured in the same run. Prints one table: ms, GB/s (logits read once, grad written
 once), % of the copy, and losskern's speed-up against each PyTorch variant.
 
-Run from the repository root on the GPU host: python3 benches/peers/xent_torch.py
-(the packed CLI is found at .device/bin/losskern, or set LOSSKERN_BIN).
+Run from the repository root on the GPU host: python3 benches/peers/xent_torch.py [BxV ...]
+(the packed CLI is found at .device/bin/losskern, or set LOSSKERN_BIN); shapes given as
+arguments run alone. Each shape's rows print as soon as it is done (torch.compile and Liger
+compile their kernels at a shape's first call, which can take minutes over all shapes).
 """
 import math
 import sys
@@ -72,8 +74,12 @@ def main():
     print(f"{torch.cuda.get_device_name()}: device-to-device copy {copy:.0f} GB/s (torch {torch.__version__})")
     compiled = torch.compile(all_outputs)
     liger = liger_cross_entropy()
-    rows = []
+    wanted = sys.argv[1:]
+    print(f"{'shape':>13} {'dtype':>5} {'variant':<32} {'ms':>8} {'GB/s':>7} {'%copy':>6} {'losskern speed-up':>18}",
+          flush=True)
     for b, v, dtypes in SHAPES:
+        if wanted and f"{b}x{v}" not in wanted:
+            continue
         for name in dtypes:
             dtype = DTYPES[name]
             torch.manual_seed(0)
@@ -110,12 +116,11 @@ def main():
                 timings.append(("losskern fwd+grad (all outputs)", ours["grad"], 2 * logits_bytes, "grad"))
             for label, ms, nbytes, kind in timings:
                 gbs = nbytes / (ms * 1e-3) / 1e9
-                rows.append((f"{b}x{v}", name, label, ms, gbs, 100 * gbs / copy, ms / ours[kind]))
+                shape = f"{b}x{v}"
+                print(f"{shape:>13} {name:>5} {label:<32} {ms:8.3f} {gbs:7.0f} {100 * gbs / copy:5.1f}% "
+                      f"{ms / ours[kind]:17.2f}x", flush=True)
             del z, y
             torch.cuda.empty_cache()
-    print(f"{'shape':>13} {'dtype':>5} {'variant':<32} {'ms':>8} {'GB/s':>7} {'%copy':>6} {'losskern speed-up':>18}")
-    for shape, dtype, label, ms, gbs, pct, speedup in rows:
-        print(f"{shape:>13} {dtype:>5} {label:<32} {ms:8.3f} {gbs:7.0f} {pct:5.1f}% {speedup:17.2f}x")
     return 0
 
 
