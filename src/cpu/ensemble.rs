@@ -1,8 +1,9 @@
 //! The ensemble family on the CPU: f32 layers over fixed chunks of rows of one model at a
-//! time (rayon over (model, chunk) pairs), each row's cross-entropy in f64 and the chunks'
-//! sums merged in chunk order, so the result does not depend on the thread count.
+//! time (rayon over tasks of up to [`TASK_CHUNKS`] chunks of one model), each row's
+//! cross-entropy in f64 and the chunks' sums merged in chunk order, so the result does not
+//! depend on the thread count.
 //! Both precision modes run the f32 path (the CPU has no tensor cores). Each dot product
-//! is summed in input order; a layer's weights are transposed once per chunk so that
+//! is summed in input order; a layer's weights are transposed once per task so that
 //! LANES output units of [`ROW_GROUP`] rows are computed together, each its own chain, so
 //! a row's bits do not depend on its group. Chunks run through `run_best` (AVX-512 where
 //! the CPU has it).
@@ -21,6 +22,8 @@ use crate::spec::ensemble::{
 
 /// Rows of one model that one task runs through every layer.
 const CHUNK_ROWS: usize = 64;
+/// Chunks of one model that one task runs, its layers transposed once for all of them.
+const TASK_CHUNKS: usize = 16;
 /// Rows computed together against each block of LANES output units.
 const ROW_GROUP: usize = 4;
 
@@ -146,25 +149,57 @@ impl Transposed {
     }
 }
 
-impl Models {
-    /// Layer l of model e applied to `rows` rows of `h` [rows, d_in] into `out` [rows, d_out]:
-    /// out = b + w . x per unit, Split's (b0 + w0 . x) + t (db + dw . x), each dot product
+/// One layer of one model, its weights transposed (see [`Transposed`]): out = b + w . x, or
+/// for a Split scan (b0 + w0 . x) + t (db + dw . x).
+enum Layer {
+    Plain(Transposed),
+    Split {
+        centre: Transposed,
+        direction: Transposed,
+        t: f32,
+    },
+}
+
+impl Layer {
+    /// The layer on the rows of `h` [rows, d_in] into `out` [rows, d_out], each dot product
     /// summed in input order.
     #[inline(always)]
-    fn apply(&self, e: usize, l: usize, h: &[f32], d_in: usize, out: &mut [f32]) {
-        let rows = h.len() / d_in;
-        let d_out = out.len() / rows;
+    fn apply(&self, h: &[f32], d_in: usize, out: &mut [f32]) {
+        let d_out = out.len() / (h.len() / d_in);
+        match self {
+            Layer::Plain(layer) => {
+                let b = &layer.biases;
+                layer.each_sum(h, d_in, |r, j, sum| out[r * d_out + j] = b[j] + sum);
+            }
+            Layer::Split {
+                centre,
+                direction,
+                t,
+            } => {
+                // The centre's part first.
+                let b = &centre.biases;
+                centre.each_sum(h, d_in, |r, j, sum| out[r * d_out + j] = b[j] + sum);
+                let b = &direction.biases;
+                direction.each_sum(h, d_in, |r, j, sum| {
+                    out[r * d_out + j] += t * (b[j] + sum);
+                });
+            }
+        }
+    }
+}
+
+impl Models {
+    /// Layer l of model e, [d_out, d_in].
+    fn layer(&self, e: usize, l: usize, d_in: usize, d_out: usize) -> Layer {
         match self {
             Models::Stacked(params) => {
                 let p = &params[l];
-                let layer = Transposed::new(
+                Layer::Plain(Transposed::new(
                     d_in,
                     d_out,
                     |j, k| p.weights[(e * d_out + j) * d_in + k],
                     |j| p.biases[e * d_out + j],
-                );
-                let b = &layer.biases;
-                layer.each_sum(h, d_in, |r, j, sum| out[r * d_out + j] = b[j] + sum);
+                ))
             }
             Models::Scan {
                 center,
@@ -184,26 +219,18 @@ impl Models {
                         // The notebook's fl(w0 + fl(t d)), formed once per parameter.
                         let perturbed =
                             |w0: f32, d: f32| round_to(*dtype, w0 + round_to(*dtype, t * d));
-                        let layer = Transposed::new(
+                        Layer::Plain(Transposed::new(
                             d_in,
                             d_out,
                             |j, i| perturbed(w0(j, i), dw(j, i)),
                             |j| perturbed(b0(j), db(j)),
-                        );
-                        let b = &layer.biases;
-                        layer.each_sum(h, d_in, |r, j, sum| out[r * d_out + j] = b[j] + sum);
+                        ))
                     }
-                    Perturbation::Split => {
-                        // (b0 + w0 . x) + t (db + dw . x), the centre's part first.
-                        let centre = Transposed::new(d_in, d_out, w0, b0);
-                        let b = &centre.biases;
-                        centre.each_sum(h, d_in, |r, j, sum| out[r * d_out + j] = b[j] + sum);
-                        let direction = Transposed::new(d_in, d_out, dw, db);
-                        let b = &direction.biases;
-                        direction.each_sum(h, d_in, |r, j, sum| {
-                            out[r * d_out + j] += t * (b[j] + sum);
-                        });
-                    }
+                    Perturbation::Split => Layer::Split {
+                        centre: Transposed::new(d_in, d_out, w0, b0),
+                        direction: Transposed::new(d_in, d_out, dw, db),
+                        t,
+                    },
                 }
             }
         }
@@ -241,43 +268,58 @@ struct Problem<'a> {
     labels: Vec<i64>,
 }
 
-/// One (model, chunk of rows) task of [`Problem::run`].
-struct ChunkTask<'p, 'a> {
+/// One task of [`Problem::run`]: chunks `first..first + count` of one model, its layers
+/// transposed once for all of them.
+struct ModelTask<'p, 'a> {
     problem: &'p Problem<'a>,
     model: usize,
-    chunk: usize,
+    first: usize,
+    count: usize,
 }
 
-impl Work for ChunkTask<'_, '_> {
-    type Output = ChunkResult;
+impl Work for ModelTask<'_, '_> {
+    type Output = Vec<ChunkResult>;
 
     #[inline(always)]
-    fn run(self) -> ChunkResult {
-        self.problem.chunk(self.model, self.chunk)
+    fn run(self) -> Vec<ChunkResult> {
+        let widths = &self.problem.spec.widths;
+        let layers: Vec<Layer> = (0..widths.len() - 1)
+            .map(|l| {
+                self.problem
+                    .models
+                    .layer(self.model, l, widths[l], widths[l + 1])
+            })
+            .collect();
+        // A loop, not an iterator's closure: `chunk` must inline into this function to be
+        // compiled with run_best's features.
+        let mut results = Vec::with_capacity(self.count);
+        for chunk in self.first..self.first + self.count {
+            results.push(self.problem.chunk(self.model, chunk, &layers));
+        }
+        results
     }
 }
 
 impl Problem<'_> {
     #[inline(always)]
-    fn chunk(&self, e: usize, chunk: usize) -> ChunkResult {
+    fn chunk(&self, e: usize, chunk: usize, layers: &[Layer]) -> ChunkResult {
         let (widths, batch) = (&self.spec.widths, self.spec.batch);
         let d0 = widths[0];
         let first = chunk * CHUNK_ROWS;
         let rows = CHUNK_ROWS.min(batch - first);
         let base = if self.spec.shared_input { 0 } else { e * batch };
         let mut h = self.x[(base + first) * d0..(base + first + rows) * d0].to_vec();
-        let layers = widths.len() - 1;
-        for l in 0..layers {
+        for (l, layer) in layers.iter().enumerate() {
             let mut out = vec![0.0f32; rows * widths[l + 1]];
-            self.models.apply(e, l, &h, widths[l], &mut out);
+            layer.apply(&h, widths[l], &mut out);
             // ReLU between layers only: the last layer gives the logits. `< 0` rather
             // than max, so a NaN stays NaN as in the reference.
-            if l + 1 < layers {
+            if l + 1 < layers.len() {
                 out.iter_mut().filter(|v| **v < 0.0).for_each(|v| *v = 0.0);
             }
             h = out;
         }
-        let classes = widths[layers];
+        let classes = widths[layers.len()];
         let (mut loss_sum, mut correct) = (0.0, 0);
         for (r, z) in h.chunks_exact(classes).enumerate() {
             // In [0, C): checked at the call.
@@ -295,16 +337,20 @@ impl Problem<'_> {
     fn run(&self) -> Result<EnsembleOutput> {
         let (models, batch) = (self.spec.models, self.spec.batch);
         let chunks = batch.div_ceil(CHUNK_ROWS);
-        let results: Vec<ChunkResult> = (0..models * chunks)
+        let blocks = chunks.div_ceil(TASK_CHUNKS);
+        let per_task: Vec<Vec<ChunkResult>> = (0..models * blocks)
             .into_par_iter()
             .map(|task| {
-                run_best(ChunkTask {
+                let first = (task % blocks) * TASK_CHUNKS;
+                run_best(ModelTask {
                     problem: self,
-                    model: task / chunks,
-                    chunk: task % chunks,
+                    model: task / blocks,
+                    first,
+                    count: TASK_CHUNKS.min(chunks - first),
                 })
             })
             .collect();
+        let results: Vec<ChunkResult> = per_task.into_iter().flatten().collect();
         let mut loss = Vec::with_capacity(models);
         let mut accuracy = Vec::with_capacity(models);
         for per_model in results.chunks(chunks) {
