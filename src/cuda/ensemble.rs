@@ -73,25 +73,33 @@ fn kernel_name(stream: &CudaStream, spec: &EnsembleSpec) -> Result<&'static str>
         .map_err(driver_error("compute capability"))?;
     let tensor_core = spec.precision == Precision::TensorCore && major >= 8;
     let split = spec.perturbation() == Some(Perturbation::Split);
-    Ok(match (spec.dtype, tensor_core, split) {
-        (DType::F32, false, false) => "ensemble_mlp_f32",
-        (DType::F16, false, false) => "ensemble_mlp_f16",
-        (DType::BF16, false, false) => "ensemble_mlp_bf16",
-        (DType::F32, true, false) => "ensemble_mlp_tc_f32",
-        (DType::F16, true, false) => "ensemble_mlp_tc_f16",
-        (DType::BF16, true, false) => "ensemble_mlp_tc_bf16",
-        (DType::F32, false, true) => "ensemble_split_f32",
-        (DType::F16, false, true) => "ensemble_split_f16",
-        (DType::BF16, false, true) => "ensemble_split_bf16",
-        (DType::F32, true, true) => "ensemble_split_tc_f32",
-        (DType::F16, true, true) => "ensemble_split_tc_f16",
-        (DType::BF16, true, true) => "ensemble_split_tc_bf16",
-        (other, _, _) => {
+    // Exact, TensorCore, then the Split scan's Exact and TensorCore kernels.
+    let names = match spec.dtype {
+        DType::F32 => [
+            "ensemble_mlp_f32",
+            "ensemble_mlp_tc_f32",
+            "ensemble_split_f32",
+            "ensemble_split_tc_f32",
+        ],
+        DType::F16 => [
+            "ensemble_mlp_f16",
+            "ensemble_mlp_tc_f16",
+            "ensemble_split_f16",
+            "ensemble_split_tc_f16",
+        ],
+        DType::BF16 => [
+            "ensemble_mlp_bf16",
+            "ensemble_mlp_tc_bf16",
+            "ensemble_split_bf16",
+            "ensemble_split_tc_bf16",
+        ],
+        other => {
             return Err(Error::DType(format!(
                 "the CUDA ensemble kernels take f32, f16 or bf16, not {other}"
             )))
         }
-    })
+    };
+    Ok(names[usize::from(tensor_core) + 2 * usize::from(split)])
 }
 
 // The kernel argument blocks. Each must match its struct in kernels/ensemble.cu field for
