@@ -236,6 +236,7 @@ struct EnStaged<T, TIn, EN_ARITH_PAIR> {
     typedef T type;
 };
 
+// Whether A and B are one type (NVRTC has no <type_traits>).
 template <typename A, typename B>
 struct EnSame {
     static constexpr bool value = false;
@@ -251,6 +252,8 @@ __device__ __forceinline__ constexpr int en_stage_depth() {
     return EN_STAGE_BYTES / (sizeof(TA) > sizeof(TW) ? (int)sizeof(TA) : (int)sizeof(TW));
 }
 
+// Whether p points into global memory: cp.async reads only there, and a hidden
+// layer's input rows may be the on-chip activations.
 __device__ __forceinline__ bool en_is_global(const void* p) {
     unsigned int r;
     asm("{\n .reg .pred g;\n isspacep.global g, %1;\n selp.u32 %0, 1, 0, g;\n}"
