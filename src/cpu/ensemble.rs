@@ -104,46 +104,79 @@ impl Transposed {
         }
     }
 
-    /// sum_k h_r,k w(j, k) for the R rows h_r = h[r d_in ..] and the LANES units from j0,
-    /// each sum in k order from 0 (a plain dot product), each (row, unit) its own lane.
+    /// sum_k h_r,k w(j, k) for the R rows h_r = h[r d_in ..] and the U LANES-wide blocks of
+    /// units from j0, each sum in k order from 0 (a plain dot product), each (row, unit)
+    /// its own lane.
     #[inline(always)]
-    fn tile<const R: usize>(&self, h: &[f32], d_in: usize, j0: usize) -> [[f32; LANES]; R] {
-        let mut acc = [[0.0f32; LANES]; R];
-        for k in 0..d_in {
-            let wk = &self.weights[k * self.padded + j0..k * self.padded + j0 + LANES];
-            for (r, ar) in acc.iter_mut().enumerate() {
-                let x = h[r * d_in + k];
-                for l in 0..LANES {
-                    ar[l] += x * wk[l];
+    fn tile<const R: usize, const U: usize>(
+        &self,
+        h: &[f32],
+        d_in: usize,
+        j0: usize,
+    ) -> [[[f32; LANES]; U]; R] {
+        let mut acc = [[[0.0f32; LANES]; U]; R];
+        let rows: [&[f32]; R] = std::array::from_fn(|r| &h[r * d_in..(r + 1) * d_in]);
+        for (k, weights) in self.weights.chunks_exact(self.padded).enumerate() {
+            let mut w = [[0.0f32; LANES]; U];
+            for (u, wu) in w.iter_mut().enumerate() {
+                wu.copy_from_slice(&weights[j0 + u * LANES..j0 + (u + 1) * LANES]);
+            }
+            for r in 0..R {
+                let x = rows[r][k];
+                for u in 0..U {
+                    for l in 0..LANES {
+                        acc[r][u][l] += x * w[u][l];
+                    }
                 }
             }
         }
         acc
     }
 
-    /// `put(r, j, sum_k h_r,k w(j, k))` for every row r of h [rows, d_in] and unit j < d_out,
-    /// ROW_GROUP rows at a time.
+    /// `put(r, j, sum)` for every row of h and the U blocks of units from j0 (units past
+    /// d_out dropped), ROW_GROUP rows at a time.
     #[inline(always)]
-    fn each_sum(&self, h: &[f32], d_in: usize, mut put: impl FnMut(usize, usize, f32)) {
+    fn blocks<const U: usize>(
+        &self,
+        h: &[f32],
+        d_in: usize,
+        j0: usize,
+        put: &mut impl FnMut(usize, usize, f32),
+    ) {
         let rows = h.len() / d_in.max(1);
         let d_out = self.biases.len();
-        for j0 in (0..d_out).step_by(LANES) {
-            let units = LANES.min(d_out - j0);
-            let mut r0 = 0;
-            while r0 + ROW_GROUP <= rows {
-                let acc = self.tile::<ROW_GROUP>(&h[r0 * d_in..], d_in, j0);
-                for (r, ar) in acc.iter().enumerate() {
-                    for (l, &sum) in ar[..units].iter().enumerate() {
-                        put(r0 + r, j0 + l, sum);
+        let mut emit = |r0: usize, acc: &[[[f32; LANES]; U]]| {
+            for (r, ar) in acc.iter().enumerate() {
+                for (u, au) in ar.iter().enumerate() {
+                    let j = j0 + u * LANES;
+                    for (l, &sum) in au[..LANES.min(d_out.saturating_sub(j))].iter().enumerate() {
+                        put(r0 + r, j + l, sum);
                     }
                 }
-                r0 += ROW_GROUP;
             }
-            for r in r0..rows {
-                let [ar] = self.tile::<1>(&h[r * d_in..], d_in, j0);
-                for (l, &sum) in ar[..units].iter().enumerate() {
-                    put(r, j0 + l, sum);
-                }
+        };
+        let mut r0 = 0;
+        while r0 + ROW_GROUP <= rows {
+            emit(r0, &self.tile::<ROW_GROUP, U>(&h[r0 * d_in..], d_in, j0));
+            r0 += ROW_GROUP;
+        }
+        for r in r0..rows {
+            emit(r, &self.tile::<1, U>(&h[r * d_in..], d_in, j0));
+        }
+    }
+
+    /// `put(r, j, sum_k h_r,k w(j, k))` for every row r of h [rows, d_in] and unit j < d_out,
+    /// two blocks of LANES units at a time where the padded width allows.
+    #[inline(always)]
+    fn each_sum(&self, h: &[f32], d_in: usize, mut put: impl FnMut(usize, usize, f32)) {
+        let mut j0 = 0;
+        while j0 < self.biases.len() {
+            if j0 + 2 * LANES <= self.padded {
+                self.blocks::<2>(h, d_in, j0, &mut put);
+                j0 += 2 * LANES;
+            } else {
+                self.blocks::<1>(h, d_in, j0, &mut put);
+                j0 += LANES;
             }
         }
     }
