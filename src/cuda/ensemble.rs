@@ -73,8 +73,13 @@ fn kernel_name(stream: &CudaStream, spec: &EnsembleSpec) -> Result<&'static str>
         .map_err(driver_error("compute capability"))?;
     let tensor_core = spec.precision == Precision::TensorCore && major >= 8;
     let split = spec.perturbation() == Some(Perturbation::Split);
-    // Exact, TensorCore, then the Split scan's Exact and TensorCore kernels.
-    let names = match spec.dtype {
+    Ok(kernel_names(spec.dtype)?[kernel_index(tensor_core, split)])
+}
+
+/// A dtype's MLP kernels, in [`kernel_index`] order: Exact, TensorCore, then the Split
+/// scan's Exact and TensorCore kernels.
+fn kernel_names(dtype: DType) -> Result<[&'static str; 4]> {
+    Ok(match dtype {
         DType::F32 => [
             "ensemble_mlp_f32",
             "ensemble_mlp_tc_f32",
@@ -98,8 +103,11 @@ fn kernel_name(stream: &CudaStream, spec: &EnsembleSpec) -> Result<&'static str>
                 "the CUDA ensemble kernels take f32, f16 or bf16, not {other}"
             )))
         }
-    };
-    Ok(names[usize::from(tensor_core) + 2 * usize::from(split)])
+    })
+}
+
+fn kernel_index(tensor_core: bool, split: bool) -> usize {
+    usize::from(tensor_core) + 2 * usize::from(split)
 }
 
 // The kernel argument blocks. Each must match its struct in kernels/ensemble.cu field for
@@ -630,5 +638,35 @@ impl EnsembleKernels for CudaBackend {
             }),
         };
         self.run_ensemble(spec, &inputs, call.input)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kernel_name_is_the_dtype_precision_and_scan_asked_and_is_defined() {
+        let source = include_str!("../../kernels/ensemble.cu");
+        for (dtype, suffix) in [
+            (DType::F32, "f32"),
+            (DType::F16, "f16"),
+            (DType::BF16, "bf16"),
+        ] {
+            let names = kernel_names(dtype).expect("a float dtype has kernels");
+            for tensor_core in [false, true] {
+                let variant = format!("{}{suffix}", if tensor_core { "tc_" } else { "" });
+                // EN_KERNELS(variant, ...) defines ensemble_mlp_variant and ensemble_split_variant.
+                assert!(source.contains(&format!("EN_KERNELS({variant}, ")));
+                for split in [false, true] {
+                    let family = if split { "split" } else { "mlp" };
+                    assert_eq!(
+                        names[kernel_index(tensor_core, split)],
+                        format!("ensemble_{family}_{variant}")
+                    );
+                }
+            }
+        }
+        assert!(kernel_names(DType::I64).is_err());
     }
 }
