@@ -651,21 +651,28 @@ __device__ __forceinline__ void xent_grad_cols(const XentGradRow& r, const P& po
     if (tid < head) {
         g[tid] = lk_from_f32<TG>(r.zero ? 0.0f : xent_grad_value(r, pol, lk_to_f32(z[tid]), lo + tid));
     }
+    // Vector nvec - 1 - j for j = tid, tid + NT, ..: from the row's end back,
+    // so the re-read starts with the columns the forward pass read last, the
+    // likeliest to be still in L1 or L2 (ascending, each miss would evict the
+    // next column the pass needs). Each grad value depends on its column only.
     int j = tid;
     for (; j + (U - 1) * NT < nvec; j += U * NT) {
         float x[U][N];
 #pragma unroll
-        for (int u = 0; u < U; ++u) xent_load<T, N, kShared>(z + head + (j + u * NT) * N, zvec, x[u]);
+        for (int u = 0; u < U; ++u) {
+            xent_load<T, N, kShared>(z + head + (nvec - 1 - (j + u * NT)) * N, zvec, x[u]);
+        }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-            const int jj = j + u * NT;
+            const int jj = nvec - 1 - (j + u * NT);
             lk_st_cs_v4(gv + jj, xent_grad_vec<TG, N>(r, pol, x[u], lo + head + jj * N));
         }
     }
     for (; j < nvec; j += NT) {
+        const int jj = nvec - 1 - j;
         float x[N];
-        xent_load<T, N, kShared>(z + head + j * N, zvec, x);
-        lk_st_cs_v4(gv + j, xent_grad_vec<TG, N>(r, pol, x, lo + head + j * N));
+        xent_load<T, N, kShared>(z + head + jj * N, zvec, x);
+        lk_st_cs_v4(gv + jj, xent_grad_vec<TG, N>(r, pol, x, lo + head + jj * N));
     }
     if (tid < n - tail0) {
         const int k = tail0 + tid;

@@ -29,7 +29,6 @@ struct Limits {
     max_grid: [u32; 3],
     max_shared_per_block: u32,
     multiprocessors: u32,
-    l2_bytes: u64,
 }
 
 impl Limits {
@@ -57,7 +56,6 @@ impl Limits {
             // launch gets the default per-block maximum, not the opt-in one.
             max_shared_per_block: get(Attr::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK)?,
             multiprocessors: get(Attr::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)?,
-            l2_bytes: u64::from(get(Attr::CU_DEVICE_ATTRIBUTE_L2_CACHE_SIZE)?),
         })
     }
 }
@@ -282,10 +280,6 @@ impl Kernels {
 
     pub(crate) fn multiprocessors(&self) -> u32 {
         self.limits.multiprocessors
-    }
-
-    pub(crate) fn l2_bytes(&self) -> u64 {
-        self.limits.l2_bytes
     }
 
     /// `blocks` blocks of `threads` threads, the grid capped at the device's maximum (the

@@ -8,8 +8,8 @@
 //!    weight scratch the reduction needs and rho per row for
 //!    `RhoReduce::PerSample`; with the grad, re-reads the row while it is
 //!    still in L2 and writes the dense [B, V] grad in f32 or the logits'
-//!    dtype. With the grad the grid is capped so that the rows in flight fit
-//!    in half the L2 (but never under one block per multiprocessor). A class
+//!    dtype (from the row's end back, the columns read last first). With the
+//!    grad, one wave of resident blocks grid-strides over the rows. A class
 //!    target outside [0, V) that is not `ignore_index` is never used as an
 //!    index: that row's outputs and grad row are NaN (argmax -1), the reduced
 //!    loss is NaN, and the first such row is recorded in the status word of
@@ -786,19 +786,27 @@ pub fn xent_raw(
 }
 
 /// The row kernel's shape. Each thread reads 16-byte vectors, 4 per step,
-/// about 4 steps per thread (16 vectors), with or without the grad: the block
-/// size fixes the shape of every per-row reduction, so it must not depend on
-/// the grad, or lse, loss and entropy would change bits when the grad is
-/// asked for. 4 steps because, measured on the H200 with both rules for both
-/// paths, the 2-step blocks the grad pass used to have made the forward-only
-/// pass 30-50% slower (4096x32000 and 32768x50257, bf16 and f32), while the
-/// grad pass is within 1% at 8192x128256, 3-11% faster with 4 steps at
-/// 4096x32000 and 32768x50257 bf16, and 6% slower only at 32768x50257 f32.
-/// Without the grad,
-/// one block per row; with it, a grid capped so that the rows in flight fit
-/// in half the L2, where the grad pass finds them again (never under one
-/// block per multiprocessor, which would leave HBM bandwidth unused). Rows
-/// are grid-strided, so the cap changes no row's result.
+/// at least 4 steps per thread (16 vectors), with or without the grad: the
+/// block size fixes the shape of every per-row reduction, so it must not
+/// depend on the grad, or lse, loss and entropy would change bits when the
+/// grad is asked for. 4 steps because, measured on the H200 with both rules
+/// for both paths, the 2-step blocks the grad pass used to have made the
+/// forward-only pass 30-50% slower (4096x32000 and 32768x50257, bf16 and f32).
+///
+/// 16-bit rows get at most 256 threads, so that four blocks share a
+/// multiprocessor and one block's row reduction (when no loads of its own are
+/// in flight) hides behind the other blocks' loads; f32 rows at most 1024.
+/// Measured on the H200 (BENCHMARKS.md, 2026-12-04), against the former 1024
+/// for every dtype: bf16 8192x128256 forward 0.727 -> 0.569 ms, forward +
+/// grad 1.674 -> 1.619 ms, bf16 32768x50257 forward + grad 3.02 -> 2.61 ms;
+/// but f32 8192x128256 forward + grad 2.75 -> 3.20 ms (its rows, twice as
+/// long, no longer stay in L1 and L2 until the grad pass re-reads them).
+///
+/// Without the grad, one block per row; with it, one wave of resident blocks,
+/// grid-striding over the rows. (A grid capped so that the rows in flight fit
+/// in half the L2 was slower wherever it bound: 2.58 against 1.62 ms at bf16
+/// 8192x128256, 3.33 against 2.61 ms at bf16 32768x50257.) Rows are
+/// grid-strided, so the grid changes no row's result.
 fn fwd_config(
     kernels: &Kernels,
     name: &str,
@@ -806,8 +814,9 @@ fn fwd_config(
     spec: &XentSpec,
 ) -> Result<LaunchConfig> {
     let elem = spec.dtype.size();
-    let per_thread = 16 * (16 / elem);
     let (b, v) = (spec.batch, spec.classes);
+    let max_threads = if elem == 4 { 1024 } else { 256 };
+    let per_thread = (16 * (16 / elem)).max(v.div_ceil(max_threads));
     let rows = kernels.row_config(name, f, b, v, per_thread, u32::MAX)?;
     if !spec.options.grad {
         return Ok(rows);
@@ -815,9 +824,7 @@ fn fwd_config(
     let block = rows.block_dim.0;
     let resident = u64::from(kernels.multiprocessors())
         * u64::from(kernels.blocks_per_multiprocessor(f, block, 0)?);
-    let row_bytes = (v as u64).saturating_mul(elem as u64).max(1);
-    let fit = (kernels.l2_bytes() / 2 / row_bytes).max(u64::from(kernels.multiprocessors()));
-    let grid = u32::try_from(resident.min(fit)).unwrap_or(u32::MAX);
+    let grid = u32::try_from(resident).unwrap_or(u32::MAX);
     kernels.row_config(name, f, b, v, per_thread, grid)
 }
 
