@@ -164,6 +164,18 @@ impl<'a> FloatsMut<'a> {
         }
     }
 
+    /// The `N` elements at `start` as one f32 array to write in place, when the output
+    /// is f32 and `len` is `N` (a whole tile).
+    #[inline(always)]
+    fn f32_tile<const N: usize>(&mut self, start: usize, len: usize) -> Option<&mut [f32; N]> {
+        match self {
+            FloatsMut::F32(v) if len == N => {
+                <&mut [f32; N]>::try_from(&mut v[start..start + N]).ok()
+            }
+            _ => None,
+        }
+    }
+
     /// Writes `values` at `start`, rounded to nearest in 16-bit dtypes.
     #[inline(always)]
     fn write(&mut self, start: usize, values: &[f32]) {

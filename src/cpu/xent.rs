@@ -520,23 +520,43 @@ impl<'a> Problem<'a> {
             if let Some(y) = y {
                 c[y - col] += target.y_coef;
             }
-            for ((zg, cg), gg) in tile
-                .chunks_exact(LANES)
-                .zip(c.chunks_exact(LANES))
-                .zip(g.chunks_exact_mut(LANES))
-            {
-                for l in 0..LANES {
-                    let p = exp((zg[l] - r.m) * self.inv_t) * r.inv_s;
-                    gg[l] = (r.coef * p - cg[l]) * self.factor;
+            // A whole f32 tile is written in place; others go through `g` (rounded there).
+            match out.f32_tile(out_start + col, len) {
+                Some(dst) => self.grad_tile(tile, &c, r, target.ignored, dst),
+                None => {
+                    self.grad_tile(tile, &c, r, target.ignored, &mut g);
+                    out.write(out_start + col, &g[..len]);
                 }
             }
-            if target.ignored {
-                g.fill(0.0);
-            }
-            out.write(out_start + col, &g[..len]);
             if let (Some(y), false) = (y, coefficients) {
                 c[y - col] = 0.0;
             }
+        }
+    }
+
+    /// The gradient of one tile: `z` its logits, `c` their coefficients (the target's
+    /// included); zeros for an ignored row.
+    #[inline(always)]
+    fn grad_tile(
+        &self,
+        z: &[f32; TILE],
+        c: &[f32; TILE],
+        r: &GradRow,
+        ignored: bool,
+        g: &mut [f32; TILE],
+    ) {
+        for ((zg, cg), gg) in z
+            .chunks_exact(LANES)
+            .zip(c.chunks_exact(LANES))
+            .zip(g.chunks_exact_mut(LANES))
+        {
+            for l in 0..LANES {
+                let p = exp((zg[l] - r.m) * self.inv_t) * r.inv_s;
+                gg[l] = (r.coef * p - cg[l]) * self.factor;
+            }
+        }
+        if ignored {
+            g.fill(0.0);
         }
     }
 }
