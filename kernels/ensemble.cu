@@ -262,12 +262,11 @@ __device__ __forceinline__ bool en_is_global(const void* p) {
     return r != 0;
 }
 
-// 16 bytes from global memory into shared memory without passing through
+// 16 bytes from global memory to shared address `to` without passing through
 // registers, the bytes past `bytes` zero-filled (none of them are read).
-__device__ __forceinline__ void en_copy_async(unsigned int* to, const void* from, int bytes) {
+__device__ __forceinline__ void en_copy_async(unsigned int to, const void* from, int bytes) {
 #if EN_CP_ASYNC
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(lk_smem(to)), "l"(from),
-                 "r"(bytes)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(to), "l"(from), "r"(bytes)
                  : "memory");
 #endif
 }
@@ -305,10 +304,10 @@ __device__ __forceinline__ unsigned int en_pack2(float lo, float hi) {
 }
 
 // The 16 bytes of `left` (at most 16 / sizeof(TS)) elements at `from` as TS,
-// zero past them; with `dir` (a Rounded scan's direction) each element formed
-// as fl(w + fl(t d)) first.
+// zero past them, to shared address `to`; with `dir` (a Rounded scan's
+// direction) each element formed as fl(w + fl(t d)) first.
 template <typename TS, typename TSrc>
-__device__ __forceinline__ void en_copy_sync(unsigned int* to, const TSrc* from, lk_i64 left,
+__device__ __forceinline__ void en_copy_sync(unsigned int to, const TSrc* from, int left,
                                              const TSrc* dir, float t) {
     constexpr int per = 16 / sizeof(TS);
     float v[per];
@@ -327,7 +326,9 @@ __device__ __forceinline__ void en_copy_sync(unsigned int* to, const TSrc* from,
             word[i] = en_pack2<TS>(v[2 * i], v[2 * i + 1]);
         }
     }
-    *reinterpret_cast<uint4*>(to) = q;
+    asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};" ::"r"(to), "r"(q.x), "r"(q.y),
+                 "r"(q.z), "r"(q.w)
+                 : "memory");
 }
 
 // Operand rows for one stage: Rows staged rows (EN_STRIDE words each) from the
@@ -343,38 +344,68 @@ struct EnOperand {
     bool async;
 };
 
-// A thread stages the same 16-byte part of every `step`-th row, so one column
-// bound serves all its chunks and their addresses are a fixed stride apart.
-template <typename TS, typename TSrc, int Depth, int Rows>
-__device__ __forceinline__ void en_stage(unsigned int (*dst)[EN_STRIDE], const EnOperand& o,
-                                         lk_i64 k0) {
+// A thread stages the same 16-byte part of every `step`-th row in every stage,
+// so its chunks' shared and global addresses are fixed strides apart and one
+// column bound serves them all. Its plan holds what that takes, worked out once
+// per en_accumulate call: a stage only offsets it (staging is most of what the
+// TensorCore kernels issue). An offset from src rather than pointers (both
+// operands share it when their rows have one width and dtype) and 32-bit fields
+// where they suffice, to keep down the registers it holds across the stage loop.
+struct EnStagePlan {
+    unsigned int to;   // shared address of the thread's first chunk in stage 0
+    lk_i64 at;         // elements from src to that chunk's first input
+    int col;           // that input's place in a stage's Depth inputs
+    int rows;          // valid - its first row: its j-th row exists if j * step < rows
+};
+
+template <typename TS, int Depth, int Rows>
+__device__ __forceinline__ EnStagePlan en_stage_plan(unsigned int (*ring)[Rows][EN_STRIDE],
+                                                     const EnOperand& o) {
     constexpr int per = 16 / sizeof(TS);
     constexpr int chunks = Depth / per;
     constexpr int step = EN_THREADS / chunks;
     static_assert(EN_THREADS % chunks == 0 && Rows % step == 0, "whole chunks per thread");
     const int r0 = threadIdx.x / chunks;
     const int part = threadIdx.x % chunks;
-    const lk_i64 k = k0 + part * per;
-    const lk_i64 rest = o.d_in - k;
-    const int in_row = rest < 0 ? 0 : (rest > per ? per : (int)rest);
-    const lk_i64 at = (lk_i64)r0 * o.d_in + k;
-    const TSrc* src = (const TSrc*)o.src + at;
+    EnStagePlan p;
+    p.to = lk_smem(&ring[0][r0][part * 4]);
+    p.at = (lk_i64)r0 * o.d_in + part * per;
+    p.col = part * per;
+    p.rows = o.valid - r0;
+    return p;
+}
+
+// Stage s of the ring (of Rows staged rows each): inputs k0 .. k0 + Depth.
+template <typename TS, typename TSrc, int Depth, int Rows>
+__device__ __forceinline__ void en_stage(const EnStagePlan& p, const EnOperand& o, int s,
+                                         lk_i64 k0) {
+    constexpr int per = 16 / sizeof(TS);
+    constexpr int step = EN_THREADS / (Depth / per);
+    constexpr unsigned int row_bytes = step * EN_STRIDE * 4;
+    constexpr unsigned int stage_bytes = Rows * EN_STRIDE * 4;
+    // k0 < d_in, so rest > 0 and, below Depth, exact as an int.
+    const lk_i64 rest = o.d_in - k0;
+    const int in_stage = rest < Depth ? (int)rest : Depth;
+    const int in_row = in_stage < p.col ? 0 : (in_stage - p.col > per ? per : in_stage - p.col);
+    const unsigned int to = p.to + s * stage_bytes;
+    const TSrc* from = (const TSrc*)o.src + (p.at + k0);
     const lk_i64 row_step = (lk_i64)step * o.d_in;
     if (o.async) {
 #pragma unroll
         for (int j = 0; j < Rows / step; ++j) {
-            const int left = r0 + j * step < o.valid ? in_row : 0;
-            en_copy_async(&dst[r0 + j * step][part * 4],
-                          left > 0 ? (const void*)(src + j * row_step) : o.src,
+            const int left = j * step < p.rows ? in_row : 0;
+            en_copy_async(to + j * row_bytes, left > 0 ? (const void*)from : o.src,
                           left * (int)sizeof(TS));
+            from += row_step;
         }
         return;
     }
-    const TSrc* dir = o.dir == nullptr ? nullptr : (const TSrc*)o.dir + at;
+    // j * row_step rather than stepping `from` and `dir`: fewer registers in the
+    // Split kernels (which spill), at a cost small next to the conversions.
+    const TSrc* dir = o.dir == nullptr ? nullptr : (const TSrc*)o.dir + (p.at + k0);
 #pragma unroll 1
     for (int j = 0; j < Rows / step; ++j) {
-        const int left = r0 + j * step < o.valid ? in_row : 0;
-        en_copy_sync<TS>(&dst[r0 + j * step][part * 4], src + j * row_step, left,
+        en_copy_sync<TS>(to + j * row_bytes, from + j * row_step, j * step < p.rows ? in_row : 0,
                          dir == nullptr ? nullptr : dir + j * row_step, o.t);
     }
 }
@@ -568,10 +599,12 @@ __device__ void en_accumulate(const EnOperand& in, const EnOperand& wt, float ac
     // A warp whose 32 x 32 outputs are all past the units or rows (a narrow
     // last layer, the batch's last tile) only stages.
     const bool busy = en_warp_col() < wt.valid && en_warp_row() < in.valid;
+    const EnStagePlan x_plan = en_stage_plan<TA, depth>(sh.x, in);
+    const EnStagePlan w_plan = en_stage_plan<T, depth>(sh.w, wt);
     const auto issue = [&](lk_i64 i) {
         const int s = (int)(i % EN_STAGES);
-        en_stage<TA, TIn, depth, EN_ROWS>(sh.x[s], in, i * depth);
-        en_stage<T, T, depth, EN_COLS>(sh.w[s], wt, i * depth);
+        en_stage<TA, TIn, depth, EN_ROWS>(x_plan, in, s, i * depth);
+        en_stage<T, T, depth, EN_COLS>(w_plan, wt, s, i * depth);
     };
 #pragma unroll
     for (int i = 0; i < EN_STAGES - 1; ++i) {
