@@ -3,7 +3,7 @@
 //! cross-entropy in f64 and the chunks' sums merged in chunk order, so the result does not
 //! depend on the thread count.
 //! Both precision modes run the f32 path (the CPU has no tensor cores). Each dot product
-//! is summed in input order; a layer's weights are transposed once per task so that
+//! is summed in input order by fused multiply-adds (as the CUDA Exact kernels); a layer's weights are transposed once per task so that
 //! LANES output units of [`ROW_GROUP`] rows are computed together, each its own chain, so
 //! a row's bits do not depend on its group. Chunks run through `run_best` (AVX-512 where
 //! the CPU has it).
@@ -105,8 +105,8 @@ impl Transposed {
     }
 
     /// sum_k h_r,k w(j, k) for the R rows h_r = h[r d_in ..] and the U LANES-wide blocks of
-    /// units from j0, each sum in k order from 0 (a plain dot product), each (row, unit)
-    /// its own lane.
+    /// units from j0, each sum in k order from 0 (a chain of fused multiply-adds), each
+    /// (row, unit) its own lane.
     #[inline(always)]
     fn tile<const R: usize, const U: usize>(
         &self,
@@ -125,7 +125,7 @@ impl Transposed {
                 let x = rows[r][k];
                 for u in 0..U {
                     for l in 0..LANES {
-                        acc[r][u][l] += x * w[u][l];
+                        acc[r][u][l] = x.mul_add(w[u][l], acc[r][u][l]);
                     }
                 }
             }

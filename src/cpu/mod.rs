@@ -64,20 +64,30 @@ fn map_chunks<R: Send>(
 trait Work {
     type Output;
     /// Marked `#[inline(always)]` in every impl, with the kernel functions it calls, so
-    /// that it is compiled into each of `run_best`'s two paths with that path's features.
+    /// that it is compiled into each of `run_best`'s paths with that path's features.
     fn run(self) -> Self::Output;
 }
 
-/// Runs `work` compiled for AVX-512 where the CPU has it, else as compiled for the
-/// baseline target. Both paths run the same IEEE operations in the same order (Rust never
-/// contracts a * b + c into a fused multiply-add, and the lane arrays fix the order of
-/// every sum), so they give the same bits; AVX-512 holds a lane array in one register
-/// where SSE needs four.
+/// Runs `work` compiled for AVX-512 where the CPU has it, else for AVX2 with FMA, else
+/// as compiled for the baseline target. Every path runs the same IEEE operations in the
+/// same order (Rust never contracts a * b + c into a fused multiply-add, an explicit
+/// `mul_add` is one exactly rounded operation on every path, and the lane arrays fix the
+/// order of every sum), so they give the same bits; AVX-512 holds a lane array in one
+/// register where AVX2 needs two and SSE four, and a `mul_add` is one instruction on the
+/// first two (a call to the C library's `fma` on the baseline path: slow, same bits).
 fn run_best<W: Work>(work: W) -> W::Output {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx512f") {
-        // SAFETY: avx512 needs AVX-512F, which the CPU running this has (checked above).
-        return unsafe { avx512(work) };
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: avx512 needs AVX-512F, which the CPU running this has (checked above).
+            return unsafe { avx512(work) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: avx2_fma needs AVX2 and FMA, which the CPU running this has (checked
+            // above).
+            return unsafe { avx2_fma(work) };
+        }
     }
     work.run()
 }
@@ -85,6 +95,12 @@ fn run_best<W: Work>(work: W) -> W::Output {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 unsafe fn avx512<W: Work>(work: W) -> W::Output {
+    work.run()
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn avx2_fma<W: Work>(work: W) -> W::Output {
     work.run()
 }
 
