@@ -10,8 +10,9 @@
 //   xent_fwd_{f32,f16,bf16}   one block per row (grid-stride over rows): reads
 //                             the row from HBM once with 16-byte loads, writes
 //                             every per-row output; with the grad, re-reads
-//                             the row (just read, so from L2) and writes
-//                             d(reduced loss)/dz in f32 or the logits' dtype.
+//                             the row (just read: from L1/L2 as far as it
+//                             still is there) and writes d(reduced loss)/dz
+//                             in f32 or the logits' dtype.
 //   xent_reduce               ONE block: reduced loss and reduced rho.
 //
 // The directional radius (its own call), in order on one stream:
@@ -557,9 +558,10 @@ __device__ __forceinline__ int xent_first_nan(const T* z, int lo, int n) {
 // accurate than e^(x_k - lse), whose rounding of lse grows with |lse|). A
 // NaN/+inf row has m = NaN and an all -inf row has z - m = NaN, so both give
 // a NaN grad row as the reference; an ignored row (zero) gets exact zeros.
-// The row was just read by this block, so its logits come from L2; both the
-// re-read and the grad are streamed (evict-first) so they do not push out
-// the rows other blocks are still to re-read.
+// The row was just read by this block, so its logits come from L1 or L2 as
+// far as they are still there; both the re-read and the grad are streamed
+// (evict-first) so they do not push out the rows other blocks are still to
+// re-read.
 
 struct XentGradRow {
     float m, inv_s, coef, factor, lt, y_coef;

@@ -3,10 +3,10 @@
 //! cross-entropy in f64 and the chunks' sums merged in chunk order, so the result does not
 //! depend on the thread count.
 //! Both precision modes run the f32 path (the CPU has no tensor cores). Each dot product
-//! is summed in input order by fused multiply-adds (as the CUDA Exact kernels); a layer's weights are transposed once per task so that
-//! LANES output units of [`ROW_GROUP`] rows are computed together, each its own chain, so
-//! a row's bits do not depend on its group. Chunks run through `run_best` (AVX-512 where
-//! the CPU has it).
+//! is summed in input order by fused multiply-adds (as the CUDA Exact kernels); a layer's
+//! weights are transposed once per task so that LANES output units of [`ROW_GROUP`] rows
+//! are computed together, each its own chain, so a row's bits do not depend on its
+//! group. Chunks run through `run_best` (AVX-512, or AVX2 with FMA, where the CPU has it).
 
 use half::{bf16, f16};
 use rayon::prelude::*;

@@ -6,10 +6,11 @@
 //! 2. `xent_fwd_{dtype}`: one block per row (grid-stride over rows). Reads
 //!    the row once with 16-byte loads; writes every per-row output, the row
 //!    weight scratch the reduction needs and rho per row for
-//!    `RhoReduce::PerSample`; with the grad, re-reads the row while it is
-//!    still in L2 and writes the dense [B, V] grad in f32 or the logits'
-//!    dtype (from the row's end back, the columns read last first). With the
-//!    grad, one wave of resident blocks grid-strides over the rows. A class
+//!    `RhoReduce::PerSample`; with the grad, re-reads the row (from L1 or L2
+//!    where it still is, else from HBM) and writes the dense [B, V] grad in f32
+//!    or the logits' dtype (from the row's end back, the columns read last
+//!    first). With the grad, one wave of resident blocks grid-strides over
+//!    the rows. A class
 //!    target outside [0, V) that is not `ignore_index` is never used as an
 //!    index: that row's outputs and grad row are NaN (argmax -1), the reduced
 //!    loss is NaN, and the first such row is recorded in the status word of
