@@ -10,10 +10,10 @@
 //!    where it still is, else from HBM) and writes the dense [B, V] grad in f32
 //!    or the logits' dtype (from the row's end back, the columns read last
 //!    first). With the grad, one wave of resident blocks grid-strides over
-//!    the rows. A class
-//!    target outside [0, V) that is not `ignore_index` is never used as an
-//!    index: that row's outputs and grad row are NaN (argmax -1), the reduced
-//!    loss is NaN, and the first such row is recorded in the status word of
+//!    the rows. A class target outside [0, V) that is not `ignore_index` is
+//!    never used as an index: that row's outputs and grad row are NaN
+//!    (argmax -1), the reduced loss is NaN, and the first such row is
+//!    recorded in the status word of
 //!    [`XentBuffers`] (zeroed on the stream first), read back by
 //!    [`XentBuffers::first_bad_target_row`].
 //!    Where B rows would keep under a quarter of the multiprocessors busy and
