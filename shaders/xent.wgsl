@@ -247,8 +247,12 @@ fn over_t(v: f32) -> f32 {
 
 // Bits of the coefficient c_k of -log p_k in the row's loss (row not ignored):
 // class targets c_k = eps/V w_k + [k == y] (1 - eps) w_y; soft c_k = w_k ((1 - eps) q_k + eps/V).
-// A non-finite weight or soft target gives NaN bits.
-fn coef_bits(k: u32, y: u32, soft_idx: u32) -> u32 {
+// A non-finite weight or soft target gives NaN bits. The forward pass takes class
+// targets' c_k without the (1 - eps) w_y part (`with_target` false) and adds it once per
+// row, from z_y against the row's final max (as kernels/xent.cu does): accumulated per
+// element it would carry a term the size of the loss through every shift of a running
+// max, each shift rounding it again.
+fn coef_bits(k: u32, y: u32, soft_idx: u32, with_target: bool) -> u32 {
     var wb = 0x3f800000u;
     if (P.flags & F_WEIGHTED) != 0u {
         wb = weights[k];
@@ -265,7 +269,7 @@ fn coef_bits(k: u32, y: u32, soft_idx: u32) -> u32 {
         return bitcast<u32>(w * (P.on_target * bitcast<f32>(qb) + P.eps_over_v));
     }
     var c = P.eps_over_v * w;
-    if k == y {
+    if with_target && k == y {
         c = c + P.on_target * w;
     }
     return bitcast<u32>(c);
@@ -447,7 +451,7 @@ fn elements_per_vec() -> u32 {
 
 // Bits of the (finite) coefficient of class k, or 0 with FL_COEF_NAN set for a non-finite one.
 fn step_coef(k: u32) -> f32 {
-    let cb = coef_bits(k, row_y, row_soft + k);
+    let cb = coef_bits(k, row_y, row_soft + k, false);
     if is_finite_bits(cb) {
         return bitcast<f32>(cb);
     }
@@ -729,7 +733,7 @@ fn grad_bits(g: GradRow, k: u32, xb: u32) -> u32 {
     var c = 0.0;
     if row_coef {
         // A valid row has only finite coefficients.
-        c = bitcast<f32>(coef_bits(k, row_y, row_soft + k));
+        c = bitcast<f32>(coef_bits(k, row_y, row_soft + k, true));
     } else if k == row_y {
         c = P.on_target;
     }
@@ -958,9 +962,14 @@ fn xent_forward(
     var sum_a = w_a[base];
     var sum_cf = w_cf[base];
     var sum_c = w_call[base];
-    if use_coef && !row_coef {
-        // The one coefficient c_y = 1 - eps (no weights, no smoothing).
-        let c = P.on_target;
+    var wyb = 0x3f800000u;
+    if (P.flags & F_WEIGHTED) != 0u && use_coef && !is_soft {
+        wyb = weights[y];
+    }
+    // The (1 - eps) w_y part of c_y (see coef_bits); a non-finite w_y has flagged the
+    // row already, at class y.
+    if use_coef && !is_soft && is_finite_bits(wyb) {
+        let c = P.on_target * bitcast<f32>(wyb);
         let xb = load_logit_bits(e0 + y);
         if is_finite_bits(xb) {
             sum_a = sum_a + c * (w_m[base] - bitcast<f32>(xb));
@@ -1293,7 +1302,7 @@ fn grad_element(e: u32, scale_bits: u32) -> f32 {
         y = labels[2u * row];
     }
     // A valid row has only finite coefficients.
-    let c = bitcast<f32>(coef_bits(k, y, P.soft_base + local_row * classes + k));
+    let c = bitcast<f32>(coef_bits(k, y, P.soft_base + local_row * classes + k, true));
     // d loss_i / d x_k = (sum_j c_j) p_k - c_k + 2 c_z lse p_k, and dx/dz = 1/T.
     let v = (call * p - c + g.zz * p) * P.inv_t;
     return mul_special(v, scale_bits);
