@@ -205,8 +205,10 @@ def main():
     e, b, widths = (27, 600, (784, 128, 128, 10)) if quick else (81, 600, (784, 128, 128, 10))
     xe = rng.standard_normal((b, widths[0]), dtype=np.float32)
     labels = rng.integers(0, widths[-1], b)
+    # f32 throughout: under numpy 2's promotion rules a float32 array divided by the
+    # float64 scalar np.sqrt(i) becomes float64, which made numpy's products f64.
     layers = [
-        (rng.standard_normal((e, o, i), dtype=np.float32) / np.sqrt(i), 0.1 * rng.standard_normal((e, o), dtype=np.float32))
+        ((rng.standard_normal((e, o, i)) / np.sqrt(i)).astype(np.float32), (0.1 * rng.standard_normal((e, o))).astype(np.float32))
         for i, o in zip(widths[:-1], widths[1:])
     ]
     flops = 2 * e * b * sum(i * o for i, o in zip(widths[:-1], widths[1:]))
