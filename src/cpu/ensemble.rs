@@ -7,11 +7,12 @@
 //! weights are transposed once per task so that LANES output units of [`ROW_GROUP`] rows
 //! are computed together, each its own chain, so a row's bits do not depend on its
 //! group. Chunks run through `run_best` (AVX-512, or AVX2 with FMA, where the CPU has it).
+//! The parameters and X are read in place from the call's tensors (no widened copies).
 
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use crate::cpu::{run_best, CpuBackend, Work, LANES};
+use crate::cpu::{run_best, CpuBackend, Floats, Work, LANES};
 use crate::device::{Device, Tensor};
 use crate::dtype::DType;
 use crate::error::Result;
@@ -27,37 +28,33 @@ const TASK_CHUNKS: usize = 16;
 /// Rows computed together against each block of LANES output units.
 const ROW_GROUP: usize = 4;
 
-/// One layer's parameters (f32, widened exactly from the inputs' dtype).
-struct Params {
-    weights: Vec<f32>,
-    biases: Vec<f32>,
+/// One layer's parameters, read in place (16-bit values widened exactly as they are read).
+struct Params<'a> {
+    weights: Floats<'a>,
+    biases: Floats<'a>,
 }
 
-fn to_f32(tensor: &Tensor) -> Result<Vec<f32>> {
-    Ok(tensor.to_f64_vec()?.into_iter().map(|v| v as f32).collect())
-}
-
-fn layers(weights: &[&Tensor], biases: &[&Tensor]) -> Result<Vec<Params>> {
+fn layers<'a>(weights: &[&'a Tensor], biases: &[&'a Tensor]) -> Result<Vec<Params<'a>>> {
     weights
         .iter()
         .zip(biases)
         .map(|(w, b)| {
             Ok(Params {
-                weights: to_f32(w)?,
-                biases: to_f32(b)?,
+                weights: Floats::of(w)?,
+                biases: Floats::of(b)?,
             })
         })
         .collect()
 }
 
 /// Where model e's parameters come from.
-enum Models {
+enum Models<'a> {
     /// E parameter sets, one after the other in each layer's tensors.
-    Stacked(Vec<Params>),
+    Stacked(Vec<Params<'a>>),
     /// theta_0 + t_e D_{k_e}: a centre, K directions per layer and (k_e, t_e) per model.
     Scan {
-        center: Vec<Params>,
-        directions: Vec<Params>,
+        center: Vec<Params<'a>>,
+        directions: Vec<Params<'a>>,
         direction_of: Vec<usize>,
         distance: Vec<f32>,
         perturbation: Perturbation,
@@ -92,9 +89,13 @@ impl Transposed {
     ) -> Transposed {
         let padded = d_out.div_ceil(LANES) * LANES;
         let mut weights = vec![0.0f32; d_in * padded];
-        for j in 0..d_out {
-            for k in 0..d_in {
-                weights[k * padded + j] = w(j, k);
+        // LANES inputs at a time, so that the rows being written stay in L1 while the
+        // units run through them.
+        for k0 in (0..d_in).step_by(LANES) {
+            for j in 0..d_out {
+                for k in k0..d_in.min(k0 + LANES) {
+                    weights[k * padded + j] = w(j, k);
+                }
             }
         }
         Transposed {
@@ -133,15 +134,16 @@ impl Transposed {
         acc
     }
 
-    /// `put(r, j, sum)` for every row of h and the U blocks of units from j0 (units past
-    /// d_out dropped), ROW_GROUP rows at a time.
+    /// `put(r, j, sums)` for every row r of h and the U blocks of units from j0: `sums`
+    /// holds the sums of units j .. j + sums.len() (units past d_out dropped), ROW_GROUP
+    /// rows at a time.
     #[inline(always)]
     fn blocks<const U: usize>(
         &self,
         h: &[f32],
         d_in: usize,
         j0: usize,
-        put: &mut impl FnMut(usize, usize, f32),
+        put: &mut impl FnMut(usize, usize, &[f32]),
     ) {
         let rows = h.len() / d_in.max(1);
         let d_out = self.biases.len();
@@ -149,9 +151,7 @@ impl Transposed {
             for (r, ar) in acc.iter().enumerate() {
                 for (u, au) in ar.iter().enumerate() {
                     let j = j0 + u * LANES;
-                    for (l, &sum) in au[..LANES.min(d_out.saturating_sub(j))].iter().enumerate() {
-                        put(r0 + r, j + l, sum);
-                    }
+                    put(r0 + r, j, &au[..LANES.min(d_out.saturating_sub(j))]);
                 }
             }
         };
@@ -165,10 +165,11 @@ impl Transposed {
         }
     }
 
-    /// `put(r, j, sum_k h_r,k w(j, k))` for every row r of h [rows, d_in] and unit j < d_out,
-    /// two blocks of LANES units at a time where the padded width allows.
+    /// `put(r, j, sums)` with sums[i] = sum_k h_r,k w(j + i, k), for every row r of h
+    /// [rows, d_in] and every unit below d_out, two blocks of LANES units at a time where
+    /// the padded width allows.
     #[inline(always)]
-    fn each_sum(&self, h: &[f32], d_in: usize, mut put: impl FnMut(usize, usize, f32)) {
+    fn each_sum(&self, h: &[f32], d_in: usize, mut put: impl FnMut(usize, usize, &[f32])) {
         let mut j0 = 0;
         while j0 < self.biases.len() {
             if j0 + 2 * LANES <= self.padded {
@@ -200,28 +201,43 @@ impl Layer {
     fn apply(&self, h: &[f32], d_in: usize, out: &mut [f32]) {
         let d_out = out.len() / (h.len() / d_in);
         match self {
-            Layer::Plain(layer) => {
-                let b = &layer.biases;
-                layer.each_sum(h, d_in, |r, j, sum| out[r * d_out + j] = b[j] + sum);
-            }
+            Layer::Plain(layer) => layer.each_sum(h, d_in, biased(out, d_out, &layer.biases)),
             Layer::Split {
                 centre,
                 direction,
                 t,
             } => {
                 // The centre's part first.
-                let b = &centre.biases;
-                centre.each_sum(h, d_in, |r, j, sum| out[r * d_out + j] = b[j] + sum);
+                centre.each_sum(h, d_in, biased(out, d_out, &centre.biases));
                 let b = &direction.biases;
-                direction.each_sum(h, d_in, |r, j, sum| {
-                    out[r * d_out + j] += t * (b[j] + sum);
+                direction.each_sum(h, d_in, |r, j, sums| {
+                    let o = &mut out[r * d_out + j..][..sums.len()];
+                    for ((o, &b), &sum) in o.iter_mut().zip(&b[j..]).zip(sums) {
+                        *o += t * (b + sum);
+                    }
                 });
             }
         }
     }
 }
 
-impl Models {
+/// The `put` of [`Transposed::each_sum`] that sets units j .. of row r of `out` [rows,
+/// d_out] to their bias plus their sum.
+#[inline(always)]
+fn biased<'o>(
+    out: &'o mut [f32],
+    d_out: usize,
+    biases: &'o [f32],
+) -> impl FnMut(usize, usize, &[f32]) + 'o {
+    move |r, j, sums| {
+        let o = &mut out[r * d_out + j..][..sums.len()];
+        for ((o, &b), &sum) in o.iter_mut().zip(&biases[j..]).zip(sums) {
+            *o = b + sum;
+        }
+    }
+}
+
+impl Models<'_> {
     /// Layer l of model e, [d_out, d_in].
     fn layer(&self, e: usize, l: usize, d_in: usize, d_out: usize) -> Layer {
         match self {
@@ -230,8 +246,8 @@ impl Models {
                 Layer::Plain(Transposed::new(
                     d_in,
                     d_out,
-                    |j, k| p.weights[(e * d_out + j) * d_in + k],
-                    |j| p.biases[e * d_out + j],
+                    |j, k| p.weights.at((e * d_out + j) * d_in + k),
+                    |j| p.biases.at(e * d_out + j),
                 ))
             }
             Models::Scan {
@@ -244,9 +260,12 @@ impl Models {
             } => {
                 let (c, d) = (&center[l], &directions[l]);
                 let (k, t) = (direction_of[e], distance[e]);
-                let w0 = |j: usize, i: usize| c.weights[j * d_in + i];
-                let dw = |j: usize, i: usize| d.weights[(k * d_out + j) * d_in + i];
-                let (b0, db) = (|j: usize| c.biases[j], |j: usize| d.biases[k * d_out + j]);
+                let w0 = |j: usize, i: usize| c.weights.at(j * d_in + i);
+                let dw = |j: usize, i: usize| d.weights.at((k * d_out + j) * d_in + i);
+                let (b0, db) = (
+                    |j: usize| c.biases.at(j),
+                    |j: usize| d.biases.at(k * d_out + j),
+                );
                 match perturbation {
                     Perturbation::Rounded => {
                         // The notebook's fl(w0 + fl(t d)), formed once per parameter.
@@ -292,12 +311,12 @@ fn first_argmax(z: &[f32]) -> usize {
     (1..z.len()).fold(0, |best, k| if z[k] > z[best] { k } else { best })
 }
 
-/// A validated call's data on the host in f32: the models, X ([B, d0] shared or [E, B, d0])
-/// and the labels (checked to lie in [0, C)).
+/// A validated call's data on the host, read in place: the models, X ([B, d0] shared or
+/// [E, B, d0]) and the labels (copied, checked to lie in [0, C)).
 struct Problem<'a> {
     spec: &'a EnsembleSpec,
-    models: Models,
-    x: Vec<f32>,
+    models: Models<'a>,
+    x: Floats<'a>,
     labels: Vec<i64>,
 }
 
@@ -341,10 +360,17 @@ impl Problem<'_> {
         let first = chunk * CHUNK_ROWS;
         let rows = CHUNK_ROWS.min(batch - first);
         let base = if self.spec.shared_input { 0 } else { e * batch };
-        let mut h = self.x[(base + first) * d0..(base + first + rows) * d0].to_vec();
+        // The chunk's rows of X: f32 in place, 16-bit ones decoded into `decoded`.
+        let mut decoded = vec![0.0f32; rows * d0];
+        let mut h = Vec::new();
         for (l, layer) in layers.iter().enumerate() {
+            let input = if l == 0 {
+                self.x.read((base + first) * d0, &mut decoded)
+            } else {
+                &h
+            };
             let mut out = vec![0.0f32; rows * widths[l + 1]];
-            layer.apply(&h, widths[l], &mut out);
+            layer.apply(input, widths[l], &mut out);
             // ReLU between layers only: the last layer gives the logits. `< 0` rather
             // than max, so a NaN stays NaN as in the reference.
             if l + 1 < layers.len() {
@@ -418,7 +444,7 @@ impl EnsembleKernels for CpuBackend {
         Problem {
             spec,
             models: Models::Stacked(layers(call.weights, call.biases)?),
-            x: to_f32(call.input)?,
+            x: Floats::of(call.input)?,
             labels,
         }
         .run()
@@ -443,7 +469,7 @@ impl EnsembleKernels for CpuBackend {
                 perturbation: spec.perturbation().unwrap_or_default(),
                 dtype: spec.dtype,
             },
-            x: to_f32(call.input)?,
+            x: Floats::of(call.input)?,
             labels,
         }
         .run()

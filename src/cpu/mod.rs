@@ -127,6 +127,16 @@ impl<'a> Floats<'a> {
         })
     }
 
+    /// Element `i` as f32.
+    #[inline(always)]
+    fn at(&self, i: usize) -> f32 {
+        match self {
+            Floats::F32(values) => values[i],
+            Floats::F16(values) => values[i].to_f32(),
+            Floats::BF16(values) => values[i].to_f32(),
+        }
+    }
+
     /// Elements `start .. start + buf.len()` as f32: f32 in place, 16-bit values decoded
     /// into `buf` with `half`'s slice conversion.
     #[inline(always)]
