@@ -1,5 +1,7 @@
 //! energy on the CPU, with the GPU kernels' accumulation rules (kernels/energy.cu):
-//! distances are taken from differences in f32, powered distances are summed in f32
+//! distances are taken from differences in f32, squared and summed by fused multiply-adds
+//! (one instruction on the AVX paths, where a multiply and an add would take two of the
+//! same pipes' slots), powered distances are summed in f32
 //! over tiles of [`PAIR_TILE`] columns and the tile sums in f64, in a fixed order. The
 //! second set of every pair sum is held transposed (one row per dimension), so the inner
 //! loops run over [`LANES`] columns at once, for [`ROW_GROUP`] points of the first set
@@ -149,7 +151,7 @@ impl Columns {
                 let ak = a[r * d + k];
                 for l in 0..LANES {
                     let diff = ak - column[l];
-                    sr[l] += diff * diff;
+                    sr[l] = diff.mul_add(diff, sr[l]);
                 }
             }
         }
@@ -197,7 +199,7 @@ impl Columns {
                 let column = &self.values[at + c * LANES..at + (c + 1) * LANES];
                 for l in 0..LANES {
                     let diff = ak - column[l];
-                    sc[l] += diff * diff;
+                    sc[l] = diff.mul_add(diff, sc[l]);
                 }
             }
         }
@@ -223,7 +225,7 @@ impl Columns {
                 let q = q0 + dq;
                 let cb = &self.values[q * m + block..q * m + block + LANES];
                 for l in 0..LANES {
-                    accq[l] += hb[l] * (a[q] - cb[l]);
+                    accq[l] = hb[l].mul_add(a[q] - cb[l], accq[l]);
                 }
             }
         }
@@ -464,7 +466,8 @@ impl Sample<'_> {
     fn target_square(&self, j: usize) -> f32 {
         let mut s = 0.0f32;
         for (&p, &y) in self.row(j).iter().zip(self.y) {
-            s += (p - y) * (p - y);
+            let u = p - y;
+            s = u.mul_add(u, s);
         }
         s
     }
@@ -478,7 +481,7 @@ impl Sample<'_> {
         // p_j against itself has s = 0, so slope 0.
         self.preds.slope_sums(p, self.power, slopes, out);
         for (q, g) in out.iter_mut().enumerate() {
-            *g = h1 * (p[q] - self.y[q]) + c2 * *g;
+            *g = c2.mul_add(*g, h1 * (p[q] - self.y[q]));
         }
     }
 }
