@@ -146,7 +146,9 @@ impl Columns {
         let d = a.len() / R;
         let mut s = [[0.0f32; LANES]; R];
         for k in 0..d {
-            let column = &self.values[k * self.padded + block..k * self.padded + block + LANES];
+            // A copy, so that the block is loaded once for the R points.
+            let mut column = [0.0f32; LANES];
+            column.copy_from_slice(&self.values[k * self.padded + block..][..LANES]);
             for (r, sr) in s.iter_mut().enumerate() {
                 let ak = a[r * d + k];
                 for l in 0..LANES {
