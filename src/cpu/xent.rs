@@ -221,7 +221,7 @@ impl Acc {
                 let e = exp(dz * inv_t);
                 s[l] += e;
                 // -f32::MAX keeps 0 * -inf out of t at a -inf column (e = 0 there).
-                t[l] += e * max(dz, -f32::MAX);
+                t[l] = e.mul_add(max(dz, -f32::MAX), t[l]);
             }
         }
         self.s += lane_sum(&s);
@@ -237,10 +237,10 @@ impl Acc {
         if self.m != f32::NEG_INFINITY {
             let dm = self.m - m_new;
             let r = exp(dm * inv_t);
-            self.t = r * (self.s * dm + self.t);
+            self.t = r * self.s.mul_add(dm, self.t);
             self.s *= r;
             if coefficients {
-                self.d += self.cf * -dm;
+                self.d = self.cf.mul_add(-dm, self.d);
             }
         }
         self.m = m_new;
@@ -254,12 +254,12 @@ impl Acc {
                 let finite = zg[l] != f32::NEG_INFINITY;
                 cf[l] += if finite { cg[l] } else { 0.0 };
                 // p_k = 0: -log p_k = +inf where c_k != 0 (0 * inf is taken as 0).
-                d[l] += if finite {
-                    cg[l] * (shift - zg[l])
+                d[l] = if finite {
+                    cg[l].mul_add(shift - zg[l], d[l])
                 } else if cg[l] != 0.0 {
-                    f32::INFINITY
+                    d[l] + f32::INFINITY
                 } else {
-                    0.0
+                    d[l]
                 };
                 all[l] += cg[l];
             }
@@ -552,7 +552,7 @@ impl<'a> Problem<'a> {
         {
             for l in 0..LANES {
                 let p = exp((zg[l] - r.m) * self.inv_t) * r.inv_s;
-                gg[l] = (r.coef * p - cg[l]) * self.factor;
+                gg[l] = r.coef.mul_add(p, -cg[l]) * self.factor;
             }
         }
         if ignored {
