@@ -70,12 +70,12 @@ fn block_partial(values: &[f32], shift: f32) -> Partial {
     for group in groups.chunks_exact(LANES) {
         for l in 0..LANES {
             let d = group[l] - shift - mean;
-            squares[l] += d * d;
+            squares[l] = d.mul_add(d, squares[l]);
         }
     }
     for (l, &v) in tail.iter().enumerate() {
         let d = v - shift - mean;
-        squares[l] += d * d;
+        squares[l] = d.mul_add(d, squares[l]);
     }
     Partial {
         count: values.len() as f64,
@@ -171,7 +171,7 @@ impl Work for RowsTask<'_> {
                     squares.iter_mut().zip(values).zip(self.shift).zip(&sums)
                 {
                     let d = v - s - mean;
-                    *square += d * d;
+                    *square = d.mul_add(d, *square);
                 }
             }
             for ((a, &mean), &m2) in acc.iter_mut().zip(&sums).zip(&squares) {
