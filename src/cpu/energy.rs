@@ -1,7 +1,6 @@
 //! energy on the CPU, with the GPU kernels' accumulation rules (kernels/energy.cu):
-//! distances are taken from differences in f32, squared and summed by fused multiply-adds
-//! (one instruction on the AVX paths, where a multiply and an add would take two of the
-//! same pipes' slots), powered distances are summed in f32
+//! distances are taken from differences in f32, squared and summed by fused multiply-adds,
+//! powered distances are summed in f32
 //! over tiles of [`PAIR_TILE`] columns and the tile sums in f64, in a fixed order. The
 //! second set of every pair sum is held transposed (one row per dimension), so the inner
 //! loops run over [`LANES`] columns at once, for [`ROW_GROUP`] points of the first set

@@ -345,8 +345,10 @@ impl Work for ModelTask<'_, '_> {
         // A loop, not an iterator's closure: `chunk` must inline into this function to be
         // compiled with run_best's features.
         let mut results = Vec::with_capacity(self.count);
+        // Where a chunk's 16-bit rows of X are decoded (f32 rows are read in place).
+        let mut decoded = vec![0.0f32; CHUNK_ROWS * widths[0]];
         for chunk in self.first..self.first + self.count {
-            results.push(self.problem.chunk(self.model, chunk, &layers));
+            results.push(self.problem.chunk(self.model, chunk, &layers, &mut decoded));
         }
         results
     }
@@ -354,18 +356,16 @@ impl Work for ModelTask<'_, '_> {
 
 impl Problem<'_> {
     #[inline(always)]
-    fn chunk(&self, e: usize, chunk: usize, layers: &[Layer]) -> ChunkResult {
+    fn chunk(&self, e: usize, chunk: usize, layers: &[Layer], decoded: &mut [f32]) -> ChunkResult {
         let (widths, batch) = (&self.spec.widths, self.spec.batch);
         let d0 = widths[0];
         let first = chunk * CHUNK_ROWS;
         let rows = CHUNK_ROWS.min(batch - first);
         let base = if self.spec.shared_input { 0 } else { e * batch };
-        // The chunk's rows of X: f32 in place, 16-bit ones decoded into `decoded`.
-        let mut decoded = vec![0.0f32; rows * d0];
         let mut h = Vec::new();
         for (l, layer) in layers.iter().enumerate() {
             let input = if l == 0 {
-                self.x.read((base + first) * d0, &mut decoded)
+                self.x.read((base + first) * d0, &mut decoded[..rows * d0])
             } else {
                 &h
             };
